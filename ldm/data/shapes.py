@@ -1,0 +1,423 @@
+"""The embedded "shapes" dataset: renderer, captions and WebDataset shards.
+
+Every image is one filled shape (circle, square or equilateral triangle) of one
+palette colour on a solid background of a different palette colour, captioned
+``a {shape colour} {shape} on a {background colour} background``.  The caption
+space is small (8 backgrounds x 7 shape colours x 3 shapes = 168 captions), so
+prompt adherence of a generator can be measured exactly by image analysis
+(see ``ldm.evaluation.shapes``).
+
+Geometry, in continuous pixel coordinates with (0, 0) the top-left corner of
+the image and pixel (i, j) covering [i, i+1] x [j, j+1]:
+
+* ``centre`` is the (x, y) centre of the shape's circumscribed circle (for a
+  regular polygon also its centroid).
+* ``size_px`` is the diameter of the circumscribed circle: the circle's
+  diameter, the square's diagonal, the triangle's side times 2/sqrt(3).  No
+  part of the shape is farther than ``size_px / 2`` from the centre, whatever
+  the rotation.  Samples draw it uniformly from 35-70% of the image side.
+* ``angle`` is the rotation in degrees, counter-clockwise as displayed; at 0
+  the square is axis-aligned and the triangle points up.
+
+Samples keep the circumscribed circle at least ``EDGE_MARGIN_PX`` from every
+edge, so the shape is fully inside and the outermost ring of pixels is pure
+background.  Shapes are drawn at ``SUPERSAMPLE`` times the resolution and box
+filtered, so interior and background pixels have the exact palette colour and
+edge pixels are linear blends of the two.
+
+Rendering is deterministic: each sample draws from its own generator seeded
+with ``[seed, split_id, index]``, so the result does not depend on the order
+or the number of processes used to render.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 50),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 190),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SIZE_RANGE: tuple[float, float] = (0.35, 0.70)
+SPLITS: dict[str, int] = {"train": 0, "val": 1}
+SUPERSAMPLE = 8
+# One pixel keeps the outer ring pure background; the extra quarter pixel
+# absorbs the rasteriser's rounding at the supersampled resolution.
+EDGE_MARGIN_PX = 1.25
+# Bump whenever rendering or the shard layout changes, so that shards_ready()
+# rejects shards written by an older version.
+FORMAT_VERSION = 1
+INFO_FILE = "_info.json"
+
+_N_SIDES = {"square": 4, "triangle": 3}
+# Polar angle of vertex 0 at rotation 0: square axis-aligned, triangle pointing up.
+_VERTEX_OFFSET_DEG = {"square": 45.0, "triangle": 90.0}
+_PROMPT_STREAM = 2  # split id reserved for random_prompts()
+_MAX_PER_SHARD = 10_000  # keys have 4 digits for the index within a shard
+
+
+# --------------------------------------------------------------------------
+# Captions
+
+
+def caption(shape_colour: str, shape: str, background: str) -> str:
+    """The caption of an image: ``a {shape_colour} {shape} on a {background} background``."""
+    return f"a {shape_colour} {shape} on a {background} background"
+
+
+_CAPTION_RE = re.compile(r"a (\S+) (\S+) on a (\S+) background")
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """Inverse of :func:`caption`: ``(shape_colour, shape, background)``.
+
+    Raises ValueError for any text outside the caption space (unknown colour
+    or shape, shape colour equal to the background, other wording).
+    """
+    match = _CAPTION_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"not a shapes caption: {text!r}; expected "
+            "'a <colour> <shape> on a <colour> background'"
+        )
+    shape_colour, shape, background = match.groups()
+    for colour in (shape_colour, background):
+        if colour not in PALETTE:
+            raise ValueError(
+                f"unknown colour {colour!r} in caption {text!r}; known: {', '.join(PALETTE)}"
+            )
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r} in caption {text!r}; known: {', '.join(SHAPES)}")
+    if shape_colour == background:
+        raise ValueError(f"shape colour equals background colour in caption {text!r}")
+    return shape_colour, shape, background
+
+
+def caption_space() -> list[str]:
+    """All 168 captions, in palette x palette x shape order."""
+    return [
+        caption(colour, shape, background)
+        for background in PALETTE
+        for colour in PALETTE
+        if colour != background
+        for shape in SHAPES
+    ]
+
+
+def random_prompts(n: int, seed: int) -> list[str]:
+    """``n`` captions drawn uniformly (with replacement) from the caption space."""
+    space = caption_space()
+    rng = np.random.default_rng([seed, _PROMPT_STREAM])
+    return [space[i] for i in rng.integers(len(space), size=n)]
+
+
+# --------------------------------------------------------------------------
+# Rendering
+
+
+def shape_vertices(
+    shape: str, centre: tuple[float, float], size_px: float, angle: float
+) -> list[tuple[float, float]]:
+    """Vertices (x, y) of a square or triangle in continuous pixel coordinates."""
+    n = _N_SIDES[shape]
+    radius = size_px / 2
+    cx, cy = centre
+    vertices = []
+    for k in range(n):
+        phi = math.radians(_VERTEX_OFFSET_DEG[shape] + angle + 360.0 * k / n)
+        # The image y axis points down, so counter-clockwise subtracts from y.
+        vertices.append((cx + radius * math.cos(phi), cy - radius * math.sin(phi)))
+    return vertices
+
+
+def _check_names(shape: str, shape_colour: str, background: str) -> None:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    for colour in (shape_colour, background):
+        if colour not in PALETTE:
+            raise ValueError(f"unknown colour {colour!r}; known: {', '.join(PALETTE)}")
+
+
+def render(
+    shape: str,
+    shape_colour: str,
+    background: str,
+    centre: tuple[float, float],
+    size_px: float,
+    angle: float,
+    size: int = 64,
+) -> Image.Image:
+    """Render one image with explicit parameters (see the module docstring).
+
+    Unlike :func:`render_sample` this does not enforce the dataset's rules
+    (distinct colours, size range, shape inside the image).
+    """
+    _check_names(shape, shape_colour, background)
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), PALETTE[background])
+    draw = ImageDraw.Draw(image)
+    # PIL puts pixel centres on integer coordinates; ours are at i + 0.5.
+    cx, cy = centre[0] * SUPERSAMPLE - 0.5, centre[1] * SUPERSAMPLE - 0.5
+    fill = PALETTE[shape_colour]
+    if shape == "circle":
+        r = size_px * SUPERSAMPLE / 2
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        points = shape_vertices(shape, (cx, cy), size_px * SUPERSAMPLE, angle)
+        draw.polygon(points, fill=fill)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def sample_rng(seed: int, split: str | int, index: int) -> np.random.Generator:
+    """The generator for one sample; independent of every other sample's."""
+    split_id = SPLITS[split] if isinstance(split, str) else int(split)
+    return np.random.default_rng([seed, split_id, index])
+
+
+def sample_params(rng: np.random.Generator, size: int = 64) -> dict:
+    """Draw a sample's parameters: the ``meta`` dict of :func:`render_sample`."""
+    colours = list(PALETTE)
+    background = colours.pop(int(rng.integers(len(colours))))
+    shape_colour = colours[int(rng.integers(len(colours)))]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    if SIZE_RANGE[1] * size + 2 * EDGE_MARGIN_PX > size:
+        raise ValueError(f"image size {size} is too small for the shapes dataset")
+    size_px = float(rng.uniform(*SIZE_RANGE)) * size
+    low = size_px / 2 + EDGE_MARGIN_PX
+    centre = (float(rng.uniform(low, size - low)), float(rng.uniform(low, size - low)))
+    # Rotations beyond one symmetry period would give the same image.
+    angle = float(rng.uniform(0.0, 360.0 / _N_SIDES[shape])) if shape in _N_SIDES else 0.0
+    return {
+        "shape": shape,
+        "shape_colour": shape_colour,
+        "background": background,
+        "centre": centre,
+        "size_px": size_px,
+        "angle": angle,
+    }
+
+
+def render_sample(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, dict]:
+    """Draw random parameters from ``rng`` and render them: ``(image, meta)``.
+
+    ``meta`` has shape, shape_colour, background, centre (x, y), size_px and
+    angle; ``caption(meta["shape_colour"], meta["shape"], meta["background"])``
+    is the image's caption.
+    """
+    meta = sample_params(rng, size)
+    return render(size=size, **meta), meta
+
+
+# --------------------------------------------------------------------------
+# WebDataset shards (img2dataset layout)
+
+
+def _sample_record(key: str, meta: dict, size: int) -> dict:
+    """The per-sample JSON, with img2dataset's fields plus the render parameters."""
+    return {
+        "key": key,
+        "caption": caption(meta["shape_colour"], meta["shape"], meta["background"]),
+        "status": "success",
+        "error_message": None,
+        "width": size,
+        "height": size,
+        "original_width": size,
+        "original_height": size,
+        "shape": meta["shape"],
+        "shape_colour": meta["shape_colour"],
+        "background": meta["background"],
+        "centre": list(meta["centre"]),
+        "size_px": meta["size_px"],
+        "angle": meta["angle"],
+    }
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed mtime and owner make the tar bytes a function of the content only.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(job: tuple[str, str, int, int, int, int, int]) -> int:
+    """Render samples ``[start, start + count)`` of a split into one tar shard.
+
+    Members follow webdataset's TarWriter: ``KEY.ext`` with extensions in
+    sorted order.  The stdlib writer keeps worker processes free of torch,
+    which importing webdataset would load.  Takes one tuple so that it can be
+    mapped over a process pool.
+    """
+    split_dir, split, shard_index, start, count, size, seed = job
+    stem = Path(split_dir) / f"{shard_index:05d}"
+    with tarfile.open(f"{stem}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for offset in range(count):
+            image, meta = render_sample(sample_rng(seed, split, start + offset), size)
+            key = f"{shard_index:05d}{offset:04d}"
+            record = _sample_record(key, meta, size)
+            _add_member(tar, f"{key}.json", json.dumps(record).encode())
+            _add_member(tar, f"{key}.png", _png_bytes(image))
+            _add_member(tar, f"{key}.txt", record["caption"].encode())
+    stats = {
+        "count": count,
+        "successes": count,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "status_dict": {"success": count},
+    }
+    Path(f"{stem}_stats.json").write_text(json.dumps(stats, indent=4) + "\n")
+    return count
+
+
+def _shard_jobs(root: Path, counts: dict[str, int], size: int, seed: int, shard_size: int) -> list:
+    jobs = []
+    for split, n in counts.items():
+        split_dir = root / split
+        split_dir.mkdir(parents=True)
+        for shard_index, start in enumerate(range(0, n, shard_size)):
+            count = min(shard_size, n - start)
+            jobs.append((str(split_dir), split, shard_index, start, count, size, seed))
+    return jobs
+
+
+def _run_jobs(jobs: list, workers: int, progress: bool, total: int) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="img", desc="shapes", disable=not progress) as bar:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                bar.update(_write_shard(job))
+            return
+        # Spawn rather than fork: the caller may hold threads or a CUDA context.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers) as pool:
+            for done in pool.imap_unordered(_write_shard, jobs):
+                bar.update(done)
+
+
+def _info(n_train: int, n_val: int, size: int, seed: int, shard_size: int, jobs: list) -> dict:
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for _, split, shard_index, *_ in jobs:
+        splits[split].append(f"{shard_index:05d}.tar")
+    return {
+        "dataset": "shapes",
+        "format_version": FORMAT_VERSION,
+        "n_train": n_train,
+        "n_val": n_val,
+        "size": size,
+        "seed": seed,
+        "shard_size": shard_size,
+        "shards": splits,
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp`` directory, never leaving a partial set."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_shards(
+    out_dir: str | os.PathLike,
+    n_train: int = 20000,
+    n_val: int = 512,
+    size: int = 64,
+    seed: int = 0,
+    shard_size: int = 2000,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
+    """Render the train and val splits into ``out_dir/{train,val}/NNNNN.tar``.
+
+    Output bytes depend only on the arguments other than ``progress`` and
+    ``workers`` (default: one process per CPU core).  Everything is written to
+    a temporary sibling directory that replaces ``out_dir`` only once complete,
+    with ``_info.json`` written last; see :func:`shards_ready`.
+    """
+    if not 1 <= shard_size <= _MAX_PER_SHARD:
+        raise ValueError(f"shard_size must be in [1, {_MAX_PER_SHARD}], got {shard_size}")
+    if n_train < 0 or n_val < 0:
+        raise ValueError("n_train and n_val must be non-negative")
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
+    try:
+        counts = {"train": n_train, "val": n_val}
+        jobs = _shard_jobs(tmp, counts, size, seed, shard_size)
+        _run_jobs(jobs, workers or os.cpu_count() or 1, progress, n_train + n_val)
+        info = _info(n_train, n_val, size, seed, shard_size, jobs)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            _swap_into_place(tmp, out)
+        except OSError:
+            # Another process may have finished the same set first.
+            if not shards_ready(out, n_train, n_val, size, seed):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def shards_ready(
+    out_dir: str | os.PathLike, n_train: int, n_val: int, size: int, seed: int
+) -> bool:
+    """Whether ``out_dir`` holds a complete shard set written with these settings."""
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    expected = {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val,
+                "size": size, "seed": seed}
+    if any(info.get(name) != value for name, value in expected.items()):
+        return False
+    shards = info.get("shards", {})
+    return all((out / split / name).is_file() for split in SPLITS for name in shards.get(split, []))
+
+
+def shard_paths(out_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The tar files of one split of a finished shard set, in order."""
+    out = Path(out_dir)
+    info = json.loads((out / INFO_FILE).read_text())
+    return [out / split / name for name in info["shards"][split]]
+
+
+def ensure_shards(out_dir: str | os.PathLike, n_train: int = 20000, n_val: int = 512, size: int = 64,
+                  seed: int = 0, shard_size: int = 2000) -> Path:
+    """Render the shard set unless an identical one is already there (the data module's
+    `prepare` step, so `python train.py` works on a fresh checkout)."""
+    if not shards_ready(out_dir, n_train, n_val, size, seed):
+        write_shards(out_dir, n_train, n_val, size, seed, shard_size)
+    return Path(out_dir)

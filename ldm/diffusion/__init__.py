@@ -1,0 +1,1 @@
+"""Diffusion maths: noise schedules, the training objective, samplers and guidance (plain torch)."""

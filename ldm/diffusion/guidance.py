@@ -1,0 +1,45 @@
+"""Classifier-free guidance (Ho & Salimans, 2022) as a wrapper that turns a U-Net into a denoiser.
+
+A denoiser is `denoiser(x_t, t) -> (x0, eps)`: what every sampler in `samplers.py` consumes.
+Conditional and unconditional branches go through the network in one batched call.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ldm.diffusion.objective import ModelFn, to_x0_eps
+from ldm.diffusion.schedule import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """uncond + scale (cond - uncond), optionally rescaled toward cond's std (Lin et al., 2023, Eq. 15)."""
+    guided = uncond + scale * (cond - uncond)
+    if rescale:
+        dims = tuple(range(1, cond.ndim))
+        ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = rescale * guided * ratio + (1 - rescale) * guided
+    return guided
+
+
+def make_denoiser(model: ModelFn, schedule: NoiseSchedule, prediction: str,
+                  context: torch.Tensor, uncond_context: torch.Tensor | None = None,
+                  cfg_scale: float = 1.0, cfg_rescale: float = 0.0) -> Denoiser:
+    """Wrap `model(x, t, context)` into a guided denoiser at integer timestep t."""
+    guided = uncond_context is not None and cfg_scale != 1.0
+
+    def denoiser(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = x.shape[0]
+        if guided:
+            ts = torch.full((2 * b,), t, device=x.device, dtype=torch.long)
+            out = model(torch.cat([x, x]), ts, torch.cat([context, uncond_context]))
+            out = guide(out[:b], out[b:], cfg_scale, cfg_rescale)
+        else:
+            out = model(x, torch.full((b,), t, device=x.device, dtype=torch.long), context)
+        alpha_bar = schedule.alpha_bar(torch.full((b,), t, device=x.device))
+        return to_x0_eps(prediction, out.float(), x, alpha_bar)
+
+    return denoiser

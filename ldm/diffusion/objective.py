@@ -1,0 +1,96 @@
+"""The denoising training objective and the conversions between prediction targets.
+
+For x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps the network may predict eps, x0, or
+v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho, 2022). Samplers only ever
+need (x0, eps), which `to_x0_eps` recovers from any of the three.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ldm.diffusion.schedule import NoiseSchedule
+
+PREDICTIONS = ("eps", "v", "x0")
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t of the forward process (Ho et al., 2020, Eq. 4)."""
+    a = _bcast(alpha_bar, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def target_for(prediction: str, x0: torch.Tensor, eps: torch.Tensor,
+               alpha_bar: torch.Tensor) -> torch.Tensor:
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        a = _bcast(alpha_bar, x0)
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
+def to_x0_eps(prediction: str, out: torch.Tensor, x_t: torch.Tensor,
+              alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) implied by a network output `out` at x_t."""
+    a = _bcast(alpha_bar, x_t)
+    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    if prediction == "eps":
+        return (x_t - s1a * out) / sa, out
+    if prediction == "x0":
+        return out, (x_t - sa * out) / s1a
+    if prediction == "v":
+        return sa * x_t - s1a * out, s1a * x_t + sa * out
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
+def sample_noise(x0: torch.Tensor, offset_noise: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise, plus a per-(sample, channel) constant when `offset_noise` > 0.
+
+    The constant part lets the model change an image's mean colour, which plain noise at
+    SD's schedule almost never asks of it (the "offset noise" trick).
+    """
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if offset_noise:
+        b, c = x0.shape[:2]
+        shift = torch.randn((b, c) + (1,) * (x0.ndim - 2), generator=generator,
+                            device=x0.device, dtype=x0.dtype)
+        eps = eps + offset_noise * shift
+    return eps
+
+
+class DiffusionObjective:
+    """Mean-squared error between the network output and its target at random timesteps."""
+
+    def __init__(self, schedule: NoiseSchedule, prediction: str = "eps",
+                 offset_noise: float = 0.0) -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        self.schedule, self.prediction, self.offset_noise = schedule, prediction, offset_noise
+
+    def __call__(self, model: ModelFn, x0: torch.Tensor, context: torch.Tensor,
+                 t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Loss for a batch of clean latents x0 (B, C, h, w) and text context (B, L, D).
+
+        `t` and `eps` may be given to evaluate at fixed points (validation); otherwise drawn.
+        """
+        if t is None:
+            t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],),
+                              generator=generator, device=x0.device)
+        if eps is None:
+            eps = sample_noise(x0, self.offset_noise, generator)
+        alpha_bar = self.schedule.alpha_bar(t)
+        out = model(q_sample(x0, eps, alpha_bar), t, context)
+        target = target_for(self.prediction, x0, eps, alpha_bar)
+        return F.mse_loss(out.float(), target.float())

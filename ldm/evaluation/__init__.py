@@ -1,0 +1,1 @@
+"""Evaluation of trained models (prompt adherence, sample quality)."""

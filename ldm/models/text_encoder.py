@@ -1,0 +1,93 @@
+"""Text encoder: an open_clip text tower returning per-token embeddings for cross-attention.
+
+The tower is open_clip's own `TextTransformer`, kept as `self.model`, so its parameter names are
+open_clip's (`model.token_embedding`, `model.transformer.resblocks.*`, `model.ln_final`) and a
+Stable Diffusion 2 `cond_stage_model.model.*` checkpoint maps onto it by prefix alone.
+"""
+from __future__ import annotations
+
+import open_clip
+import torch
+from open_clip.model import _build_text_tower
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+
+
+def _tower_config(model_name: str | None, text_cfg: dict | None) -> tuple[int, dict, bool]:
+    """(embed_dim, text_cfg, quick_gelu) of a named open_clip model, overridden by `text_cfg`."""
+    embed_dim, cfg, quick_gelu = 0, {}, False
+    if model_name is not None:
+        full = open_clip.get_model_config(model_name)
+        if full is None:
+            raise ValueError(f"open_clip knows no model named {model_name!r}; "
+                             f"see open_clip.list_models()")
+        embed_dim, cfg, quick_gelu = full["embed_dim"], dict(full["text_cfg"]), full.get("quick_gelu", False)
+    cfg.update(text_cfg or {})
+    return embed_dim or cfg.get("width", 512), cfg, quick_gelu
+
+
+class TextEncoder(nn.Module):
+    """Prompts -> token embeddings (B, L, D) from the last or penultimate transformer layer.
+
+    Args:
+        model_name: an open_clip model name (e.g. "ViT-H-14"), or None for a custom tower.
+        text_cfg: open_clip `CLIPTextCfg` fields overriding or defining the tower
+            (width, heads, layers, context_length, ...).
+        layer: "last" or "penultimate" (SD 2 uses the penultimate layer's output).
+        frozen: no gradients and eval mode throughout training.
+        train_token_embedding: when not frozen, whether the (vocab x width) token table trains;
+            it is most of a small tower's parameters and of its optimizer cost.
+        pad_with_eot: pad with the end-of-text token (SD 1.x) instead of zeros (open_clip).
+    """
+
+    def __init__(self, model_name: str | None = None, text_cfg: dict | None = None,
+                 layer: str = "last", frozen: bool = True, train_token_embedding: bool = True,
+                 pad_with_eot: bool = False, quick_gelu: bool | None = None) -> None:
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        embed_dim, cfg, default_quick_gelu = _tower_config(model_name, text_cfg)
+        gelu = default_quick_gelu if quick_gelu is None else quick_gelu
+        self.model = _build_text_tower(embed_dim, cfg, quick_gelu=gelu)
+        self.context_length = self.model.context_length
+        self.tokenizer = SimpleTokenizer(context_length=self.context_length)
+        self.layer, self.frozen, self.pad_with_eot = layer, frozen, pad_with_eot
+        if frozen:
+            self.requires_grad_(False).eval()
+        elif not train_token_embedding:
+            self.model.token_embedding.requires_grad_(False)
+        if isinstance(self.model.text_projection, nn.Module | nn.Parameter):
+            # Pooled-output projection: unused for per-token context, so never trained.
+            self.model.text_projection.requires_grad_(False)
+
+    @property
+    def width(self) -> int:
+        return self.model.width
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(mode and not self.frozen)  # frozen means eval, always
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), context_length=self.context_length)  # (B, L)
+        if self.pad_with_eot:
+            eot = self.tokenizer.eot_token_id
+            last = ids.argmax(dim=-1, keepdim=True)  # the EOT token has the largest id
+            after = torch.arange(ids.shape[1]).unsqueeze(0) > last
+            ids = ids.masked_fill(after, eot)
+        return ids
+
+    def encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> embeddings (B, L, width)."""
+        m = self.model
+        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, L, D)
+        mask = m.attn_mask[: ids.shape[1], : ids.shape[1]].to(x.dtype) if m.attn_mask is not None else None
+        blocks = m.transformer.resblocks
+        depth = len(blocks) - (1 if self.layer == "penultimate" else 0)
+        for block in blocks[:depth]:
+            x = block(x, attn_mask=mask)
+        return m.ln_final(x)
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenize(prompts).to(self.model.positional_embedding.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.encode_tokens(ids)

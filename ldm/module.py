@@ -1,0 +1,84 @@
+"""`LatentDiffusion`: the Lightning module that trains a U-Net in the latent space of a frozen VAE."""
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from ldm.diffusion.objective import DiffusionObjective
+from ldm.ema import EMA
+from ldm.models.text_encoder import TextEncoder
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
+    """Replace each caption by the empty prompt with probability p (learns the unconditional
+    model that classifier-free guidance needs)."""
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear learning-rate warmup from 0, then constant."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+class LatentDiffusion(L.LightningModule):
+    """Frozen VAE + trainable U-Net + text encoder (trained or frozen) + an EMA of the U-Net.
+
+    Batches are dicts {"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}.
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: TextEncoder,
+                 objective: DiffusionObjective, optimizer: Callable, warmup_steps: int = 100,
+                 caption_dropout: float = 0.1, ema_decay: float = 0.999) -> None:
+        super().__init__()
+        self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
+        self.vae = vae.requires_grad_(False).eval()  # frozen: no grad, no optimizer state
+        self.ema = EMA(unet, ema_decay)
+        self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
+        self.caption_dropout = caption_dropout
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        super().train(mode)
+        self.vae.eval()  # Lightning calls train() every epoch: keep the frozen parts in eval
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).float()  # (B, C, h, w), scaled latents
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        latents = self.encode_images(batch["image"])
+        captions = drop_captions(batch["caption"], self.caption_dropout)
+        loss = self.objective(self.unet, latents, self.text_encoder(captions))
+        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.ema.update(self.unet)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss at fixed, evenly spread timesteps with fixed noise: comparable across runs."""
+        latents = self.encode_images(batch["image"])
+        g = torch.Generator(device=latents.device).manual_seed(batch_idx)
+        n, T = latents.shape[0], self.objective.schedule.num_steps
+        t = (torch.arange(n, device=latents.device) * T // n).clamp(max=T - 1)
+        eps = torch.randn(latents.shape, generator=g, device=latents.device)
+        context = self.text_encoder(batch["caption"])
+        loss = self.objective(self.ema.shadow, latents, context, t=t, eps=eps)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+
+    def export_parts(self) -> dict[str, nn.Module]:
+        """What a weights file holds: the EMA U-Net (the one to sample from), VAE, text encoder."""
+        return {"unet": self.ema.shadow, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.trainable_parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

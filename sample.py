@@ -1,0 +1,97 @@
+"""Images from a checkpoint: `python sample.py ckpt=FILE prompt="a red circle on a blue background" n=8`.
+
+Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance scale in its
+text metadata) and a grid of them all into `out_dir`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import PngImagePlugin
+from PIL import Image
+from tqdm import tqdm
+
+from ldm import checkpoint
+from ldm.callbacks import image_grid
+from ldm.checkpoint import CheckpointError
+from ldm.config import clear_errors, register_resolvers
+from ldm.pipeline import Pipeline
+
+log = logging.getLogger("sample")
+register_resolvers()
+
+
+def read_prompts(prompt: str) -> list[str]:
+    """A prompt, or a text file (one prompt per line) when it names a .txt file or an existing path."""
+    path = Path(prompt)
+    if path.suffix == ".txt" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {prompt!r} does not exist; pass prompt=\"some text\" "
+                                    f"or prompt=FILE with one prompt per line")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt file {prompt!r} holds no prompt")
+        return prompts
+    return [prompt]
+
+
+def load_pipeline(ckpt: str, device: torch.device) -> tuple[Pipeline, dict]:
+    """Rebuild U-Net, VAE and text encoder from the config stored in the file, then load it."""
+    config = checkpoint.read_config(ckpt)
+    state, _ = checkpoint.read(ckpt)
+    parts = {name: instantiate(config[name]) for name in ("unet", "vae", "text_encoder")}
+    for name, module in parts.items():
+        checkpoint.load_into(module, checkpoint.split(state, name), what=name)
+        module.to(device).eval()
+    schedule = instantiate(config["diffusion"]["schedule"])
+    pipe = Pipeline(parts["unet"], parts["vae"], parts["text_encoder"], schedule,
+                    config["diffusion"]["prediction"])
+    return pipe, config
+
+
+def png_info(fields: dict) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for k, v in fields.items():
+        info.add_text(k, str(v))
+    return info
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@clear_errors(CheckpointError, FileNotFoundError, ValueError)
+def main(cfg: DictConfig) -> None:
+    prompts = read_prompts(str(cfg.prompt))
+    pipe, config = load_pipeline(cfg.ckpt, pick_device(cfg.device))
+    sampler = instantiate(cfg.sampler)
+    height = cfg.height or config["image_size"]
+    width = cfg.width or config["image_size"]
+    jobs = [(p, cfg.seed + i * cfg.n + j) for i, p in enumerate(prompts) for j in range(cfg.n)]
+    images = []
+    for k in tqdm(range(0, len(jobs), cfg.batch_size), desc="sampling", unit="batch"):
+        batch = jobs[k:k + cfg.batch_size]
+        images.append(pipe([p for p, _ in batch], [s for _, s in batch], sampler,
+                           [cfg.negative_prompt] * len(batch), height, width))
+    images = torch.cat(images)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for (prompt, seed), img in zip(jobs, images):
+        meta = {"prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": seed,
+                "sampler": sampler.name, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale,
+                "ckpt": Path(cfg.ckpt).name}
+        Image.fromarray(img.numpy()).save(out / f"{seed:06d}.png", pnginfo=png_info(meta))
+    image_grid(images, ncols=cfg.n if len(prompts) > 1 else None).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from ldm import checkpoint
+from ldm.checkpoint import CheckpointError
+from tests.conftest import tiny_parts
+
+
+def test_save_uses_sd_prefixes_and_round_trips_bit_exactly(tmp_path):
+    unet, vae, text = tiny_parts()
+    path = checkpoint.save(tmp_path / "m.safetensors", {"unet": unet, "vae": vae, "text_encoder": text},
+                           {"ldm.config": {"a": 1}})
+    state, meta = checkpoint.read(path)
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in state)
+    assert any(k.startswith("first_stage_model.encoder.") for k in state)
+    assert "cond_stage_model.model.token_embedding.weight" in state
+    assert checkpoint.read_config(path) == {"a": 1}
+    fresh_unet, fresh_vae, _ = tiny_parts()
+    for name, module, fresh in (("unet", unet, fresh_unet), ("vae", vae, fresh_vae)):
+        checkpoint.load_into(fresh, checkpoint.split(state, name))
+        for (k, a), b in zip(module.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), k
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_mismatch_lists_missing_unexpected_and_shapes():
+    unet, _, _ = tiny_parts()
+    state = dict(unet.state_dict())
+    state.pop("out.2.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["time_embed.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_into(unet, state, "unet")
+    msg = str(e.value)
+    assert "1 missing [out.2.weight]" in msg and "1 unexpected [extra.weight]" in msg
+    assert "time_embed.0.weight: file (3, 3)" in msg
+
+
+def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.read(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        checkpoint.read(bad)
+    other = tmp_path / "weights.ckpt"
+    other.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="expected a .safetensors"):
+        checkpoint.read(other)

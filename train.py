@@ -1,0 +1,81 @@
+"""Train a model from a composed Hydra config: `python train.py [experiment=NAME] [key=value ...]`."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm import checkpoint
+from ldm.checkpoint import CheckpointError
+from ldm.config import architecture, clear_errors, register_resolvers
+from ldm.data.webdataset import DataError, expand_shards
+
+log = logging.getLogger("train")
+register_resolvers()
+
+
+def export_metadata(cfg: DictConfig) -> dict:
+    """What sample.py needs to rebuild the model from the weights file alone."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    model = {k: architecture(c[k]) for k in ("unet", "vae", "text_encoder", "diffusion")}
+    model["image_size"] = c["data"]["image_size"]
+    return {checkpoint.CONFIG_KEY: model, "format": "ldm", "experiment": c["logger"].get("name") or ""}
+
+
+def vae_metadata(cfg: DictConfig, module: L.LightningModule) -> dict:
+    """A first stage's architecture, with the latent scale/shift measured on validation data."""
+    meta = {"ldm.vae": architecture(OmegaConf.to_container(cfg.vae, resolve=True))}
+    if module.latent_std is not None:
+        scale, shift = module.latent_scale_and_shift()
+        meta.update({"scale_factor": f"{scale:.6g}", "shift_factor": f"{shift:.6g}"})
+    psnr = module.trainer.callback_metrics.get("val/psnr")
+    if psnr is not None:
+        meta["val_psnr_db"] = f"{float(psnr):.2f}"
+    return meta
+
+
+def export(cfg: DictConfig, module: L.LightningModule, run_dir: Path) -> Path:
+    parts = module.export_parts()
+    meta = export_metadata(cfg) if "unet" in parts else vae_metadata(cfg, module)
+    dtype = getattr(torch, cfg.export_dtype) if cfg.export_dtype else None
+    path = checkpoint.save(run_dir / cfg.export, parts, meta, dtype=dtype)
+    log.info("weights written to %s%s", path, "".join(
+        f"\n  {k}: {v}" for k, v in meta.items() if k in ("scale_factor", "shift_factor", "val_psnr_db")))
+    return path
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> Path:
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # renders embedded data if missing, before anything else is built
+    expand_shards(cfg.data.train_shards)  # fail now, not in a worker, on a pattern with no file
+    module = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    logger = instantiate(cfg.logger)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer.fit(module, datamodule=datamodule)
+    return export(cfg, module, run_dir) if trainer.is_global_zero else run_dir
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@clear_errors(CheckpointError, DataError, FileNotFoundError)
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        fit(cfg, run_dir)
+    except (CheckpointError, DataError, FileNotFoundError):
+        if not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value yet: leave no husk
+        raise
+
+
+if __name__ == "__main__":
+    main()
