@@ -11,9 +11,8 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from PIL import PngImagePlugin
-from PIL import Image
+from omegaconf import DictConfig
+from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from ldm import checkpoint

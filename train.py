@@ -1,8 +1,10 @@
 """Train a model from a composed Hydra config: `python train.py [experiment=NAME] [key=value ...]`."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import hydra
@@ -61,8 +63,14 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(module, datamodule=datamodule)
-    return export(cfg, module, run_dir) if trainer.is_global_zero else run_dir
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    if not trainer.is_global_zero:
+        return run_dir
+    summary = {"step": trainer.global_step, "minutes": (time.perf_counter() - start) / 60,
+               "interrupted": trainer.interrupted}
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return export(cfg, module, run_dir)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
