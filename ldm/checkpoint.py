@@ -75,6 +75,9 @@ def save(path: str | os.PathLike, parts: dict[str, nn.Module], metadata: dict | 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates owner-only files; weights are for sharing
     os.replace(tmp, path)
     return path
 

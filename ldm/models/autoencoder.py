@@ -12,8 +12,6 @@ space the diffusion model sees) and ``decode`` undoes that before decoding.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +23,6 @@ from torch import nn
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 # GroupNorm epsilon of the SD first stage (PyTorch's default is 1e-5).
 NORM_EPS = 1e-6
-# Key prefix of the first stage inside a full Stable Diffusion checkpoint.
-CHECKPOINT_PREFIX = "first_stage_model."
-# Metadata key of the constructor kwargs in files written by save_autoencoder.
-CONFIG_KEY = "autoencoder_config"
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -392,100 +386,3 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample() if sample else posterior.mode()
         return self.decode_unscaled(z), posterior
 
-
-def save_autoencoder(
-    path: str | os.PathLike,
-    autoencoder: AutoencoderKL,
-    metadata: dict[str, Any] | None = None,
-    dtype: torch.dtype | None = None,
-) -> None:
-    """Write ``autoencoder`` to a safetensors file in the SD key layout.
-
-    Keys are ``first_stage_model.<sd name>``. The safetensors metadata holds
-    ``autoencoder_config`` (JSON constructor kwargs, scale/shift included, enough for
-    ``load_autoencoder``), ``scale_factor`` and ``shift_factor`` for quick inspection,
-    and every entry of ``metadata`` (e.g. ``psnr``; non-strings JSON-encoded). ``dtype``
-    optionally casts floating tensors (e.g. torch.float16 halves the file). The file is
-    written to a temporary name and renamed so readers never see a partial file.
-    """
-    tensors = {
-        CHECKPOINT_PREFIX + name: _storable(t, dtype)
-        for name, t in autoencoder.state_dict().items()
-    }
-    config = autoencoder.config
-    # Strings are stored as-is, anything else as JSON (the convention of ldm.checkpoint).
-    header = {
-        key: value if isinstance(value, str) else json.dumps(value)
-        for key, value in (metadata or {}).items()
-    }
-    header.update(
-        {
-            CONFIG_KEY: json.dumps(config),
-            "scale_factor": json.dumps(config["scale_factor"]),
-            "shift_factor": json.dumps(config["shift_factor"]),
-        }
-    )
-    _atomic_save_safetensors(tensors, os.fspath(path), header)
-
-
-def load_autoencoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """Rebuild an ``AutoencoderKL`` saved by ``save_autoencoder`` (weights in fp32)."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        metadata = f.metadata() or {}
-        if CONFIG_KEY not in metadata:
-            raise ValueError(
-                f"{os.fspath(path)} has no {CONFIG_KEY!r} metadata: it was not written by "
-                "save_autoencoder; build the AutoencoderKL yourself and load its state dict"
-            )
-        config = json.loads(metadata[CONFIG_KEY])
-        state = {
-            key[len(CHECKPOINT_PREFIX):]: f.get_tensor(key)
-            for key in f.keys()
-            if key.startswith(CHECKPOINT_PREFIX)
-        }
-    autoencoder = AutoencoderKL(**config).to(device)
-    autoencoder.load_state_dict(state, strict=True)  # copies, casting fp16 files to fp32
-    return autoencoder
-
-
-def read_autoencoder_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON-decoded safetensors metadata of a file written by ``save_autoencoder``."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt") as f:
-        return {key: _json_or_str(value) for key, value in (f.metadata() or {}).items()}
-
-
-def _json_or_str(value: str) -> Any:
-    # Files from other tools may carry plain-string metadata (e.g. "format": "pt").
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
-def _storable(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    # safetensors needs contiguous CPU tensors that do not share storage.
-    tensor = tensor.detach().to("cpu")
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor.contiguous().clone()
-
-
-def _atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]
-) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # Same directory as the target so os.replace is an atomic rename on one filesystem.
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp_path, metadata=metadata)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise

@@ -7,13 +7,8 @@ import re
 import pytest
 import torch
 
-from ldm.models.autoencoder import (
-    AutoencoderKL,
-    DiagonalGaussian,
-    load_autoencoder,
-    read_autoencoder_metadata,
-    save_autoencoder,
-)
+from ldm import checkpoint
+from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 SD_VAE_PARAMS = 83_653_863
 
@@ -252,50 +247,32 @@ def test_parity_with_diffusers(norm_groups):
         torch.testing.assert_close(image, expected_image, atol=1e-5, rtol=0)
 
 
-# --- safetensors I/O --------------------------------------------------------------------
+# --- safetensors I/O (through ldm.checkpoint, as train.py writes and configs load) --------
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     torch.manual_seed(0)
-    model = tiny_autoencoder(attn_resolutions=(8,), scale_factor=0.9, shift_factor=-0.1)
-    path = tmp_path / "vae.safetensors"
-    save_autoencoder(path, model, {"psnr": 31.5, "dataset": "random"})
-
-    loaded = load_autoencoder(path)
-    assert loaded.config == model.config
+    model = tiny_autoencoder(attn_resolutions=(8,))
+    path = checkpoint.save(tmp_path / "vae.safetensors", {"vae": model}, {"psnr": 31.5})
+    loaded = checkpoint.pretrained(tiny_autoencoder(attn_resolutions=(8,)), str(path), part="vae")
     original, restored = model.state_dict(), loaded.state_dict()
     assert original.keys() == restored.keys()
     for key in original:
         assert torch.equal(original[key], restored[key]), key
-
-    metadata = read_autoencoder_metadata(path)
-    assert metadata["psnr"] == 31.5 and metadata["dataset"] == "random"
-    assert metadata["scale_factor"] == 0.9 and metadata["shift_factor"] == -0.1
+    state, metadata = checkpoint.read(path)
+    assert all(key.startswith("first_stage_model.") for key in state)
+    assert metadata["psnr"] == "31.5"
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
-    from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        assert all(key.startswith("first_stage_model.") for key in f.keys())
-
-
-def test_save_fp16_halves_file(tmp_path):
+def test_save_fp16_halves_file_and_loads_into_fp32(tmp_path):
     model = tiny_autoencoder()
-    save_autoencoder(tmp_path / "fp32.safetensors", model)
-    save_autoencoder(tmp_path / "fp16.safetensors", model, dtype=torch.float16)
+    checkpoint.save(tmp_path / "fp32.safetensors", {"vae": model})
+    checkpoint.save(tmp_path / "fp16.safetensors", {"vae": model}, dtype=torch.float16)
     size32 = (tmp_path / "fp32.safetensors").stat().st_size
     size16 = (tmp_path / "fp16.safetensors").stat().st_size
     assert size16 < 0.6 * size32
-    loaded = load_autoencoder(tmp_path / "fp16.safetensors")
+    loaded = checkpoint.pretrained(tiny_autoencoder(), str(tmp_path / "fp16.safetensors"), part="vae")
     weight = model.encoder.conv_in.weight
     assert loaded.encoder.conv_in.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.encoder.conv_in.weight, weight.half().float(), rtol=0, atol=0)
-
-
-def test_load_rejects_file_without_config(tmp_path):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "bare.safetensors"
-    save_file({"first_stage_model.quant_conv.bias": torch.zeros(8)}, str(path))
-    with pytest.raises(ValueError, match="autoencoder_config"):
-        load_autoencoder(path)
