@@ -315,26 +315,32 @@ def score(
 # Command line
 
 
-def _prompt_of(path: Path, image: Image.Image) -> str:
+def _prompt_of(path: Path, image: Image.Image) -> str | None:
     prompt = getattr(image, "text", {}).get("prompt")
-    if prompt is None:
-        sidecar = path.with_suffix(".txt")
-        if not sidecar.is_file():
-            raise ValueError(f"{path.name}: no 'prompt' PNG text chunk and no {sidecar.name}")
+    sidecar = path.with_suffix(".txt")
+    if prompt is None and sidecar.is_file():
         prompt = sidecar.read_text().strip()
     return prompt
 
 
-def _load_dir(directory: Path) -> tuple[list[np.ndarray], list[str]]:
+def _load_dir(directory: Path) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """Images with their prompts, and the names of PNGs without one (e.g. sample.py's grid)."""
     paths = sorted(p for p in directory.iterdir() if p.suffix.lower() == ".png")
     if not paths:
         raise ValueError(f"no PNG images in {directory}")
-    images, prompts = [], []
+    images, prompts, skipped = [], [], []
     for path in paths:
         with Image.open(path) as image:
-            prompts.append(_prompt_of(path, image))
+            prompt = _prompt_of(path, image)
+            if prompt is None:
+                skipped.append(path.name)
+                continue
+            prompts.append(prompt)
             images.append(np.asarray(image.convert("RGB")))
-    return images, prompts
+    if not images:
+        raise ValueError(f"no PNG in {directory} has a 'prompt' text chunk or a .txt sidecar "
+                         f"(checked: {', '.join(skipped[:5])})")
+    return images, prompts, skipped
 
 
 def format_table(result: dict[str, float | int]) -> str:
@@ -353,8 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.directory.is_dir():
             raise ValueError(f"not a directory: {args.directory}")
-        images, prompts = _load_dir(args.directory)
+        images, prompts, skipped = _load_dir(args.directory)
         result = score(images, prompts)
+        if skipped:
+            print(f"skipped {len(skipped)} PNG(s) without a prompt: {', '.join(skipped[:5])}",
+                  file=sys.stderr)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

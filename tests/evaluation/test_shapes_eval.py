@@ -107,6 +107,15 @@ def test_cli_scores_a_directory(tmp_path, capsys):
     assert result == {"background": 1.0, "shape_colour": 1.0, "shape": 1.0, "all": 1.0, "n": 6}
 
 
+def test_cli_skips_images_without_a_prompt_and_says_so(tmp_path, capsys):
+    _write_pngs(tmp_path, 4)
+    _renders(1, 64)[0][0].save(tmp_path / "grid.png")  # as sample.py writes beside its images
+    out = tmp_path / "result.json"
+    assert main([str(tmp_path), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 4
+    assert "skipped 1 PNG(s) without a prompt: grid.png" in capsys.readouterr().err
+
+
 def test_cli_reports_missing_prompt(tmp_path, capsys):
     _renders(1, 64)[0][0].save(tmp_path / "lonely.png")
     assert main([str(tmp_path)]) == 2
