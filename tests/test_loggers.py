@@ -1,0 +1,45 @@
+from ldm import loggers
+
+
+def test_explicit_modes_are_kept(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert loggers.resolve_mode("offline") == ("offline", None)
+    assert loggers.resolve_mode("disabled") == ("disabled", None)
+
+
+def test_environment_mode_wins_over_auto(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert loggers.resolve_mode("auto") == ("offline", None)
+
+
+def test_auto_falls_back_to_offline_without_login(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(loggers, "_has_api_key", lambda: False)
+    mode, reason = loggers.resolve_mode("auto")
+    assert mode == "offline" and "wandb login" in reason
+
+
+def test_auto_falls_back_to_offline_without_network(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(loggers, "_has_api_key", lambda: True)
+    monkeypatch.setattr(loggers, "_reachable", lambda *a, **k: False)
+    mode, reason = loggers.resolve_mode("auto")
+    assert mode == "offline" and "cannot be reached" in reason
+
+
+def test_auto_is_online_when_logged_in_and_reachable(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(loggers, "_has_api_key", lambda: True)
+    monkeypatch.setattr(loggers, "_reachable", lambda *a, **k: True)
+    assert loggers.resolve_mode("auto") == ("online", None)
+
+
+def test_offline_logger_prints_one_line_with_the_sync_command(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(loggers, "_has_api_key", lambda: False)
+    with caplog.at_level("WARNING", logger="ldm.loggers"):
+        logger = loggers.wandb_logger(project="t", save_dir=str(tmp_path))
+    logger.experiment.finish()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.loggers"]
+    assert len(lines) == 1 and "W&B offline" in lines[0] and f"wandb sync {tmp_path}" in lines[0]
