@@ -69,14 +69,30 @@ def sample_noise(x0: torch.Tensor, offset_noise: float = 0.0,
     return eps
 
 
+def sample_timesteps(n: int, num_steps: int, kind: str = "uniform", mean: float = 0.0,
+                     std: float = 1.0, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training timesteps: uniform, or logit-normal (Esser et al., 2024, Sec. 3.1), which puts
+    more of the batch at middle noise levels, where an image's layout is decided."""
+    if kind == "uniform":
+        return torch.randint(0, num_steps, (n,), generator=generator, device=device)
+    if kind == "logit_normal":
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+        return (u * num_steps).long().clamp(max=num_steps - 1)
+    raise ValueError(f"unknown timestep sampling {kind!r}; choose uniform or logit_normal")
+
+
 class DiffusionObjective:
     """Mean-squared error between the network output and its target at random timesteps."""
 
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps",
-                 offset_noise: float = 0.0) -> None:
+                 offset_noise: float = 0.0, timestep_sampling: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        sample_timesteps(1, schedule.num_steps, timestep_sampling)  # reject unknown kinds now
         self.schedule, self.prediction, self.offset_noise = schedule, prediction, offset_noise
+        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
 
     def __call__(self, model: ModelFn, x0: torch.Tensor, context: torch.Tensor,
                  t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
@@ -86,8 +102,8 @@ class DiffusionObjective:
         `t` and `eps` may be given to evaluate at fixed points (validation); otherwise drawn.
         """
         if t is None:
-            t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],),
-                              generator=generator, device=x0.device)
+            t = sample_timesteps(x0.shape[0], self.schedule.num_steps, self.timestep_sampling,
+                                 self.logit_mean, self.logit_std, generator, x0.device)
         if eps is None:
             eps = sample_noise(x0, self.offset_noise, generator)
         alpha_bar = self.schedule.alpha_bar(t)

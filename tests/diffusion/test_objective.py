@@ -52,3 +52,18 @@ def test_objective_is_mse_to_the_target_at_given_points():
 def test_objective_rejects_unknown_prediction():
     with pytest.raises(ValueError, match="prediction"):
         DiffusionObjective(NoiseSchedule(), prediction="score")
+
+
+def test_timestep_sampling_uniform_and_logit_normal():
+    from ldm.diffusion.objective import sample_timesteps
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(100000, 1000, "uniform", generator=g)
+    logit = sample_timesteps(100000, 1000, "logit_normal", generator=g)
+    assert uniform.min() == 0 and uniform.max() == 999
+    assert abs(uniform.float().mean().item() - 499.5) < 5
+    assert 0 <= logit.min() and logit.max() <= 999
+    # sigmoid(N(0, 1)): median 0.5, and 15.9% of the mass within 0.45..0.55 (10% if uniform).
+    assert abs(logit.float().median().item() - 500) < 5
+    assert 0.15 < ((logit >= 450) & (logit < 550)).float().mean().item() < 0.17
+    with pytest.raises(ValueError, match="timestep sampling"):
+        sample_timesteps(1, 1000, "beta")
