@@ -12,6 +12,16 @@ from ldm.models.unet import UNetModel
 from ldm.module import LatentDiffusion
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models on one thread: on a shared few-core machine, intra-op parallelism only adds
+    synchronisation overhead (and stalls badly under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_parts():
     torch.manual_seed(0)
     text = TextEncoder(text_cfg=dict(width=32, heads=2, layers=1, context_length=16),

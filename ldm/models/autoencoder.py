@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.models.unet import Upsample  # the same nearest x2 + conv in both SD models
+
 # SD clamps the log-variance so exp() can neither overflow nor collapse to 0.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 # GroupNorm epsilon of the SD first stage (PyTorch's default is 1e-5).
@@ -96,18 +98,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0)  # (B, C, H+1, W+1)
         return self.conv(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-        return self.conv(x)
 
 
 class MidBlock(nn.Module):

@@ -13,14 +13,7 @@ from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 SD_VAE_PARAMS = 83_653_863
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run these tiny models on one thread: on a shared few-core machine, intra-op
-    parallelism only adds synchronisation overhead (and stalls badly under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_autoencoder(**overrides) -> AutoencoderKL:

@@ -156,14 +156,7 @@ def diffusers_config(config: Mapping) -> dict:
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine
-    spinning OpenMP workers make these tests several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
