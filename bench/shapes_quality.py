@@ -1,14 +1,14 @@
 """Prompt adherence of a shapes run against its training minutes.
 
-For each checkpoint of a run (Lightning checkpoints written every few minutes, plus the final
-`model.safetensors`), export the weights as train.py does, make 64 prompts x 4 seeds with
+For each Lightning checkpoint of a run (written every few minutes; a run resumed with
+`resume=` continues the curve), export the weights as train.py does, make 64 prompts x 4 seeds with
 `sample.py`, judge them with the shapes evaluator, and write a CSV, a markdown table and a PNG
 curve. Usage:
 
     python train.py +callbacks.checkpoint.train_time_interval._target_=datetime.timedelta \
         +callbacks.checkpoint.train_time_interval.minutes=2 callbacks.checkpoint.every_n_train_steps=null \
-        callbacks.checkpoint.save_top_k=-1 hydra.run.dir=bench/runs/shapes
-    python bench/shapes_quality.py bench/runs/shapes --out bench/results/shapes_quality
+        +callbacks.checkpoint.save_top_k=-1 hydra.run.dir=bench/runs/shapes
+    python bench/shapes_quality.py bench/runs/shapes [bench/runs/shapes_resumed ...]
 """
 from __future__ import annotations
 
@@ -31,13 +31,27 @@ from ldm.data.shapes import random_prompts  # noqa: E402
 from train import export_metadata  # noqa: E402  (registers the config resolvers too)
 
 
-def export_ckpt(run: Path, ckpt: Path, dst: Path) -> Path:
+def export_ckpt(run: Path, ckpt: dict, dst: Path) -> Path:
     """A Lightning checkpoint of a LatentDiffusion run -> the safetensors file train.py writes."""
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     module = instantiate(cfg.model)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
+    module.load_state_dict(ckpt["state_dict"])
     return checkpoint.save(dst, module.export_parts(), export_metadata(cfg))
+
+
+def training_minutes(ckpt: dict) -> float:
+    """Training time recorded by Lightning's Timer (set by trainer.max_time), in minutes."""
+    return ckpt["callbacks"]["Timer"]["time_elapsed"]["train"] / 60
+
+
+def checkpoints(runs: list[Path]) -> list[tuple[float, int, Path, Path]]:
+    """(minutes, step, run, file) of every checkpoint of the runs, one per step, in order."""
+    found = {}
+    for run in runs:
+        for path in sorted((run / "checkpoints").glob("*.ckpt")):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            found.setdefault(ckpt["global_step"], (training_minutes(ckpt), ckpt["global_step"], run, path))
+    return [found[step] for step in sorted(found)]
 
 
 def evaluate(weights: Path, prompts: Path, out: Path, n: int, steps: int) -> dict:
@@ -67,38 +81,32 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a train.py run directory")
+    ap.add_argument("runs", type=Path, nargs="+", help="train.py run directories (a run and its resumptions)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shapes_quality")
-    ap.add_argument("--minutes-per-ckpt", type=float, default=2.0)
     ap.add_argument("--n", type=int, default=4, help="seeds per prompt")
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.txt"
     prompts.write_text("\n".join(random_prompts(64, seed=1234)) + "\n")
-    ckpts = sorted((args.run / "checkpoints").glob("epoch=*-step=*.ckpt"),
-                   key=lambda p: int(p.stem.split("step=")[1]))
-    points = [(args.minutes_per_ckpt * (i + 1), int(c.stem.split("step=")[1]), c) for i, c in enumerate(ckpts)]
     rows = []
-    for minutes, step, ckpt in points:
-        weights = export_ckpt(args.run, ckpt, args.out / "weights" / f"step_{step:06d}.safetensors")
+    for minutes, step, run, path in checkpoints(args.runs):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        weights = export_ckpt(run, ckpt, args.out / "weights" / f"step_{step:06d}.safetensors")
         scores = evaluate(weights, prompts, args.out / "images" / f"step_{step:06d}", args.n, args.steps)
-        rows.append({"minutes": minutes, "step": step, **scores})
-    final = args.run / "model.safetensors"
-    if final.is_file():
-        meta = json.loads((args.run / "train_summary.json").read_text()) if (args.run / "train_summary.json").is_file() else {}
-        scores = evaluate(final, prompts, args.out / "images" / "final", args.n, args.steps)
-        rows.append({"minutes": meta.get("minutes", float("nan")), "step": meta.get("step", -1), **scores, "final": True})
+        weights.unlink()  # large, and reproducible from the checkpoint
+        rows.append({"minutes": round(minutes, 2), "step": step, **scores})
+        print(rows[-1], flush=True)
     with open(args.out / "curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["minutes", "step", "background", "shape_colour", "shape", "all", "n"],
-                                extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=["minutes", "step", "background", "shape_colour", "shape", "all", "n"])
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| minutes | step | background | shape colour | shape type | all three |", "|---|---|---|---|---|---|"]
+    table = ["| training minutes | step | background | shape colour | shape type | all three |",
+             "|---|---|---|---|---|---|"]
     table += [f"| {r['minutes']:.1f} | {r['step']} | {r['background']:.3f} | {r['shape_colour']:.3f} | "
               f"{r['shape']:.3f} | {r['all']:.3f} |" for r in rows]
     (args.out / "curve.md").write_text("\n".join(table) + "\n")
-    plot([r for r in rows if r["minutes"] == r["minutes"]], args.out / "curve.png")
+    plot(rows, args.out / "curve.png")
     print("\n".join(table))
 
 
