@@ -25,10 +25,12 @@ register_resolvers()
 
 def export_metadata(cfg: DictConfig) -> dict:
     """What sample.py needs to rebuild the model from the weights file alone."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    model = {k: architecture(c[k]) for k in ("unet", "vae", "text_encoder", "diffusion")}
-    model["image_size"] = c["data"]["image_size"]
-    return {checkpoint.CONFIG_KEY: model, "format": "ldm", "experiment": c["logger"].get("name") or ""}
+    def resolved(key: str):  # only these nodes: the rest may name Hydra's run-time values
+        return OmegaConf.to_container(cfg[key], resolve=True)
+
+    model = {k: architecture(resolved(k)) for k in ("unet", "vae", "text_encoder", "diffusion")}
+    model["image_size"] = cfg.data.image_size
+    return {checkpoint.CONFIG_KEY: model, "format": "ldm", "experiment": cfg.logger.get("name") or ""}
 
 
 def vae_metadata(cfg: DictConfig, module: L.LightningModule) -> dict:

@@ -79,7 +79,7 @@ def test_any_image_mode_becomes_rgb(mode):
 
 def test_transform_resizes_the_short_side_and_centre_crops():
     image = Image.new("RGB", (128, 64), (0, 0, 0))
-    image.paste((255, 255, 255), (0, 0, 32, 64))  # left quarter white: cropped away
+    image.paste((255, 255, 255), (0, 0, 16, 64))  # a white band on the left: cropped away
     out = ImageTransform(32)(image)
     assert out.shape == (3, 32, 32)
     torch.testing.assert_close(out, torch.full((3, 32, 32), -1.0))
