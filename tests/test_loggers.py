@@ -1,3 +1,5 @@
+import pytest
+
 from ldm import loggers
 
 
@@ -12,19 +14,14 @@ def test_environment_mode_wins_over_auto(monkeypatch):
     assert loggers.resolve_mode("auto") == ("offline", None)
 
 
-def test_auto_falls_back_to_offline_without_login(monkeypatch):
+@pytest.mark.parametrize("logged_in,reachable,why", [(False, True, "wandb login"),
+                                                     (True, False, "cannot be reached")])
+def test_auto_falls_back_to_offline(monkeypatch, logged_in, reachable, why):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr(loggers, "_has_api_key", lambda: False)
+    monkeypatch.setattr(loggers, "_has_api_key", lambda: logged_in)
+    monkeypatch.setattr(loggers, "_reachable", lambda *a, **k: reachable)
     mode, reason = loggers.resolve_mode("auto")
-    assert mode == "offline" and "wandb login" in reason
-
-
-def test_auto_falls_back_to_offline_without_network(monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr(loggers, "_has_api_key", lambda: True)
-    monkeypatch.setattr(loggers, "_reachable", lambda *a, **k: False)
-    mode, reason = loggers.resolve_mode("auto")
-    assert mode == "offline" and "cannot be reached" in reason
+    assert mode == "offline" and why in reason
 
 
 def test_auto_is_online_when_logged_in_and_reachable(monkeypatch):
