@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig, OmegaConf
 
 from ldm import checkpoint
@@ -69,8 +70,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     if not trainer.is_global_zero:
         return run_dir
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     summary = {"step": trainer.global_step, "minutes": (time.perf_counter() - start) / 60,
-               "interrupted": trainer.interrupted}
+               "interrupted": trainer.interrupted,
+               # Lightning's own count (what max_time limits), across resumptions:
+               "train_minutes": timer.time_elapsed("train") / 60 if timer else None}
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return export(cfg, module, run_dir)
 

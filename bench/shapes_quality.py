@@ -85,18 +85,35 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shapes_quality")
     ap.add_argument("--n", type=int, default=4, help="seeds per prompt")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--only", type=int, nargs="*", help="evaluate only the checkpoints of these steps")
+    ap.add_argument("--final", nargs="*", default=[], metavar="RUN:MINUTES",
+                    help="also a run's model.safetensors, at its training minutes (a run stopped by "
+                         "trainer.max_time ends there; train_summary.json records it as train_minutes)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.txt"
     prompts.write_text("\n".join(random_prompts(64, seed=1234)) + "\n")
     rows = []
     for minutes, step, run, path in checkpoints(args.runs):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        weights = export_ckpt(run, ckpt, args.out / "weights" / f"step_{step:06d}.safetensors")
-        scores = evaluate(weights, prompts, args.out / "images" / f"step_{step:06d}", args.n, args.steps)
-        weights.unlink()  # large, and reproducible from the checkpoint
+        if args.only and step not in args.only:
+            continue
+        images = args.out / "images" / f"step_{step:06d}"
+        if (images / "scores.json").is_file():  # done by an earlier, interrupted invocation
+            scores = json.loads((images / "scores.json").read_text())
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            weights = export_ckpt(run, ckpt, args.out / "weights" / f"step_{step:06d}.safetensors")
+            scores = evaluate(weights, prompts, images, args.n, args.steps)
+            weights.unlink()  # large, and reproducible from the checkpoint
         rows.append({"minutes": round(minutes, 2), "step": step, **scores})
         print(rows[-1], flush=True)
+    for item in args.final:
+        run, minutes = item.rsplit(":", 1)
+        step = json.loads((Path(run) / "train_summary.json").read_text())["step"]
+        scores = evaluate(Path(run) / "model.safetensors", prompts, args.out / "images" / f"final_{step:06d}",
+                          args.n, args.steps)
+        rows.append({"minutes": float(minutes), "step": step, **scores})
+    rows.sort(key=lambda r: r["step"])
     with open(args.out / "curve.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["minutes", "step", "background", "shape_colour", "shape", "all", "n"])
         writer.writeheader()
