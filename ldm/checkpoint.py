@@ -37,21 +37,25 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file (tensors are memory-mapped until used)."""
+def _open(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     p = _check_file(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
     except Exception as e:  # safetensors raises several types for a damaged header
         raise CheckpointError(f"{p.name} is not a readable safetensors file ({e}); "
                               f"re-export it or point ckpt= at another file") from None
 
 
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file."""
+    return _open(path, tensors=True)
+
+
 def read_config(path: str | os.PathLike) -> dict:
-    """The model config stored in a checkpoint written by `save`."""
-    _, meta = read(path)
+    """The model config stored in a checkpoint written by `save` (reads the header only)."""
+    _, meta = _open(path, tensors=False)
     if CONFIG_KEY not in meta:
         raise CheckpointError(f"{Path(path).name} carries no model config in its metadata; "
                               f"it was not written by this project's train.py")
