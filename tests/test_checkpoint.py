@@ -47,3 +47,19 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
     other.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="expected a .safetensors"):
         checkpoint.read(other)
+
+
+def test_sd1_style_tower_is_written_in_clip_names_and_split_back():
+    from ldm.models.text_encoder import TextEncoder
+
+    text = TextEncoder(text_cfg=dict(width=32, heads=2, layers=2, context_length=16, proj_type="none"),
+                       pad_with_eot=True, quick_gelu=True)
+    state = checkpoint.sd_state({"text_encoder": text})
+    assert "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight" in state
+    assert state["cond_stage_model.transformer.text_model.embeddings.position_ids"].tolist() == [list(range(16))]
+    back = checkpoint.split(state, "text_encoder")
+    own = text.state_dict()
+    assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)
+    # Old SD 1 files name the tower without `text_model.`; both read the same.
+    legacy = {k.replace("transformer.text_model.", "transformer."): v for k, v in state.items()}
+    assert all(torch.equal(checkpoint.split(legacy, "text_encoder")[k], own[k]) for k in own)

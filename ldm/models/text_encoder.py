@@ -52,6 +52,7 @@ class TextEncoder(nn.Module):
         self.context_length = self.model.context_length
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
         self.layer, self.frozen, self.pad_with_eot = layer, frozen, pad_with_eot
+        self.quick_gelu = gelu  # part of the architecture: exporters write it into configs
         if frozen:
             self.requires_grad_(False).eval()
         elif not train_token_embedding:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 
 from ldm import checkpoint
+from ldm.keymaps import diffusers_vae_to_sd, sd_vae_to_diffusers
 from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 SD_VAE_PARAMS = 83_653_863
@@ -20,64 +20,6 @@ def tiny_autoencoder(**overrides) -> AutoencoderKL:
     kwargs = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, resolution=16)
     kwargs.update(overrides)
     return AutoencoderKL(**kwargs)
-
-
-# --- diffusers -> SD key conversion (to be moved to ldm/checkpoint.py) -------------------
-
-_DIFFUSERS_ATTN_NAMES = {
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-    # Names used by diffusers before its attention refactor.
-    "query": "q",
-    "key": "k",
-    "value": "v",
-    "proj_attn": "proj_out",
-}
-
-
-def diffusers_vae_to_sd(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``AutoencoderKL`` state dict to the original SD layout.
-
-    diffusers lists decoder levels from the lowest resolution (``up_blocks.0``) while SD
-    indexes them by channel multiplier (``up.{n-1}`` is the lowest), and diffusers' mid-block
-    attention uses Linear layers where SD has 1x1 convs, so those weights gain two
-    trailing unit dims.
-    """
-    up_level = re.compile(r"decoder\.up_blocks\.(\d+)\.")
-    up_indices = [int(m.group(1)) for key in state_dict if (m := up_level.match(key))]
-    num_up = max(up_indices) + 1 if up_indices else 0
-    converted = {}
-    for key, value in state_dict.items():
-        sd_key = _diffusers_key_to_sd(key, num_up)
-        if ".attn_1." in sd_key and sd_key.endswith(".weight") and value.ndim == 2:
-            value = value.reshape(*value.shape, 1, 1)  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        converted[sd_key] = value
-    return converted
-
-
-def _diffusers_key_to_sd(key: str, num_up: int) -> str:
-    key = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.block.\2.", key)
-    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
-    key = re.sub(
-        r"up_blocks\.(\d+)\.resnets\.(\d+)\.",
-        lambda m: f"up.{num_up - 1 - int(m.group(1))}.block.{m.group(2)}.",
-        key,
-    )
-    key = re.sub(
-        r"up_blocks\.(\d+)\.upsamplers\.0\.",
-        lambda m: f"up.{num_up - 1 - int(m.group(1))}.upsample.",
-        key,
-    )
-    key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", key)
-    if "mid_block.attentions.0." in key:
-        prefix, name = key.split("mid_block.attentions.0.")
-        layer, param = name.rsplit(".", 1)
-        key = f"{prefix}mid.attn_1.{_DIFFUSERS_ATTN_NAMES[layer]}.{param}"
-    key = key.replace("conv_shortcut", "nin_shortcut")
-    return key.replace("conv_norm_out", "norm_out")
 
 
 # --- layout -----------------------------------------------------------------------------
@@ -238,6 +180,20 @@ def test_parity_with_diffusers(norm_groups):
         expected_image = reference.decode(z).sample
         image = model.decode(z)
         torch.testing.assert_close(image, expected_image, atol=1e-5, rtol=0)
+
+
+def test_vae_key_maps_invert_each_other():
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        reference = diffusers.AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2).state_dict()
+        ours = AutoencoderKL().state_dict()
+    sd = diffusers_vae_to_sd(reference)
+    assert sd.keys() == ours.keys() and all(sd[k].shape == ours[k].shape for k in ours)
+    back = sd_vae_to_diffusers(sd)
+    assert back.keys() == reference.keys()
+    assert all(back[k].shape == reference[k].shape for k in back)
 
 
 # --- safetensors I/O (through ldm.checkpoint, as train.py writes and configs load) --------

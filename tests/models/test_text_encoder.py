@@ -66,3 +66,59 @@ def test_open_clip_model_names_build_their_towers():
     assert enc.width == 1024 and len(enc.model.transformer.resblocks) == 24
     with pytest.raises(ValueError, match="open_clip knows no model"):
         TextEncoder("ViT-Q-99")
+
+
+# --- parity with transformers' CLIPTextModel (SD 1) and open_clip's own forward (SD 2) ----
+
+
+def _clip_pair(width: int, heads: int, layers: int, context: int, model_name: str | None = None):
+    """Our SD 1 tower and a transformers CLIPTextModel with the same random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.keymaps import hf_clip_to_open_clip
+
+    torch.manual_seed(0)
+    reference = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=context, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+    with torch.no_grad():  # norms and biases away from their trivial init
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    text_cfg = {"proj_type": "none"} if model_name else dict(
+        width=width, heads=heads, layers=layers, context_length=context, proj_type="none")
+    ours = TextEncoder(model_name, text_cfg=text_cfg, quick_gelu=True, pad_with_eot=True)
+    state = {"model." + k: v for k, v in hf_clip_to_open_clip(reference.state_dict()).items()}
+    ours.load_state_dict(state, strict=True)
+    return ours, reference
+
+
+def _assert_clip_parity(ours, reference):
+    ids = ours.tokenize(["a photograph of an astronaut riding a horse", "", "a red circle"])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        actual = ours.encode_tokens(ids)
+    err, scale = (actual - expected).abs().max(), expected.abs().max()
+    print(f"max |ours - CLIPTextModel| = {err:.3g}, output scale {scale:.3g}")
+    assert err <= 1e-4 * scale
+
+
+def test_sd1_tower_matches_transformers_clip():
+    _assert_clip_parity(*_clip_pair(width=64, heads=2, layers=2, context=16))
+
+
+@pytest.mark.slow
+def test_full_vit_l_matches_transformers_clip():
+    _assert_clip_parity(*_clip_pair(width=768, heads=12, layers=12, context=77, model_name="ViT-L-14"))
+
+
+def test_sd2_penultimate_matches_open_clip_intermediates():
+    enc = TextEncoder(text_cfg=dict(TINY, layers=3), layer="penultimate")
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = enc.tokenize(PROMPTS)
+    with torch.no_grad():
+        out = enc.model.forward_intermediates(ids, indices=[1], normalize_intermediates=True,
+                                              intermediates_only=True, output_fmt="NLC")
+        torch.testing.assert_close(enc.encode_tokens(ids), out["text_intermediates"][0], rtol=0, atol=1e-6)

@@ -2,7 +2,7 @@
 
 Numerical parity is checked against diffusers' `UNet2DConditionModel`, whose
 weights are renamed to the original Stable Diffusion layout by
-`diffusers_unet_to_sd` and loaded with strict=True.
+`ldm.keymaps.diffusers_unet_to_sd` and loaded with strict=True.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 
 from ldm.models import attention as attention_module
 from ldm.models import unet as unet_module
+from ldm.keymaps import diffusers_unet_config as diffusers_config
+from ldm.keymaps import diffusers_unet_to_sd, sd_unet_to_diffusers
 from ldm.models.unet import UNetModel, timestep_embedding
 
 SD15_CONFIG = dict(
@@ -46,109 +48,6 @@ TINY_CONFIG = dict(
     context_dim=32,
     norm_groups=8,
 )
-
-
-# --------------------------------------------------------------------------
-# diffusers -> original Stable Diffusion key mapping
-# --------------------------------------------------------------------------
-
-# Renames inside a ResBlock; transformer parameter names are identical in both.
-_RESNET_RENAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-
-
-def _diffusers_prefix_map(config: Mapping) -> dict[str, tuple[str, bool]]:
-    """diffusers module prefix -> (SD prefix, is_resnet) for a U-Net config."""
-    n_levels = len(config["channel_mult"])
-    n_res = config["num_res_blocks"]
-    attention_levels = {level for level in range(n_levels) if 2**level in config["attention_resolutions"]}
-    prefixes = {
-        "time_embedding.linear_1.": ("time_embed.0.", False),
-        "time_embedding.linear_2.": ("time_embed.2.", False),
-        "conv_in.": ("input_blocks.0.0.", False),
-        "conv_norm_out.": ("out.0.", False),
-        "conv_out.": ("out.2.", False),
-        "mid_block.resnets.0.": ("middle_block.0.", True),
-        "mid_block.attentions.0.": ("middle_block.1.", False),
-        "mid_block.resnets.1.": ("middle_block.2.", True),
-    }
-    # Down path: input_blocks.0 is conv_in, then each level has n_res blocks
-    # plus one Downsample (except the last level).
-    for level in range(n_levels):
-        first = 1 + level * (n_res + 1)
-        for j in range(n_res):
-            prefixes[f"down_blocks.{level}.resnets.{j}."] = (f"input_blocks.{first + j}.0.", True)
-            prefixes[f"down_blocks.{level}.attentions.{j}."] = (f"input_blocks.{first + j}.1.", False)
-        if level < n_levels - 1:
-            prefixes[f"down_blocks.{level}.downsamplers.0.conv."] = (f"input_blocks.{first + n_res}.0.op.", False)
-    # Up path: up block i is level n_levels - 1 - i, with n_res + 1 blocks; the
-    # Upsample sits after the ResBlock, and after the transformer if there is one.
-    for i in range(n_levels):
-        first = i * (n_res + 1)
-        for j in range(n_res + 1):
-            prefixes[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{first + j}.0.", True)
-            prefixes[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{first + j}.1.", False)
-        upsample_index = 2 if (n_levels - 1 - i) in attention_levels else 1
-        prefixes[f"up_blocks.{i}.upsamplers.0.conv."] = (
-            f"output_blocks.{first + n_res}.{upsample_index}.conv.",
-            False,
-        )
-    return prefixes
-
-
-def diffusers_unet_to_sd(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """Rename a diffusers `UNet2DConditionModel` state dict to the original SD layout.
-
-    `config` holds the `UNetModel` arguments `channel_mult`, `num_res_blocks`
-    and `attention_resolutions`. The result has no `model.diffusion_model.`
-    prefix. Tensors are shared, not copied. Raises KeyError on unknown keys.
-    """
-    prefixes = _diffusers_prefix_map(config)
-    converted = {}
-    for key, value in state_dict.items():
-        match = next((p for p in prefixes if key.startswith(p)), None)
-        if match is None:
-            raise KeyError(f"No SD name for diffusers key {key!r}")
-        sd_prefix, is_resnet = prefixes[match]
-        rest = key[len(match) :]
-        if is_resnet:
-            module, _, param = rest.partition(".")
-            rest = f"{_RESNET_RENAMES[module]}.{param}"
-        converted[sd_prefix + rest] = value
-    return converted
-
-
-def diffusers_config(config: Mapping) -> dict:
-    """The diffusers `UNet2DConditionModel` arguments equivalent to a `UNetModel` config."""
-    n_levels = len(config["channel_mult"])
-    channels = [config["model_channels"] * m for m in config["channel_mult"]]
-    has_attention = [2**level in config["attention_resolutions"] for level in range(n_levels)]
-    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention]
-    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)]
-    # diffusers' `attention_head_dim` is, for historical reasons, the number of heads.
-    if config.get("num_head_channels", -1) != -1:
-        heads = tuple(c // config["num_head_channels"] for c in channels)
-    else:
-        heads = config["num_heads"]
-    return dict(
-        in_channels=config["in_channels"],
-        out_channels=config["out_channels"],
-        block_out_channels=tuple(channels),
-        layers_per_block=config["num_res_blocks"],
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        cross_attention_dim=config["context_dim"],
-        attention_head_dim=heads,
-        transformer_layers_per_block=config.get("transformer_depth", 1),
-        use_linear_projection=config.get("use_linear_in_transformer", False),
-        norm_num_groups=config.get("norm_groups", 32),
-    )
 
 
 # --------------------------------------------------------------------------
@@ -398,3 +297,35 @@ def test_sd15_forward_flops_match_diffusers():
         flops.append(counter.get_total_flops())
     assert flops[0] == flops[1]
     assert flops[0] == pytest.approx(803e9, rel=5e-3)
+
+
+@pytest.mark.parametrize("config", [TINY_CONFIG, SD15_CONFIG, SD2_CONFIG], ids=["tiny", "sd15", "sd2"])
+def test_key_maps_invert_each_other(config):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**diffusers_config(config)).state_dict()
+    sd = diffusers_unet_to_sd(reference, config)
+    back = sd_unet_to_diffusers(sd, config)
+    assert back.keys() == reference.keys()
+    assert all(back[k] is reference[k] for k in back)  # renamed, never copied
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [SD15_CONFIG, SD2_CONFIG], ids=["sd15", "sd21"])
+def test_full_size_matches_diffusers(config):
+    """Full SD 1.5 / 2.1 U-Nets, fp32 on the CPU, identical random weights, 32x32 latents."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    reference = randomize_(UNet2DConditionModel(**diffusers_config(config)), seed=3).eval()
+    model = UNetModel(**config).eval()
+    model.load_state_dict(diffusers_unet_to_sd(reference.state_dict(), config), strict=True)
+    x, t, context = random_inputs(config, batch=1, size=32, seq=77)
+    with torch.no_grad():
+        expected = reference(x, t, encoder_hidden_states=context).sample
+        actual = model(x, t, context)
+    scale = expected.abs().max()
+    err = (actual - expected).abs().max()
+    print(f"max |ours - diffusers| = {err:.3g}, output scale {scale:.3g}, relative {err / scale:.3g}")
+    assert scale > 0.1 and err <= 1e-4 * scale

@@ -1,0 +1,156 @@
+"""The architecture of a Stable Diffusion checkpoint, read from its key names and shapes.
+
+SD 1.x and 2.x differ in the U-Net's transformer projections (1x1 convs vs linear), its heads
+(8 per layer vs 64 channels each), its context width (768 vs 1024) and the text tower (OpenAI
+CLIP ViT-L/14 in Hugging Face names, last layer, padded with the end token; OpenCLIP ViT-H/14
+in open_clip names, penultimate layer, zero padding). What weights cannot tell (GroupNorm
+groups: 32) takes SD's value; `load_model(overrides=...)` changes it.
+
+The prediction type is not in the weights: SD 2's 768-v and 512-base files have identical keys.
+`prediction` decides, first match wins: the explicit argument; the file's metadata
+(`ldm.config`, `modelspec.prediction_type`, `prediction_type`); an inference YAML beside the
+file (`NAME.yaml` with `parameterization: "v"`, as A1111 reads it); an SD 2 file whose name
+says `768` or `-v`; otherwise eps.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+SD_SCHEDULE = {"_target_": "ldm.diffusion.schedule.NoiseSchedule", "kind": "scaled_linear",
+               "num_steps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "zero_terminal_snr": False}
+OPEN_CLIP_NAMES = {(768, 12): "ViT-L-14", (1024, 24): "ViT-H-14"}
+
+
+def unet_config(u: dict[str, torch.Tensor]) -> dict:
+    """`UNetModel` arguments from an SD U-Net state dict (no `model.diffusion_model.` prefix)."""
+    if "input_blocks.0.0.weight" not in u:
+        raise CheckpointError("no U-Net weights (model.diffusion_model.input_blocks.0.0.weight)")
+    conv_in = u["input_blocks.0.0.weight"]  # (C, in_channels, 3, 3)
+    base = conv_in.shape[0]
+    levels: list[list[tuple[int, bool]]] = [[]]
+    i = 1
+    while f"input_blocks.{i}.0.op.weight" in u or f"input_blocks.{i}.0.in_layers.2.weight" in u:
+        if f"input_blocks.{i}.0.op.weight" in u:
+            levels.append([])
+        else:
+            width = u[f"input_blocks.{i}.0.in_layers.2.weight"].shape[0]
+            levels[-1].append((width, f"input_blocks.{i}.1.proj_in.weight" in u))
+        i += 1
+    proj = u.get("middle_block.1.proj_in.weight")
+    if proj is None:
+        raise CheckpointError("no middle-block transformer: not an SD 1.x/2.x U-Net")
+    linear = proj.ndim == 2  # SD 2: Linear projections, SD 1: 1x1 convs
+    depth = len({k.split(".")[3] for k in u if k.startswith("middle_block.1.transformer_blocks.")})
+    config = dict(
+        _target_="ldm.models.unet.UNetModel", in_channels=conv_in.shape[1],
+        out_channels=u["out.2.weight"].shape[0] if "out.2.weight" in u else conv_in.shape[1],
+        model_channels=base,
+        channel_mult=[lv[0][0] // base for lv in levels], num_res_blocks=len(levels[0]),
+        attention_resolutions=sorted((2**n for n, lv in enumerate(levels) if lv[0][1]), reverse=True),
+        context_dim=u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        transformer_depth=depth, use_linear_in_transformer=linear, norm_groups=32)
+    if linear:
+        config["num_head_channels"] = 64
+    else:
+        config["num_heads"] = 8
+    return config
+
+
+def vae_config(v: dict[str, torch.Tensor]) -> dict:
+    """`AutoencoderKL` arguments from an SD VAE state dict (no `first_stage_model.` prefix)."""
+    if "encoder.conv_in.weight" not in v:
+        raise CheckpointError("no VAE weights (first_stage_model.encoder.conv_in.weight)")
+    ch = v["encoder.conv_in.weight"].shape[0]
+    n_levels = len({k.split(".")[2] for k in v if k.startswith("encoder.down.")})
+    mult = [v[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(n_levels)]
+    resolution = 256
+    return dict(
+        _target_="ldm.models.autoencoder.AutoencoderKL", in_channels=v["encoder.conv_in.weight"].shape[1],
+        out_channels=v["decoder.conv_out.weight"].shape[0], ch=ch, ch_mult=mult,
+        num_res_blocks=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
+        z_channels=v["decoder.conv_in.weight"].shape[1], embed_dim=v["post_quant_conv.weight"].shape[1],
+        attn_resolutions=[resolution // 2**i for i in range(n_levels) if f"encoder.down.{i}.attn.0.q.weight" in v],
+        resolution=resolution, norm_groups=32, scale_factor=0.18215, shift_factor=0.0)
+
+
+def text_config(t: dict[str, torch.Tensor], hf_names: bool, conventions: dict | None = None) -> dict:
+    """`TextEncoder` arguments from an open_clip tower state dict (`model.*` keys).
+
+    `hf_names`: the file used CLIP (SD 1) names, so SD 1's conventions apply (quick GELU, last
+    layer, end-token padding, no projection); else SD 2's, unless `conventions` (a text config
+    whose layer / padding / activation to keep) says otherwise."""
+    if "model.token_embedding.weight" not in t:
+        raise CheckpointError("no text encoder weights (token embedding) in the file")
+    vocab, width = t["model.token_embedding.weight"].shape
+    layers = len({k.split(".")[3] for k in t if k.startswith("model.transformer.resblocks.")})
+    has_proj = "model.text_projection" in t
+    cfg = {"context_length": t["model.positional_embedding"].shape[0], "vocab_size": vocab,
+           "width": width, "heads": max(1, width // 64), "layers": layers,
+           "mlp_ratio": t["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width}
+    if not has_proj:
+        cfg["proj_type"] = "none"
+    name = OPEN_CLIP_NAMES.get((width, layers))
+    if name is not None:  # a known tower: its name says the rest
+        cfg = {k: v for k, v in cfg.items() if k == "proj_type"}
+    out = dict(_target_="ldm.models.text_encoder.TextEncoder", model_name=name, text_cfg=cfg or None,
+               layer="last" if hf_names else "penultimate", frozen=True,
+               pad_with_eot=hf_names, quick_gelu=hf_names)
+    if conventions:
+        out.update({k: conventions[k] for k in ("layer", "pad_with_eot", "quick_gelu") if k in conventions})
+    return out
+
+
+def prediction(path: Path, meta: dict, sd2: bool, explicit: str | None = None) -> str:
+    """'eps' or 'v' for a file without our config (the rule is in the module docstring)."""
+    if explicit is not None:
+        return _normalise(explicit)
+    for key in ("modelspec.prediction_type", "prediction_type"):
+        if key in meta:
+            return _normalise(meta[key])
+    yaml = path.with_suffix(".yaml")
+    if yaml.is_file():
+        return "v" if re.search(r"parameterization:\s*['\"]?v['\"]?\s*$", yaml.read_text(), re.M) else "eps"
+    if sd2 and re.search(r"768|(^|[-_])v([-_.]|$)", path.stem.lower()):
+        log.info("%s: v-prediction assumed from the file name (override with prediction=eps)", path.name)
+        return "v"
+    return "eps"
+
+
+def _normalise(p: str) -> str:
+    table = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
+    if p.lower() not in table:
+        raise CheckpointError(f"unknown prediction type {p!r}; use eps or v")
+    return table[p.lower()]
+
+
+def sd_config(states: dict[str, dict], path: Path, meta: dict, explicit: str | None) -> dict:
+    """The whole model config of an SD single file (parts it lacks are left out)."""
+    config: dict = {}
+    try:
+        _detect_parts(states, config)
+    except (KeyError, IndexError) as e:  # a part without the keys its architecture shows in
+        raise CheckpointError(f"{path.name}: cannot tell the architecture, key {e} is missing; "
+                              f"is it an SD 1.x/2.x checkpoint?") from None
+    sd2 = bool(config.get("unet", {}).get("use_linear_in_transformer"))
+    pred = prediction(path, meta, sd2, explicit)
+    config["diffusion"] = {"schedule": dict(SD_SCHEDULE), "prediction": pred}
+    config["image_size"] = 768 if sd2 and pred == "v" else 512
+    return config
+
+
+def _detect_parts(states: dict[str, dict], config: dict) -> None:
+    if states["unet"]:
+        config["unet"] = unet_config(states["unet"])
+    if states["vae"]:
+        config["vae"] = vae_config(states["vae"])
+    if states["text_encoder"]:
+        # SD 1 towers (CLIP names) have no projection, SD 2's (open_clip names) have one.
+        hf = "model.text_projection" not in states["text_encoder"]
+        config["text_encoder"] = text_config(states["text_encoder"], hf_names=hf)

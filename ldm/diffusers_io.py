@@ -1,0 +1,171 @@
+"""diffusers pipeline folders (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`) read into and written from our modules, without importing diffusers.
+
+The text encoder of such a folder is a transformers `CLIPTextModel`. SD 2 folders keep only 23 of
+OpenCLIP ViT-H's 24 blocks (their output *is* the penultimate layer): read, it becomes our 24-block
+penultimate-layer tower whose unused last block and projection are zeros (logged); written, the
+last block is left out again, so a folder round trip is exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm import checkpoint, keymaps
+from ldm.checkpoint import CheckpointError
+from ldm.detect import OPEN_CLIP_NAMES, SD_SCHEDULE
+
+log = logging.getLogger(__name__)
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "pytorch_model.bin")
+DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from ldm.formats import read_any
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return read_any(folder / name)[0]
+    raise CheckpointError(f"{folder}: no weights file (one of {', '.join(WEIGHT_NAMES)})")
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a diffusers pipeline folder")
+    return json.loads(path.read_text())
+
+
+def text_config_from_hf(cfg: dict, sd2: bool) -> dict:
+    """Our `TextEncoder` config for a transformers `CLIPTextModel` config."""
+    width, layers = cfg["hidden_size"], cfg["num_hidden_layers"] + (1 if sd2 else 0)
+    name = OPEN_CLIP_NAMES.get((width, layers))
+    text_cfg = {} if name else {"width": width, "heads": cfg["num_attention_heads"], "layers": layers,
+                                "context_length": cfg["max_position_embeddings"],
+                                "vocab_size": cfg["vocab_size"],
+                                "mlp_ratio": cfg["intermediate_size"] / width}
+    if not sd2:
+        text_cfg["proj_type"] = "none"
+    return dict(_target_="ldm.models.text_encoder.TextEncoder", model_name=name, text_cfg=text_cfg or None,
+                layer="penultimate" if sd2 else "last", frozen=True, pad_with_eot=not sd2,
+                quick_gelu=cfg.get("hidden_act") == "quick_gelu")
+
+
+def _text_state(folder: Path, cfg: dict, sd2: bool) -> dict[str, torch.Tensor]:
+    tower = keymaps.hf_clip_to_open_clip(_weights(folder))
+    if sd2:  # the block and projection a penultimate-layer output never uses: zeros
+        n, width = cfg["num_hidden_layers"], cfg["hidden_size"]
+        block = {k.replace(".0.", f".{n}.", 1): torch.zeros_like(v) for k, v in tower.items()
+                 if k.startswith("transformer.resblocks.0.")}
+        tower.update(block)
+        tower["text_projection"] = torch.zeros(width, width, dtype=tower["ln_final.weight"].dtype)
+        log.warning("%s: SD 2 CLIPTextModel (%d blocks): block %d and the projection, which the "
+                    "penultimate-layer output never uses, are set to zeros", folder, n, n)
+    return {"model." + k: v for k, v in tower.items()}
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
+    """(config, part states in our names) of a diffusers pipeline folder."""
+    unet_cfg = keymaps.unet_config_from_diffusers(_json(folder / "unet" / "config.json"))
+    vae_cfg = keymaps.vae_config_from_diffusers(_json(folder / "vae" / "config.json"))
+    text_hf = _json(folder / "text_encoder" / "config.json")
+    sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
+    sched = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
+    schedule = dict(SD_SCHEDULE, kind=sched.get("beta_schedule", "scaled_linear"),
+                    num_steps=sched.get("num_train_timesteps", 1000),
+                    beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
+                    zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)))
+    prediction = "v" if sched.get("prediction_type") == "v_prediction" else "eps"
+    config = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_config_from_hf(text_hf, sd2),
+              "diffusion": {"schedule": schedule, "prediction": prediction},
+              "image_size": (_json(folder / "unet" / "config.json").get("sample_size") or 64)
+              * 2 ** (len(vae_cfg["ch_mult"]) - 1)}
+    try:
+        states = {"unet": keymaps.diffusers_unet_to_sd(_weights(folder / "unet"), unet_cfg),
+                  "vae": keymaps.diffusers_vae_to_sd(_weights(folder / "vae")),
+                  "text_encoder": _text_state(folder / "text_encoder", text_hf, sd2)}
+    except KeyError as e:
+        raise CheckpointError(f"{folder}: {e.args[0]}") from None
+    return config, states
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def _hf_text_config(encoder: nn.Module, layers: int) -> dict:
+    m = encoder.model
+    width = m.width
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            "hidden_size": width, "intermediate_size": m.transformer.resblocks[0].mlp.c_fc.out_features,
+            "num_attention_heads": m.heads, "num_hidden_layers": layers,
+            "max_position_embeddings": m.context_length, "vocab_size": m.vocab_size,
+            "hidden_act": "quick_gelu" if encoder.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
+            "projection_dim": width, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 49407 if encoder.pad_with_eot else 0, "torch_dtype": "float32"}
+
+
+def write_tokenizer(folder: Path, encoder: nn.Module) -> None:
+    """open_clip's BPE vocabulary as a transformers `CLIPTokenizer` (vocab.json + merges.txt)."""
+    tok = encoder.tokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = dict(tok.encoder)
+    # open_clip names the special tokens <start_of_text> / <end_of_text>; CLIP's files <|...|>
+    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>", tok.sot_token_id)
+    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>", tok.eot_token_id)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    pad = "<|endoftext|>" if encoder.pad_with_eot else "!"  # "!" has id 0: open_clip's zero padding
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": pad}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": encoder.context_length,
+         "do_lower_case": True}, indent=2))
+
+
+def _save_part(folder: Path, config: dict, state: dict, weights: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    checkpoint.save_state(folder / weights, state)
+
+
+def write_folder(folder: Path, parts: dict[str, nn.Module], config: dict) -> Path:
+    """A diffusers `StableDiffusionPipeline` folder from our parts and model config."""
+    unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
+    ucfg = keymaps.diffusers_unet_config(config["unet"])
+    ucfg.update(_class_name="UNet2DConditionModel", _diffusers_version=DIFFUSERS_VERSION,
+                sample_size=config.get("image_size", 512) // vae.downsample_factor)
+    _save_part(folder / "unet", ucfg, keymaps.sd_unet_to_diffusers(unet.state_dict(), config["unet"]),
+               "diffusion_pytorch_model.safetensors")
+    vcfg = keymaps.diffusers_vae_config(vae.config)
+    vcfg.update(_class_name="AutoencoderKL", _diffusers_version=DIFFUSERS_VERSION)
+    _save_part(folder / "vae", vcfg, keymaps.sd_vae_to_diffusers(vae.state_dict()),
+               "diffusion_pytorch_model.safetensors")
+    layers = len(text.model.transformer.resblocks) - (1 if text.layer == "penultimate" else 0)
+    tower = {k.removeprefix("model."): v for k, v in text.state_dict().items()}
+    hf = keymaps.open_clip_to_hf_clip(tower, layers)
+    hf.pop("text_model.embeddings.position_ids")  # not a saved buffer in transformers
+    _save_part(folder / "text_encoder", _hf_text_config(text, layers), hf, "model.safetensors")
+    write_tokenizer(folder / "tokenizer", text)
+    sched = config["diffusion"]["schedule"]
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_schedule": sched.get("kind", "scaled_linear"), "beta_start": sched.get("beta_start", 0.00085),
+        "beta_end": sched.get("beta_end", 0.012), "num_train_timesteps": sched.get("num_steps", 1000),
+        "prediction_type": "v_prediction" if config["diffusion"]["prediction"] == "v" else "epsilon",
+        "rescale_betas_zero_snr": bool(sched.get("zero_terminal_snr", False)),
+        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+        "timestep_spacing": "trailing" if sched.get("zero_terminal_snr") else "leading"}, indent=2))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    return folder
