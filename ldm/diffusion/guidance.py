@@ -1,7 +1,9 @@
 """Classifier-free guidance (Ho & Salimans, 2022) as a wrapper that turns a U-Net into a denoiser.
 
-A denoiser is `denoiser(x_t, t) -> (x0, eps)`: what every sampler in `samplers.py` consumes.
-Conditional and unconditional branches go through the network in one batched call.
+A denoiser is `denoiser(x_t, t, alpha_bar) -> (x0, eps)`: what every sampler in `samplers.py`
+consumes. t is the network's (float) timestep, alpha_bar the noise level x_t is at; the sampler
+gives both because a Karras-spaced sigma sits between training steps. Conditional and
+unconditional branches go through the network in one batched call.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from ldm.diffusion.objective import ModelFn, to_x0_eps
 from ldm.diffusion.schedule import NoiseSchedule
 
-Denoiser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+Denoiser = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
@@ -28,18 +30,26 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float
 def make_denoiser(model: ModelFn, schedule: NoiseSchedule, prediction: str,
                   context: torch.Tensor, uncond_context: torch.Tensor | None = None,
                   cfg_scale: float = 1.0, cfg_rescale: float = 0.0) -> Denoiser:
-    """Wrap `model(x, t, context)` into a guided denoiser at integer timestep t."""
+    """Wrap `model(x, t, context)` into a guided denoiser `denoiser(x_t, t, alpha_bar=None)`.
+
+    t may be fractional (the network gets float timesteps); alpha_bar defaults to the schedule's
+    value at an integer t.
+    """
     guided = uncond_context is not None and cfg_scale != 1.0
 
-    def denoiser(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoiser(x: torch.Tensor, t, alpha_bar=None) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
+        if alpha_bar is None:
+            if float(t) != int(t):
+                raise ValueError(f"alpha_bar is needed at the fractional timestep {float(t)}")
+            alpha_bar = schedule.alpha_bar(torch.tensor(int(t), device=x.device))
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x.device)
         if guided:
-            ts = torch.full((2 * b,), t, device=x.device, dtype=torch.long)
+            ts = torch.full((2 * b,), float(t), device=x.device)
             out = model(torch.cat([x, x]), ts, torch.cat([context, uncond_context]))
             out = guide(out[:b], out[b:], cfg_scale, cfg_rescale)
         else:
-            out = model(x, torch.full((b,), t, device=x.device, dtype=torch.long), context)
-        alpha_bar = schedule.alpha_bar(torch.full((b,), t, device=x.device))
+            out = model(x, torch.full((b,), float(t), device=x.device), context)
         return to_x0_eps(prediction, out.float(), x, alpha_bar)
 
     return denoiser

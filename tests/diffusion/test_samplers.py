@@ -72,3 +72,19 @@ def test_guidance_rescale_restores_the_conditional_std():
     full = guide(cond, uncond, 7.0, rescale=1.0)
     torch.testing.assert_close(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
     torch.testing.assert_close(guide(cond, uncond, 7.0, 0.0), uncond + 7.0 * (cond - uncond))
+
+
+def test_denoiser_takes_fractional_timesteps_at_the_noise_level_it_is_given():
+    seen = []
+
+    def model(x, t, c):
+        seen.append(t)
+        return toy_model(x, t, c)
+
+    x = torch.randn(2, 4, 8, 8)
+    denoiser = make_denoiser(model, NoiseSchedule(), "eps", torch.randn(2, 3, 8))
+    x0, eps = denoiser(x, torch.tensor(412.37), torch.tensor(0.3))
+    assert seen[0].dtype == torch.float32 and torch.allclose(seen[0], torch.full((2,), 412.37))
+    torch.testing.assert_close(x0, (x - 0.7**0.5 * eps) / 0.3**0.5)
+    with pytest.raises(ValueError, match="alpha_bar is needed at the fractional timestep 412.5"):
+        denoiser(x, 412.5)
