@@ -1,0 +1,179 @@
+"""Shard lists, shard reading that survives broken files, and the exact-epoch assignment.
+
+A shard source is a pattern (brace pattern, glob, local path, fsspec URL such as `s3://b/{0..9}.tar`
+or `gs://b/*.tar`, `http(s)://...`, or `pipe:<command>`), a list of them, or a list of
+`{urls: ..., weight: ...}` sources mixed by weight.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import random
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from braceexpand import braceexpand
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+
+
+class DataError(RuntimeError):
+    """Shards that cannot be found or read; the message says what to fix."""
+
+
+def _glob_remote(url: str) -> list[str]:
+    import fsspec  # only for remote globs; local paths and plain URLs need nothing
+
+    fs, _, paths = fsspec.get_fs_token_paths(url)
+    return sorted(fs.unstrip_protocol(p) for p in paths)
+
+
+def expand_shards(pattern) -> list[str]:
+    """Brace-expand pattern(s) (mixing sources are flattened); local paths must exist; remote
+    globs are listed through fsspec; plain URLs and `pipe:` are passed through."""
+    if isinstance(pattern, (str, dict)) or hasattr(pattern, "keys"):
+        pattern = [pattern]
+    patterns = [p for item in pattern for p in _source_patterns(item)]
+    expanded = []
+    for url in (u for p in patterns for u in braceexpand(p)):
+        wild = any(c in url for c in "*?[")
+        if url.startswith("pipe:"):
+            expanded.append(url)
+        elif "://" in url:
+            expanded += _glob_remote(url) if wild else [url]
+        else:
+            expanded += sorted(glob.glob(url)) if wild else ([url] if Path(url).is_file() else [])
+    if not expanded:
+        raise DataError(f"shard pattern {patterns} matches no file; check the path, or "
+                        f"build shards first (e.g. python data/folder/prepare.py)")
+    return expanded
+
+
+def _source_patterns(item) -> list[str]:
+    if isinstance(item, str):
+        return [item]
+    urls = item["urls"] if hasattr(item, "keys") else item
+    return [urls] if isinstance(urls, str) else list(urls)
+
+
+def parse_sources(spec) -> tuple[list[list[str]], list[float]]:
+    """Shard lists and mixing weights (normalised). A pattern or a list of patterns is one
+    source; a list of `{urls, weight}` entries is one source per entry."""
+    items = [spec] if isinstance(spec, str) or hasattr(spec, "keys") else list(spec)
+    if not any(hasattr(i, "keys") for i in items):
+        return [expand_shards(list(items))], [1.0]
+    sources = [expand_shards(i) for i in items]
+    weights = [float(i.get("weight", 1.0)) if hasattr(i, "keys") else 1.0 for i in items]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise DataError(f"mixing weights {weights} must be >= 0 with a positive sum")
+    return sources, [w / sum(weights) for w in weights]
+
+
+def open_shard(url: str):
+    """A readable binary stream: local file, `pipe:` and http(s) through webdataset's gopen
+    (curl), other URLs (s3://, gs://, ...) through fsspec (install s3fs/gcsfs for those)."""
+    if url.startswith(("pipe:", "http://", "https://")):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    if "://" in url and not url.startswith("file://"):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url.removeprefix("file://"), "rb")
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """`dir/000001.jpg` -> (`dir/000001`, `jpg`): webdataset's rule (key = up to the basename's
+    first dot), extension lower-cased so `.JPG` is an image too."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+class _StrictHeader(tarfile.TarInfo):
+    """tarfile ends a stream quietly at a short header; a tar cut there is truncated, not done
+    (a whole tar ends with a full block of zeros, which still ends it quietly)."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) != tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"tar ends inside a header ({len(buf)} bytes)")
+        return super().frombuf(buf, encoding, errors)
+
+
+def read_shard(url: str, count: Callable[[str], None]) -> Iterator[dict]:
+    """Samples {'__key__', '__url__', ext: bytes, ...} of one tar; never raises. An unreadable
+    shard counts `shard_unreadable`, a truncated one `shard_truncated` after its whole samples."""
+    sample, n = None, 0
+    try:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*",
+                                                             tarinfo=_StrictHeader) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample, n = None, n + 1
+                if sample is None:
+                    sample = {"__key__": key, "__url__": url}
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:  # a stream read past the end comes back short
+                    raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
+                sample[ext] = data
+    except Exception as e:  # a broken shard must not end a long run: skip it, count it, say why
+        reason = "shard_truncated" if (n or sample) else "shard_unreadable"
+        log.warning("%s %s after %d samples: %s: %s", reason, url, n, type(e).__name__, e)
+        count(reason)
+        return  # the sample being read when the tar broke may be incomplete: dropped
+    if sample is not None:
+        yield sample
+
+
+def read_stats_count(urls: list[str]) -> int | None:
+    """Successful samples according to img2dataset's `NNNNN_stats.json` (else `.parquet`)
+    beside each local shard; None unless every shard has one. Never required."""
+    total = 0
+    for url in urls:
+        stats, parquet = Path(url[:-4] + "_stats.json"), Path(url[:-4] + ".parquet")
+        if "://" in url or url.startswith("pipe:") or not url.endswith(".tar"):
+            return None
+        if stats.is_file():
+            total += int(json.loads(stats.read_text()).get("successes", 0))
+        elif parquet.is_file():
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                return None
+            status = pq.read_table(parquet, columns=["status"]).column("status").to_pylist()
+            total += sum(s == "success" for s in status)
+        else:
+            return None
+    return total
+
+
+def resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
+    """Shards drawn with replacement, forever: the stream of a streaming epoch."""
+    while True:
+        yield urls[rng.randrange(len(urls))]
+
+
+def exact_assignment(n: int, epoch: int, seed: int, slot: int, n_slots: int,
+                     drop_remainder: bool = False) -> list[int]:
+    """Indices (into a fixed sample list) that `slot` (= rank * workers + worker) reads this epoch.
+
+    A per-epoch seeded permutation is dealt round-robin to the `n_slots` readers, so each sample
+    goes to exactly one reader and each epoch shuffles differently. Every slot gets the same
+    count (so every rank the same number of batches): the remainder is padded by repeating the
+    first `n_slots - n % n_slots` permuted samples (DistributedSampler's rule), or dropped.
+    """
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    per_slot = n // n_slots if drop_remainder else math.ceil(n / n_slots)
+    order = (order * (1 + per_slot * n_slots // max(n, 1)))[:per_slot * n_slots]
+    return order[slot::n_slots]

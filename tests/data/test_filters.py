@@ -1,0 +1,45 @@
+import math
+
+import pytest
+
+from ldm.data.filters import REASONS, MetadataFilter, add_counts, new_counts, rejection_reason
+
+LAION = {"original_width": 640, "original_height": 480, "width": 256, "height": 256,
+         "aesthetic": 5.5, "punsafe": 0.05, "pwatermark": 0.2, "similarity": 0.31}
+
+
+@pytest.mark.parametrize("f, reason", [
+    (MetadataFilter(), None),
+    (MetadataFilter(min_width=640, min_height=480, min_aesthetic=5.5, max_punsafe=0.05,
+                    max_pwatermark=0.2, min_similarity=0.31), None),  # thresholds are inclusive
+    (MetadataFilter(min_width=641), "too_small"),
+    (MetadataFilter(min_height=512), "too_small"),  # the original size counts, not the stored 256
+    (MetadataFilter(min_aesthetic=6.0), "low_aesthetic"),
+    (MetadataFilter(max_punsafe=0.01), "unsafe"),
+    (MetadataFilter(max_pwatermark=0.1), "watermark"),
+    (MetadataFilter(min_similarity=0.32), "low_similarity"),
+])
+def test_each_threshold_rejects_with_its_reason(f, reason):
+    assert rejection_reason(LAION, f) == reason
+
+
+def test_stored_size_stands_in_for_a_missing_original_and_both_aesthetic_names_count():
+    f = MetadataFilter(min_width=300, min_aesthetic=6)
+    assert rejection_reason({"width": 256, "AESTHETIC_SCORE": 7}, f) == "too_small"
+    assert rejection_reason({"width": 512, "AESTHETIC_SCORE": 5}, f) == "low_aesthetic"
+    assert rejection_reason({"width": 512, "AESTHETIC_SCORE": 7}, f) is None
+
+
+def test_a_set_filter_whose_field_is_missing_or_nan_rejects_as_missing_metadata():
+    f = MetadataFilter(max_punsafe=0.5)
+    assert rejection_reason({}, f) == "missing_metadata"
+    assert rejection_reason({"punsafe": math.nan}, f) == "missing_metadata"
+    assert rejection_reason({"punsafe": None}, f) == "missing_metadata"
+    assert not MetadataFilter().active and f.active
+
+
+def test_counts_have_one_fixed_key_set_and_add_up():
+    a, b = new_counts(), new_counts()
+    assert sorted(a) == sorted(["kept"] + [f"rejected/{r}" for r in REASONS])
+    a["kept"], b["kept"], b["rejected/unsafe"] = 2, 3, 1
+    assert add_counts(a, b) == {**new_counts(), "kept": 5, "rejected/unsafe": 1}
