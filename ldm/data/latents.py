@@ -1,0 +1,374 @@
+"""Cached VAE latents and text embeddings: write them once, train without the frozen encoders.
+
+A cached shard holds, per sample, the VAE posterior q(z|x) of the (centre-cropped) image as raw,
+unscaled `KEY.mean.npy` / `KEY.std.npy` (C, h, w) - so training still draws z = mean + std * eps
+every step, as on-the-fly encoding does - optionally the same for the mirrored image
+(`KEY.mean_flip.npy` / `KEY.std_flip.npy`), the text encoder's output `KEY.context.npy` (L, D),
+and the source `KEY.txt` / `KEY.json`. Beside the shards: `_latents.json` (which VAE and text
+encoder, by config and a hash of their weights; image size; crop; flips; dtype) and
+`_empty_context.npy`, the empty prompt's embedding, swapped in at run time for caption dropout.
+
+The configured VAE's scale/shift are applied at run time, so a cache outlives a change of latent
+scaling; a different VAE, text encoder, image size, a random crop, or flips not cached are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import nn
+
+from ldm.data.transforms import ImageTransform
+from ldm.data.webdataset import IMAGE_EXTS, DataError, expand_shards
+
+log = logging.getLogger(__name__)
+META_FILE, EMPTY_FILE = "_latents.json", "_empty_context.npy"
+FORMAT = "ldm-latents/1"
+
+
+class CacheError(DataError):
+    """A cache that does not match the configured model or data settings."""
+
+
+def fingerprint(module: nn.Module, extra: dict | None = None) -> str:
+    """sha256 of a module's weights (names, dtypes, shapes, bytes) and `extra` settings."""
+    h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def text_encoder_settings(text_encoder: nn.Module) -> dict:
+    """What besides the weights changes a text encoder's output."""
+    return {k: getattr(text_encoder, k, None) for k in ("layer", "pad_with_eot", "context_length")}
+
+
+def _npy(a: torch.Tensor, dtype: str) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a.detach().float().cpu().numpy().astype(dtype), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@torch.no_grad()
+def encode_batch(vae: nn.Module, text_encoder: nn.Module, images: torch.Tensor,
+                 captions: list[str], flips: bool) -> dict[str, torch.Tensor]:
+    """Images (B, 3, H, W) in [-1, 1] + captions -> posterior moments (B, C, h, w) and context."""
+    post = vae.posterior(images)
+    out = {"mean": post.mean, "std": post.std, "context": text_encoder(captions)}  # context (B, L, D)
+    if flips:
+        post = vae.posterior(images.flip(-1))
+        out.update(mean_flip=post.mean, std_flip=post.std)
+    return out
+
+
+def _read_source(url: str, transform: ImageTransform, skipped: list[str],
+                 keep: Callable[[dict], bool] | None = None):
+    """(key, image tensor, caption, json bytes) of each readable sample of one source shard
+    that `keep` (a predicate on its JSON metadata) accepts."""
+    for sample in wds.DataPipeline(wds.SimpleShardList([url]),
+                                   wds.tarfile_to_samples(handler=wds.warn_and_continue)):
+        if keep is not None and not keep(_json(sample)):
+            skipped.append(sample["__key__"])
+            continue
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                image = transform(im)
+        except Exception:  # KeyError (no image) or any decoder error: skip and count
+            skipped.append(sample["__key__"])
+            continue
+        caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
+        yield sample["__key__"], image, caption, sample.get("json", b"{}")
+
+
+def _json(sample: dict) -> dict:
+    try:
+        return json.loads(sample.get("json", b"{}"))
+    except ValueError:
+        return {}
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _flush(tar, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
+    images = torch.stack([p[1] for p in pending]).to(device)
+    encoded = encode_batch(vae, text_encoder, images, [p[2] for p in pending], flips)
+    encoded = {k: v.float().cpu() for k, v in encoded.items()}  # one transfer, not one per sample
+    for i, (key, _, caption, meta) in enumerate(pending):
+        members = {f"{key}.{name}.npy": _npy(t[i], dtype) for name, t in encoded.items()}
+        members.update({f"{key}.txt": caption.encode(), f"{key}.json": meta})
+        for name in sorted(members):
+            _add(tar, name, members[name])
+    pending.clear()
+
+
+def write_latent_shard(url: str, out_path: Path, vae, text_encoder, transform: ImageTransform,
+                       batch_size: int, flips: bool, dtype: str, device,
+                       keep: Callable[[dict], bool] | None = None) -> tuple[int, list[str]]:
+    """Encode one source shard into `out_path` (renamed into place when complete)."""
+    tmp, skipped, pending, n = out_path.with_name(f".{out_path.name}.tmp"), [], [], 0
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for item in _read_source(url, transform, skipped, keep):
+                pending.append(item)
+                n += 1
+                if len(pending) == batch_size:
+                    _flush(tar, vae, text_encoder, pending, flips, dtype, device)
+            if pending:
+                _flush(tar, vae, text_encoder, pending, flips, dtype, device)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n, skipped
+
+
+def cache_metadata(vae, text_encoder, image_size: int, flips: bool, dtype: str,
+                   sources: dict | None = None) -> dict:
+    """What a cache was made with; compared with the training configuration before use."""
+    return {"format": FORMAT, "image_size": image_size, "crop": "center", "flips": flips,
+            "dtype": dtype,
+            "vae": {"config": getattr(vae, "config", None), "sha256": fingerprint(vae)},
+            "text_encoder": {"settings": text_encoder_settings(text_encoder),
+                             "sha256": fingerprint(text_encoder, text_encoder_settings(text_encoder))},
+            "config": sources or {}}
+
+
+def write_latent_shards(urls: list[str], out_dir: str | os.PathLike, vae: nn.Module,
+                        text_encoder: nn.Module, image_size: int, batch_size: int = 32,
+                        flips: bool = False, dtype: str = "float16", device: str = "cpu",
+                        sources: dict | None = None, progress: bool = True,
+                        keep: Callable[[dict], bool] | None = None) -> dict:
+    """Encode source shards `urls` into `out_dir/NNNNN.tar` (one per source, same order);
+    samples whose JSON metadata `keep` rejects, and unreadable ones, are skipped and counted.
+
+    Shards already written by an interrupted run with the same models and settings are kept.
+    """
+    if dtype not in ("float16", "float32"):
+        raise CacheError(f"dtype must be float16 or float32, got {dtype!r}")
+    out = Path(out_dir)
+    vae, text_encoder = vae.to(device).eval(), text_encoder.to(device).eval()
+    meta = cache_metadata(vae, text_encoder, image_size, flips, dtype, sources)
+    old = out / META_FILE
+    if old.is_file() and _identity(json.loads(old.read_text())) != _identity(meta):
+        raise CacheError(f"{out} holds a cache made with other models or settings; "
+                         f"remove it or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(old, {**meta, "complete": False})
+    with torch.no_grad():
+        empty = text_encoder([""])[0]  # (L, D)
+    (out / EMPTY_FILE).write_bytes(_npy(empty, dtype))
+    transform, counts = ImageTransform(image_size), {"written": 0, "skipped": [], "shards": []}
+    from tqdm import tqdm
+
+    for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
+        path = out / f"{i:05d}.tar"
+        if not path.is_file():
+            n, skipped = write_latent_shard(url, path, vae, text_encoder, transform, batch_size,
+                                            flips, dtype, device, keep)
+            counts["written"] += n
+            counts["skipped"] += [f"{url}:{k}" for k in skipped]
+        counts["shards"].append({"shard": path.name, "source": url})
+    _write_json(old, {**meta, "complete": True, "counts": counts})
+    return counts
+
+
+def _identity(meta: dict) -> dict:
+    keys = ("format", "image_size", "crop", "flips", "dtype")
+    return {**{k: meta.get(k) for k in keys}, "vae": meta["vae"]["sha256"],
+            "text": meta["text_encoder"]["sha256"]}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking
+
+
+def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor]:
+    """(metadata, empty-prompt context (1, L, D)) of the cache the local shards `urls` belong to."""
+    dirs = sorted({str(Path(u).parent) for u in urls if "://" not in u and not u.startswith("pipe:")})
+    if len(dirs) != 1:
+        raise CacheError(f"cached shards must come from one cache folder, got {dirs or urls}")
+    root = Path(dirs[0])
+    if not (root / META_FILE).is_file():
+        raise CacheError(f"{root} has no {META_FILE}: these are not cached-latent shards; make them "
+                         f"with python data/latents/prepare.py")
+    meta = json.loads((root / META_FILE).read_text())
+    if meta.get("format") != FORMAT or not meta.get("complete"):
+        raise CacheError(f"{root / META_FILE}: an incomplete cache or another format "
+                         f"({meta.get('format')}); rerun data/latents/prepare.py to finish it")
+    return meta, _load_npy((root / EMPTY_FILE).read_bytes()).unsqueeze(0)
+
+
+def check_data_settings(meta: dict, image_size: int, random_crop: bool, flip: bool) -> None:
+    """Refuse data settings a cache cannot honour (it holds one centre crop per image)."""
+    if random_crop:
+        raise CacheError("random_crop cannot be used with cached latents: the cache holds one "
+                         "centre crop per image; set data.random_crop=false or train on images")
+    if flip and not meta["flips"]:
+        raise CacheError("flip=true but the cache holds no mirrored latents; set data.flip=false "
+                         "or rebuild the cache with flips (data/latents/prepare.py --flips)")
+    if image_size != meta["image_size"]:
+        raise CacheError(f"the cache was made at image_size {meta['image_size']}, the config asks "
+                         f"for {image_size}; set data.image_size={meta['image_size']} or rebuild it")
+
+
+def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
+    """Refuse a VAE or text encoder other than the ones the cache was made with, or a text
+    encoder that trains (its cached output would never change)."""
+    if any(p.requires_grad for p in text_encoder.parameters()):
+        raise CacheError("the text encoder is trainable, but cached text embeddings never change; "
+                         "freeze it (text_encoder.frozen=true) or train on images")
+    if fingerprint(vae) != meta["vae"]["sha256"]:
+        raise CacheError("the configured VAE is not the one the cache was made with (its weights "
+                         "differ); use that VAE or rebuild the cache")
+    settings = text_encoder_settings(text_encoder)
+    if fingerprint(text_encoder, settings) != meta["text_encoder"]["sha256"]:
+        raise CacheError("the configured text encoder is not the one the cache was made with "
+                         "(weights or layer/padding/context length differ); use it or rebuild the cache")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and training
+
+
+def decode_cached(sample: dict, flip: bool) -> dict | None:
+    """One cached sample -> tensors; with `flip`, the mirrored posterior half of the time."""
+    suffix = "_flip" if flip and random.random() < 0.5 else ""
+    try:
+        mean, std = _load_npy(sample[f"mean{suffix}.npy"]), _load_npy(sample[f"std{suffix}.npy"])
+        context = _load_npy(sample["context.npy"])
+    except (KeyError, ValueError) as e:
+        log.warning("skipping %s: incomplete cached sample (%s)", sample.get("__key__"), e)
+        return None
+    caption = sample.get("txt", b"").decode("utf-8", "replace")
+    return {"latent_mean": mean, "latent_std": std, "context": context, "caption": caption,
+            "key": sample["__key__"]}
+
+
+def collate_cached(samples: list[dict], empty_context: torch.Tensor) -> dict:
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("latent_mean", "latent_std", "context")}
+    return {**batch, "empty_context": empty_context,  # (1, L, D): caption dropout's replacement
+            "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+
+
+def make_latent_dataset(urls: list[str], empty_context: torch.Tensor, batch_size: int, train: bool,
+                        flip: bool = False, shuffle_buffer: int = 1000,
+                        batches_per_epoch: int | None = None) -> wds.DataPipeline:
+    """Batches of cached samples; the same streaming as the image pipeline (resampled shards and
+    a shuffle buffer for training, each shard once, split over ranks and workers, otherwise)."""
+    stages = [wds.ResampledShards(urls) if train else wds.SimpleShardList(urls)]
+    if not train:
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    if train:
+        stages += [wds.shuffle(shuffle_buffer)]
+    stages += [wds.map(lambda s: decode_cached(s, flip and train)), wds.select(lambda s: s is not None),
+               wds.batched(batch_size, collation_fn=lambda b: collate_cached(b, empty_context),
+                           partial=not train)]
+    pipeline = wds.DataPipeline(*stages)
+    return pipeline.with_epoch(batches_per_epoch) if batches_per_epoch else pipeline
+
+
+def cached_inputs(batch: dict, vae: nn.Module, text_encoder: nn.Module,
+                  caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled latents (B, C, h, w), context (B, L, D)) of a cached batch.
+
+    The random draws are those of on-the-fly training in the same order - z ~ q(z|x) as in
+    `DiagonalGaussian.sample`, then the dropout mask as in `drop_captions` - so both paths give
+    the same loss from the same seed.
+    """
+    if any(p.requires_grad for p in text_encoder.parameters()):
+        raise CacheError("the text encoder is trainable, but cached text embeddings never change; "
+                         "freeze it (text_encoder.frozen=true) or train on images")
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    keep = torch.rand(mean.shape[0]) >= caption_dropout  # (B,)
+    keep = keep.to(mean.device)[:, None, None]
+    context = torch.where(keep, batch["context"], batch["empty_context"].to(batch["context"]))
+    return vae.scale_latents(z).float(), context.float()
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Train loader over cached-latent shards (made by data/latents/prepare.py).
+
+    `image_size`, `random_crop` and `flip` are the data settings of the image config the cache
+    replaces; they are checked against the cache, as are the model's VAE and text encoder when
+    training starts. Validation needs images (the module's validation step encodes them):
+    point `val_shards` at image shards.
+    """
+
+    def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
+                 batch_size: int = 64, image_size: int = 256, num_workers: int = 1,
+                 batches_per_epoch: int = 1000, random_crop: bool = False, flip: bool = False,
+                 shuffle_buffer: int = 1000) -> None:
+        super().__init__()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
+        self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
+        self.random_crop, self.flip = random_crop, flip
+        self._meta: tuple[dict, torch.Tensor] | None = None
+
+    def cache(self) -> tuple[dict, torch.Tensor]:
+        if self._meta is None:
+            meta, empty = read_cache_metadata(expand_shards(self.train_shards))
+            check_data_settings(meta, self.image_size, self.random_crop, self.flip)
+            self._meta = meta, empty
+        return self._meta
+
+    def check_module(self, module: nn.Module) -> None:
+        check_models(self.cache()[0], module.vae, module.text_encoder)
+
+    def setup(self, stage: str) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.lightning_module is not None:
+            self.check_module(trainer.lightning_module)
+        else:
+            self.cache()
+
+    def train_dataloader(self) -> wds.WebLoader:
+        meta, empty = self.cache()
+        per_worker = max(1, self.batches_per_epoch // max(1, self.num_workers))
+        ds = make_latent_dataset(expand_shards(self.train_shards), empty, self.batch_size, True,
+                                 self.flip, self.shuffle_buffer, per_worker)
+        return wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers,
+                             persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> wds.WebLoader | list:
+        if not self.val_shards:
+            return []
+        from ldm.data.webdataset import make_dataset
+
+        transform = ImageTransform(self.image_size)  # the cache's centre crop, no flip
+        ds = make_dataset(expand_shards(self.val_shards), transform, self.batch_size, train=False)
+        return wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers)

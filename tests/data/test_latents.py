@@ -1,0 +1,283 @@
+import functools
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data.latents import (CacheError, LatentDataModule, make_latent_dataset,
+                              read_cache_metadata, write_latent_shards)
+from ldm.data.transforms import ImageTransform
+from ldm.diffusion.objective import DiffusionObjective
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.text_encoder import TextEncoder
+from ldm.module import LatentDiffusion
+from tests.conftest import tiny_parts
+
+SIZE = 64
+CAPTIONS = ["a red circle", "a blue square", "a green star on white", "", "a cat", "a dog"]
+
+
+def frozen_text(**kw) -> TextEncoder:
+    torch.manual_seed(1)
+    return TextEncoder(text_cfg=dict(width=32, heads=2, layers=1, context_length=16), frozen=True, **kw)
+
+
+def make_module(caption_dropout=0.5, text=None) -> LatentDiffusion:
+    unet, vae, _ = tiny_parts()
+    objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="v")
+    return LatentDiffusion(unet, vae, text or frozen_text(), objective,
+                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+                           warmup_steps=2, caption_dropout=caption_dropout, ema_decay=0.9)
+
+
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    sizes = [(80, 64), (64, 96), (64, 64), (100, 70), (64, 64), (72, 64)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def write_image_shard(path: Path) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for i, (im, caption) in enumerate(zip(images(), CAPTIONS)):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            for ext, data in (("png", buf.getvalue()), ("txt", caption.encode()),
+                              ("json", json.dumps({"key": f"{i:09d}", "original_width": im.width,
+                                                   "original_height": im.height}).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("000000099.png")  # an unreadable image: skipped and counted
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"junk"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, single_thread):
+    """A float32 cache with flips of one image shard, made with the tiny VAE and a frozen text encoder."""
+    root = tmp_path_factory.mktemp("latents")
+    src = write_image_shard(root / "src.tar")
+    module = make_module()
+    counts = write_latent_shards([str(src)], root / "cache", module.vae, module.text_encoder,
+                                 image_size=SIZE, batch_size=4, flips=True, dtype="float32",
+                                 progress=False)
+    return root, counts
+
+
+def cached_batch(root: Path) -> dict:
+    meta, empty = read_cache_metadata([str(root / "cache/00000.tar")])
+    ds = make_latent_dataset([str(root / "cache/00000.tar")], empty, batch_size=16, train=False)
+    return next(iter(ds))
+
+
+def image_batch() -> dict:
+    transform = ImageTransform(SIZE)
+    return {"image": torch.stack([transform(im) for im in images()]), "caption": list(CAPTIONS)}
+
+
+def test_cache_holds_posterior_context_and_metadata(cache):
+    root, counts = cache
+    assert counts["written"] == 6 and len(counts["skipped"]) == 1
+    meta = json.loads((root / "cache/_latents.json").read_text())
+    assert meta["complete"] and meta["image_size"] == SIZE and meta["flips"] and meta["crop"] == "center"
+    assert meta["vae"]["config"]["ch"] == 8 and len(meta["vae"]["sha256"]) == 64
+    module, batch = make_module(), cached_batch(root)
+    with torch.no_grad():
+        post = module.vae.posterior(image_batch()["image"])
+        flipped = module.vae.posterior(image_batch()["image"].flip(-1))
+        context = module.text_encoder(CAPTIONS)
+    torch.testing.assert_close(batch["latent_mean"], post.mean)
+    torch.testing.assert_close(batch["latent_std"], post.std)
+    torch.testing.assert_close(batch["context"], context, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch["empty_context"], module.text_encoder([""]), atol=1e-5, rtol=1e-5)
+    assert batch["caption"] == CAPTIONS and batch["latent_mean"].shape == (6, 4, 8, 8)
+    with tarfile.open(root / "cache/00000.tar") as tar:  # mirrored posterior cached too
+        data = tar.extractfile("000000000.mean_flip.npy").read()
+    torch.testing.assert_close(torch.from_numpy(np.load(io.BytesIO(data))), flipped.mean[0])
+
+
+def test_same_loss_as_on_the_fly_encoding_at_fixed_t_and_eps(cache):
+    root, _ = cache
+    module, cached = make_module(), cached_batch(root)
+    t = torch.tensor([0, 200, 400, 600, 800, 999])
+    eps = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = module.vae.encode(image_batch()["image"], sample=False)
+        context = module.text_encoder(CAPTIONS)
+        direct = module.objective(module.unet, latents, context, t=t, eps=eps)
+        from_cache = module.objective(module.unet, module.vae.scale_latents(cached["latent_mean"]),
+                                      cached["context"], t=t, eps=eps)
+    torch.testing.assert_close(from_cache, direct, atol=1e-6, rtol=1e-5)
+
+
+def test_training_step_gives_the_same_loss_from_the_same_seed(cache):
+    """Posterior sampling and caption dropout (p=0.5) included: the cached path draws the same
+    random numbers in the same order as on-the-fly encoding."""
+    root, _ = cache
+    module, cached, images_ = make_module(caption_dropout=0.5), cached_batch(root), image_batch()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        direct = module.training_step(images_, 0)
+        torch.manual_seed(seed)
+        from_cache = module.training_step(cached, 0)
+        torch.testing.assert_close(from_cache, direct, atol=1e-6, rtol=1e-5)
+    assert module.caption_dropout == 0.5
+
+
+def test_float16_cache_is_close(cache, tmp_path):
+    root, _ = cache
+    module = make_module()
+    write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, module.text_encoder,
+                        image_size=SIZE, batch_size=8, dtype="float16", progress=False)
+    meta, empty = read_cache_metadata([str(tmp_path / "00000.tar")])
+    half = next(iter(make_latent_dataset([str(tmp_path / "00000.tar")], empty, 16, train=False)))
+    full = cached_batch(root)
+    for k in ("latent_mean", "latent_std", "context"):
+        torch.testing.assert_close(half[k], full[k], atol=2e-3, rtol=2e-3)
+
+
+def test_data_module_streams_flips_and_trains_with_lightning(cache, tmp_path):
+    import lightning as L
+
+    root, _ = cache
+    dm = LatentDataModule(str(root / "cache/*.tar"), batch_size=4, image_size=SIZE, num_workers=0,
+                          batches_per_epoch=3, flip=True, shuffle_buffer=4)
+    means = torch.cat([b["latent_mean"] for b in dm.train_dataloader()])
+    full = cached_batch(root)
+    with tarfile.open(root / "cache/00000.tar") as tar:
+        flipped = [np.load(io.BytesIO(tar.extractfile(f"{i:09d}.mean_flip.npy").read())) for i in range(6)]
+    known = [*full["latent_mean"], *map(torch.from_numpy, flipped)]
+    assert means.shape == (12, 4, 8, 8)
+    assert all(any(torch.equal(m, k) for k in known) for m in means)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    module = make_module()
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+
+
+def test_refuses_settings_the_cache_cannot_honour(cache):
+    root, _ = cache
+    pattern = str(root / "cache/*.tar")
+    with pytest.raises(CacheError, match="random_crop"):
+        LatentDataModule(pattern, image_size=SIZE, random_crop=True).cache()
+    with pytest.raises(CacheError, match="image_size 64"):
+        LatentDataModule(pattern, image_size=128).cache()
+    with pytest.raises(CacheError, match="not cached-latent shards"):
+        LatentDataModule(str(root / "src.tar"), image_size=SIZE).cache()
+
+
+def test_refuses_flips_that_were_not_cached(cache, tmp_path):
+    root, _ = cache
+    module = make_module()
+    write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, module.text_encoder,
+                        image_size=SIZE, batch_size=8, progress=False)
+    with pytest.raises(CacheError, match="no mirrored latents"):
+        LatentDataModule(str(tmp_path / "*.tar"), image_size=SIZE, flip=True).cache()
+    with pytest.raises(CacheError, match="other models or settings"):  # no silent mixing in one folder
+        write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, module.text_encoder,
+                            image_size=SIZE, flips=True, progress=False)
+
+
+def test_refuses_other_models_and_a_trainable_text_encoder(cache, tmp_path):
+    import lightning as L
+
+    root, _ = cache
+    dm = LatentDataModule(str(root / "cache/*.tar"), image_size=SIZE, num_workers=0)
+    dm.check_module(make_module())  # the models the cache was made with: accepted
+    other_vae = make_module()
+    with torch.no_grad():
+        next(other_vae.vae.parameters()).add_(1e-3)
+    with pytest.raises(CacheError, match="VAE is not the one"):
+        dm.check_module(other_vae)
+    with pytest.raises(CacheError, match="text encoder is not the one"):
+        dm.check_module(make_module(text=frozen_text(layer="penultimate")))
+    trainable = make_module(text=frozen_text())
+    trainable.text_encoder.requires_grad_(True)
+    with pytest.raises(CacheError, match="text encoder is trainable"):
+        dm.check_module(trainable)
+    with pytest.raises(CacheError, match="text encoder is trainable"):
+        trainable.training_step(cached_batch(root), 0)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(CacheError, match="VAE is not the one"):  # checked when training starts
+        trainer.fit(other_vae, datamodule=dm)
+
+
+def test_refuses_an_incomplete_cache(cache, tmp_path):
+    root, _ = cache
+    meta = json.loads((root / "cache/_latents.json").read_text())
+    (tmp_path / "_latents.json").write_text(json.dumps({**meta, "complete": False}))
+    (tmp_path / "00000.tar").write_bytes((root / "cache/00000.tar").read_bytes())
+    with pytest.raises(CacheError, match="incomplete"):
+        LatentDataModule(str(tmp_path / "*.tar"), image_size=SIZE).cache()
+
+
+def load_prepare():
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "data/latents/prepare.py"
+    spec = importlib.util.spec_from_file_location("prepare_latents", path)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    return prepare
+
+
+def prepare_args(root: Path) -> list[str]:
+    return ["data=webdataset", f"data.train_shards={root / 'src.tar'}", f"data.image_size={SIZE}",
+            "vae=tiny", "text_encoder=tiny", "text_encoder.frozen=true", "--device", "cpu", "--quiet"]
+
+
+def test_prepare_command_builds_parts_as_train_py_does(cache, tmp_path):
+    """The tool composes configs/train.yaml and builds the model as train.py does (same seed and
+    order), so train.py's model passes the cache's checks even with a randomly initialised
+    text encoder (the tiny one)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    root, _ = cache
+    prepare = load_prepare()
+    assert prepare.main([str(tmp_path / "out"), "--dtype", "float32", *prepare_args(root)]) == 0
+    meta, _ = read_cache_metadata([str(tmp_path / "out/00000.tar")])
+    assert meta["config"]["vae"]["_target_"] == "ldm.models.autoencoder.AutoencoderKL"
+    assert meta["text_encoder"]["settings"]["context_length"] == 16 and not meta["flips"]
+    cfg = prepare.compose_config(["data=latents", f"data.train_shards={tmp_path / 'out/*.tar'}",
+                                  f"data.image_size={SIZE}", "vae=tiny", "text_encoder=tiny",
+                                  "text_encoder.frozen=true"])
+    L.seed_everything(cfg.seed)
+    dm, module = instantiate(cfg.data), instantiate(cfg.model)
+    dm.check_module(module)
+
+
+def test_prepare_command_applies_filters_and_refuses_what_training_would(cache, tmp_path):
+    root, _ = cache
+    prepare, args = load_prepare(), prepare_args(root)
+    assert prepare.main([str(tmp_path / "crop"), *args, "data.random_crop=true"]) == 2
+    assert prepare.main([str(tmp_path / "trainable"), *args, "text_encoder.frozen=false"]) == 2
+    # the data config's metadata filters apply while encoding: widths 80, 64, 64, 100, 64, 72
+    assert prepare.main([str(tmp_path / "wide"), *args, "++data.filters.min_width=72"]) == 0
+    meta, _ = read_cache_metadata([str(tmp_path / "wide/00000.tar")])
+    assert meta["counts"]["written"] == 3 and meta["config"]["data_filters"] == {"min_width": 72}
+
+
+def test_latents_configs_compose_and_instantiate():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ldm.config import ROOT, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose("train", overrides=["experiment=shapes_latents"])
+        plain = compose("train", overrides=["data=latents", "data.train_shards=x/*.tar"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, LatentDataModule) and dm.image_size == 64 and not dm.random_crop
+    assert cfg.text_encoder.frozen and cfg.data.val_shards.endswith("shards/val/*.tar")
+    assert isinstance(instantiate(plain.data), LatentDataModule)
