@@ -10,16 +10,17 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from ldm import checkpoint
 from ldm.callbacks import image_grid
 from ldm.checkpoint import CheckpointError
 from ldm.config import clear_errors, register_resolvers
-from ldm.pipeline import Pipeline
+from ldm.formats import load_model
+from ldm.pipeline import Pipeline, SamplerConfig
 
 log = logging.getLogger("sample")
 register_resolvers()
@@ -39,18 +40,25 @@ def read_prompts(prompt: str) -> list[str]:
     return [prompt]
 
 
-def load_pipeline(ckpt: str, device: torch.device) -> tuple[Pipeline, dict]:
-    """Rebuild U-Net, VAE and text encoder from the config stored in the file, then load it."""
-    config = checkpoint.read_config(ckpt)
-    state, _ = checkpoint.read(ckpt)
-    parts = {name: instantiate(config[name]) for name in ("unet", "vae", "text_encoder")}
-    for name, module in parts.items():
-        checkpoint.load_into(module, checkpoint.split(state, name), what=name)
-        module.to(device).eval()
-    schedule = instantiate(config["diffusion"]["schedule"])
-    pipe = Pipeline(parts["unet"], parts["vae"], parts["text_encoder"], schedule,
-                    config["diffusion"]["prediction"])
-    return pipe, config
+def load_pipeline(ckpt: str, device: torch.device, **options) -> tuple[Pipeline, dict]:
+    """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as a
+    Pipeline and its model config. `options` go to `ldm.formats.load_model` (prediction,
+    use_ema, vae, text_encoder). Half-precision files are computed in float32 on the CPU."""
+    dtype = torch.float32 if device.type == "cpu" else None
+    model = load_model(ckpt, device=device, dtype=dtype, **options)
+    pipe = Pipeline(model.unet, model.vae, model.text_encoder, model.schedule, model.prediction)
+    return pipe, model.config
+
+
+def make_sampler(cfg: DictConfig) -> SamplerConfig:
+    """`sampler=NAME` (configs/sampler/) with its overrides; a bad option is the config's own
+    ValueError, not Hydra's wrapped one."""
+    try:
+        return instantiate(cfg)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):
+            raise e.__cause__ from None
+        raise
 
 
 def png_info(fields: dict) -> PngImagePlugin.PngInfo:
@@ -70,8 +78,10 @@ def pick_device(name: str) -> torch.device:
 @clear_errors(CheckpointError, FileNotFoundError, ValueError)
 def main(cfg: DictConfig) -> None:
     prompts = read_prompts(str(cfg.prompt))
-    pipe, config = load_pipeline(cfg.ckpt, pick_device(cfg.device))
-    sampler = instantiate(cfg.sampler)
+    sampler = make_sampler(cfg.sampler)
+    pipe, config = load_pipeline(cfg.ckpt, pick_device(cfg.device), prediction=cfg.prediction,
+                                 use_ema=cfg.use_ema, vae=cfg.vae_ckpt,
+                                 text_encoder=cfg.text_encoder_ckpt)
     height = cfg.height or config["image_size"]
     width = cfg.width or config["image_size"]
     jobs = [(p, cfg.seed + i * cfg.n + j) for i, p in enumerate(prompts) for j in range(cfg.n)]
@@ -85,7 +95,8 @@ def main(cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for (prompt, seed), img in zip(jobs, images):
         meta = {"prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": seed,
-                "sampler": sampler.name, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale,
+                "sampler": sampler.name, "sigmas": sampler.sigmas, "steps": sampler.steps,
+                "cfg_scale": sampler.cfg_scale,
                 "ckpt": Path(cfg.ckpt).name}
         Image.fromarray(img.numpy()).save(out / f"{seed:06d}.png", pnginfo=png_info(meta))
     image_grid(images, ncols=cfg.n if len(prompts) > 1 else None).save(out / "grid.png")

@@ -11,14 +11,17 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ldm import checkpoint
+from ldm import checkpoint, formats
 from ldm.checkpoint import CheckpointError
 from ldm.config import architecture, clear_errors, register_resolvers
 from ldm.data.webdataset import DataError, expand_shards
+from ldm.results import swept_keys
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -56,18 +59,47 @@ def export(cfg: DictConfig, module: L.LightningModule, run_dir: Path) -> Path:
     return path
 
 
+def name_sweep_run(cfg: DictConfig) -> None:
+    """In a multirun, one W&B group per sweep (named after its directory) and one run per job,
+    named after the job's overrides, unless the config names them."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or "group" not in cfg.logger:
+        return
+    if cfg.logger.group is None:
+        cfg.logger.group = "sweep-" + "-".join(Path(hc.sweep.dir).parts[-2:])
+    swept = set(swept_keys(hc.sweep.dir))
+    job = ",".join(o for o in hc.overrides.task if o.split("=", 1)[0] in swept) or str(hc.job.num)
+    cfg.logger.name = f"{cfg.logger.name}:{job}" if cfg.logger.get("name") else job
+
+
+def initialise(module: L.LightningModule, path: str, use_ema: bool) -> None:
+    """Fine-tuning: the parts' weights from `path`, strictly; the EMA starts from them too."""
+    parts = {k: getattr(module, k) for k in ("unet", "vae", "text_encoder") if hasattr(module, k)}
+    formats.load_weights(parts, path, use_ema=use_ema)
+    if hasattr(module, "ema"):
+        module.ema.shadow.load_state_dict(module.unet.state_dict())
+    log.info("initialised %s from %s", ", ".join(parts), path)
+
+
 def fit(cfg: DictConfig, run_dir: Path) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # renders embedded data if missing, before anything else is built
     expand_shards(cfg.data.train_shards)  # fail now, not in a worker, on a pattern with no file
     module = instantiate(cfg.model)
+    if cfg.get("init"):
+        initialise(module, cfg.init, cfg.get("init_use_ema", False))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    name_sweep_run(cfg)
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    finally:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # the next job of a multirun starts its own W&B run
     if not trainer.is_global_zero:
         return run_dir
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)

@@ -1,6 +1,7 @@
-"""Lightning callbacks: sample grids during training, and a throughput meter."""
+"""Lightning callbacks: sample grids, throughput, validation metrics to CSV, shapes adherence."""
 from __future__ import annotations
 
+import csv
 import math
 import time
 from pathlib import Path
@@ -82,3 +83,63 @@ class Throughput(L.Callback):
             rate = self._n / (time.perf_counter() - self._t0)
             pl_module.log("perf/images_per_s", rate, prog_bar=True)
             self._t0 = None
+
+
+class MetricsCSV(L.Callback):
+    """After each validation, append the step and every logged `val/*` and `train/loss` value
+    to `<run dir>/metrics.csv`, so a sweep can be tabulated without reading W&B files.
+
+    The file is rewritten whole each time: a metric first logged later widens the header.
+    """
+
+    def __init__(self, filename: str = "metrics.csv") -> None:
+        self.filename, self.rows = filename, []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        row = {"step": trainer.global_step}
+        row.update({k: float(v) for k, v in sorted(trainer.callback_metrics.items())
+                    if k.startswith("val/") or k == "train/loss"})
+        self.rows.append(row)
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        path = Path(trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class ShapesAdherence(L.Callback):
+    """At each validation, sample a fixed prompt set with fixed seeds from the EMA U-Net and log
+    the shapes judge's accuracies as val/adherence_{background,shape_colour,shape,all}.
+
+    Only meaningful for models trained on the shapes set: the judge reads back shapes captions.
+    """
+
+    def __init__(self, n_prompts: int = 32, prompt_seed: int = 0, seed: int = 0,
+                 sampler: SamplerConfig | None = None, height: int = 64, width: int = 64) -> None:
+        from ldm.data.shapes import random_prompts
+        self.prompts = random_prompts(n_prompts, prompt_seed)
+        self.seeds = [seed + i for i in range(n_prompts)]
+        self.sampler = sampler or SamplerConfig(name="ddim", steps=20)
+        self.height, self.width = height, width
+
+    @torch.no_grad()
+    def measure(self, pl_module) -> dict[str, float]:
+        from ldm.evaluation.shapes import score
+        pipe = Pipeline(pl_module.ema.shadow, pl_module.vae, pl_module.text_encoder,
+                        pl_module.objective.schedule, pl_module.objective.prediction)
+        was_training = pl_module.text_encoder.training
+        pl_module.text_encoder.eval()
+        images = pipe(self.prompts, self.seeds, self.sampler, height=self.height, width=self.width)
+        pl_module.text_encoder.train(was_training)
+        result = score(list(images.numpy()), self.prompts)
+        return {k: float(v) for k, v in result.items() if k != "n"}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, value in self.measure(pl_module).items():
+            pl_module.log(f"val/adherence_{name}", value, rank_zero_only=True)

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ldm.data.latents import cached_inputs
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.ema import EMA
 from ldm.models.text_encoder import TextEncoder
@@ -50,9 +51,12 @@ class LatentDiffusion(L.LightningModule):
         return self.vae.encode(images).float()  # (B, C, h, w), scaled latents
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.encode_images(batch["image"])
-        captions = drop_captions(batch["caption"], self.caption_dropout)
-        loss = self.objective(self.unet, latents, self.text_encoder(captions))
+        if "latent_mean" in batch:  # cached by data/latents/prepare.py: no VAE, no text encoder
+            latents, context = cached_inputs(batch, self.vae, self.text_encoder, self.caption_dropout)
+        else:
+            latents = self.encode_images(batch["image"])
+            context = self.text_encoder(drop_captions(batch["caption"], self.caption_dropout))
+        loss = self.objective(self.unet, latents, context)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
@@ -61,15 +65,21 @@ class LatentDiffusion(L.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Loss at fixed, evenly spread timesteps with fixed noise: comparable across runs."""
-        latents = self.encode_images(batch["image"])
-        g = torch.Generator(device=latents.device).manual_seed(batch_idx)
+        """Losses at fixed, evenly spread timesteps with fixed noise: the same points in every run.
+
+        val/loss is in the run's own prediction space and weighting; val/mse_x0, val/mse_eps and
+        val/loss_min_snr are in a common space, so they also compare eps with v runs."""
+        images = batch["image"]
+        g = torch.Generator(device=images.device).manual_seed(batch_idx)
+        # The posterior sample too comes from g, not the global RNG whose state a run's history sets.
+        latents = self.vae.encode(images, generator=g).float()
         n, T = latents.shape[0], self.objective.schedule.num_steps
         t = (torch.arange(n, device=latents.device) * T // n).clamp(max=T - 1)
         eps = torch.randn(latents.shape, generator=g, device=latents.device)
         context = self.text_encoder(batch["caption"])
-        loss = self.objective(self.ema.shadow, latents, context, t=t, eps=eps)
-        self.log("val/loss", loss, prog_bar=True, batch_size=n)
+        losses = self.objective.evaluate(self.ema.shadow, latents, context, t=t, eps=eps)
+        for name, value in losses.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=n)
 
     def export_parts(self) -> dict[str, nn.Module]:
         """What a weights file holds: the EMA U-Net (the one to sample from), VAE, text encoder."""

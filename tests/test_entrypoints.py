@@ -29,6 +29,7 @@ def tiny_train_overrides(tmp: Path) -> list[str]:
             "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=1", "callbacks.sample_grid.every_n_steps=2",
             "callbacks.sample_grid.sampler.steps=2", "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.adherence.n_prompts=2", "callbacks.adherence.sampler.steps=2",
             f"hydra.run.dir={tmp / 'run'}"]
 
 
@@ -58,20 +59,23 @@ def test_sample_writes_images_with_metadata_and_a_grid(trained, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a blue background\na green square on a white background\n")
     out = tmp_path / "out"
+    # a stochastic sampler: its per-step noise must follow each image's seed too
     result = run("sample.py", f"ckpt={trained / 'model.safetensors'}", f"prompt={prompts}", "n=2",
-                 "seed=5", "sampler.steps=2", "negative_prompt=blurry", f"out_dir={out}", cwd=tmp_path)
+                 "seed=5", "sampler=euler_ancestral", "steps=2", "negative_prompt=blurry",
+                 f"out_dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     files = sorted(p.name for p in out.glob("*.png"))
     assert files == ["000005.png", "000006.png", "000007.png", "000008.png", "grid.png"]
     meta = Image.open(out / "000007.png").text
     assert meta["prompt"] == "a green square on a white background"
     assert meta["negative_prompt"] == "blurry" and meta["seed"] == "7"
-    assert meta["sampler"] == "ddim" and meta["steps"] == "2" and float(meta["cfg_scale"]) == 4.0
+    assert meta["sampler"] == "euler_ancestral" and meta["steps"] == "2" and float(meta["cfg_scale"]) == 4.0
     # The same seed gives the same image whatever else is in the batch (CPU kernels may round
     # differently for another batch size: equal up to a unit of the last 8-bit step).
     again = tmp_path / "again"
     run("sample.py", f"ckpt={trained / 'model.safetensors'}", "prompt=a green square on a white background",
-        "n=1", "seed=7", "sampler.steps=2", "negative_prompt=blurry", f"out_dir={again}", cwd=tmp_path)
+        "n=1", "seed=7", "sampler=euler_ancestral", "sampler.steps=2", "negative_prompt=blurry",
+        f"out_dir={again}", cwd=tmp_path)
     alone = np.asarray(Image.open(again / "000007.png"), dtype=int)
     batched = np.asarray(Image.open(out / "000007.png"), dtype=int)
     assert np.abs(alone - batched).max() <= 2
@@ -93,6 +97,14 @@ def test_missing_and_unreadable_checkpoints_are_one_clear_line(tmp_path):
     bad.write_bytes(b"\x07not a checkpoint")
     result = run("sample.py", f"ckpt={bad}", "prompt=x", f"out_dir={out}", cwd=tmp_path)
     _one_error_line(result, "error:", "not a readable safetensors")
+    assert not out.exists()
+
+
+def test_bad_sampler_option_is_one_clear_line(tmp_path):
+    out = tmp_path / "out"
+    result = run("sample.py", "ckpt=nowhere.safetensors", "prompt=x", "sampler=euler",
+                 "sampler.sigmas=karass", f"out_dir={out}", cwd=tmp_path)
+    _one_error_line(result, "error: sigmas='karass' is not available for euler", "karras")
     assert not out.exists()
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.weighting import get_weighting, snr_from_alpha_bar
 
 PREDICTIONS = ("eps", "v", "x0")
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,31 +82,82 @@ def sample_timesteps(n: int, num_steps: int, kind: str = "uniform", mean: float 
     raise ValueError(f"unknown timestep sampling {kind!r}; choose uniform or logit_normal")
 
 
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared error over all but the batch dimension, in float32."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
 class DiffusionObjective:
-    """Mean-squared error between the network output and its target at random timesteps."""
+    """Weighted mean-squared error between the network output and its target at random timesteps.
+
+    `weighting` names a function of `ldm.diffusion.weighting` (uniform: plain MSE; min_snr:
+    Min-SNR-gamma with `min_snr_gamma`). `input_perturbation` > 0 builds x_t from
+    eps + gamma * xi while the target keeps eps (Ning et al., 2023): the network sees at
+    training time inputs as imperfect as its own predictions make them at sampling time.
+    """
 
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps",
                  offset_noise: float = 0.0, timestep_sampling: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+                 logit_mean: float = 0.0, logit_std: float = 1.0, weighting: str = "uniform",
+                 min_snr_gamma: float = 5.0, input_perturbation: float = 0.0) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         sample_timesteps(1, schedule.num_steps, timestep_sampling)  # reject unknown kinds now
+        if prediction == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0:
+            # At SNR 0 the input is pure noise, so predicting the noise says nothing about x0:
+            # every sampler's first step would divide by sqrt(alpha_bar) = 0 (Lin et al., 2023, Sec. 3.2).
+            raise ValueError("eps prediction cannot be sampled on a zero-terminal-SNR schedule; "
+                             "use diffusion.prediction=v (or x0), or set "
+                             "diffusion.schedule.zero_terminal_snr=false")
         self.schedule, self.prediction, self.offset_noise = schedule, prediction, offset_noise
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
+        self.weighting, self.weight_fn = weighting, get_weighting(weighting)
+        self.min_snr_gamma, self.input_perturbation = min_snr_gamma, input_perturbation
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) weight of each sample's MSE at timesteps t."""
+        return self.weight_fn(snr_from_alpha_bar(self.schedule.alpha_bar(t)), self.prediction,
+                              self.min_snr_gamma)
 
     def __call__(self, model: ModelFn, x0: torch.Tensor, context: torch.Tensor,
                  t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Loss for a batch of clean latents x0 (B, C, h, w) and text context (B, L, D).
+        """Training loss for a batch of clean latents x0 (B, C, h, w) and text context (B, L, D).
 
-        `t` and `eps` may be given to evaluate at fixed points (validation); otherwise drawn.
+        `t` and `eps` may be given to evaluate at fixed points; otherwise drawn.
         """
         if t is None:
             t = sample_timesteps(x0.shape[0], self.schedule.num_steps, self.timestep_sampling,
                                  self.logit_mean, self.logit_std, generator, x0.device)
         if eps is None:
             eps = sample_noise(x0, self.offset_noise, generator)
+        noise_in = eps
+        if self.input_perturbation:
+            xi = torch.randn(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
+            noise_in = eps + self.input_perturbation * xi
         alpha_bar = self.schedule.alpha_bar(t)
-        out = model(q_sample(x0, eps, alpha_bar), t, context)
+        out = model(q_sample(x0, noise_in, alpha_bar), t, context)
         target = target_for(self.prediction, x0, eps, alpha_bar)
-        return F.mse_loss(out.float(), target.float())
+        return (self.loss_weight(t).to(out.device) * per_sample_mse(out, target)).mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: ModelFn, x0: torch.Tensor, context: torch.Tensor,
+                 t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Validation losses at fixed (t, eps), without input perturbation.
+
+        `loss` is the training loss, in this run's own space and weighting: it cannot compare
+        runs that differ in either. The others can: `mse_eps` and `mse_x0` are errors of the
+        implied (x0, eps), and `loss_min_snr` is the Min-SNR-5 x0-space loss, which is the same
+        number whichever space it is computed in and stays finite at both ends of the schedule
+        (mse_x0 of an eps model grows like 1/SNR at high noise, mse_eps of x0/v models like SNR).
+        """
+        alpha_bar = self.schedule.alpha_bar(t)
+        x_t = q_sample(x0, eps, alpha_bar)
+        out = model(x_t, t, context).float()
+        own = per_sample_mse(out, target_for(self.prediction, x0, eps, alpha_bar))
+        x0_hat, eps_hat = to_x0_eps(self.prediction, out, x_t, alpha_bar)
+        min_snr5 = get_weighting("min_snr")(snr_from_alpha_bar(alpha_bar), self.prediction, 5.0)
+        return {"loss": (self.loss_weight(t).to(own.device) * own).mean(),
+                "mse_eps": per_sample_mse(eps_hat, eps).mean(),
+                "mse_x0": per_sample_mse(x0_hat, x0).mean(),
+                "loss_min_snr": (min_snr5.to(own.device) * own).mean()}

@@ -34,7 +34,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))  # diffusers' rounding order: bit-equal
     alpha_bar = sqrt_ab**2
     alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
     return 1.0 - alphas
