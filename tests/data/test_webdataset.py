@@ -1,7 +1,5 @@
 import io
 import json
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,29 +8,14 @@ from PIL import Image
 
 from ldm.data.transforms import ImageTransform, to_rgb
 from ldm.data.webdataset import DataError, ImageTextDataModule, expand_shards
+from tests.data.shard_helpers import image_bytes, write_shard
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tensor ops stall on busy shared cores
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def good(key: str, colour=(200, 10, 10), mode="RGB") -> tuple[str, dict[str, bytes]]:
     image = Image.new("RGB", (80, 64), colour).convert(mode)
-    return key, {"png": png_bytes(image), "txt": f"caption {key}".encode(),
+    return key, {"png": image_bytes(image), "txt": f"caption {key}".encode(),
                  "json": json.dumps({"key": key}).encode()}
 
 
@@ -90,7 +73,7 @@ def test_transform_resizes_the_short_side_and_centre_crops():
 # -- robustness, filters, captions, mixing, bucketing, counts ----------------------------------
 from ldm.data.filters import MetadataFilter  # noqa: E402
 from ldm.data.webdataset import DataCounts, make_dataset  # noqa: E402
-from tests.data.shard_helpers import image_bytes, sample, write_keyed_shards  # noqa: E402
+from tests.data.shard_helpers import sample, write_keyed_shards  # noqa: E402
 
 
 def read_all(urls, **options) -> tuple[list[str], dict[str, int], list[dict]]:
