@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ldm import checkpoint, detect, keymaps
@@ -54,22 +53,15 @@ def read_any(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
         return _read_torch(p), {}
     if p.suffix != ".safetensors":
         raise CheckpointError(f"{p.name}: expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a folder")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for a damaged header
-        raise CheckpointError(f"{p.name} is not a readable safetensors file ({e})") from None
+    return checkpoint.read(p)  # memory-mapped by safetensors
 
 
 def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     try:  # weights_only: a pickle may run code; tensors and plain containers cannot
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
         try:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{p.name} does not load with torch.load(weights_only=True) ({e}); "
-                                  f"only tensor files are read, never arbitrary pickles") from None
     except Exception as e:
         raise CheckpointError(f"{p.name} does not load with torch.load(weights_only=True) ({e}); "
                               f"only tensor files are read, never arbitrary pickles") from None

@@ -26,7 +26,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.config import architecture, register_resolvers  # noqa: E402
-from ldm.data.latents import CacheError, write_latent_shards  # noqa: E402
+from ldm.data.latents import CacheError, require_frozen, write_latent_shards  # noqa: E402
 from ldm.data.webdataset import DataError, expand_shards  # noqa: E402
 
 
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = {k: architecture(OmegaConf.to_container(cfg[k], resolve=True))
                  for k in ("vae", "text_encoder")}
         parts["data_filters"] = filter_settings(cfg.data)
-        if any(p.requires_grad for p in text_encoder.parameters()):
-            raise CacheError("the text encoder is trainable (text_encoder.frozen=false): training "
-                             "on cached embeddings would be refused; add text_encoder.frozen=true")
+        require_frozen(text_encoder)  # training would refuse the cache otherwise
         counts = write_latent_shards(
             urls, args.out_dir, vae, text_encoder,
             image_size=cfg.data.image_size, batch_size=args.batch_size,

@@ -243,12 +243,17 @@ def check_data_settings(meta: dict, image_size: int, random_crop: bool, flip: bo
                          f"for {image_size}; set data.image_size={meta['image_size']} or rebuild it")
 
 
-def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
-    """Refuse a VAE or text encoder other than the ones the cache was made with, or a text
-    encoder that trains (its cached output would never change)."""
+def require_frozen(text_encoder: nn.Module) -> None:
+    """Cached text embeddings never change, so a text encoder that trains cannot use them."""
     if any(p.requires_grad for p in text_encoder.parameters()):
         raise CacheError("the text encoder is trainable, but cached text embeddings never change; "
                          "freeze it (text_encoder.frozen=true) or train on images")
+
+
+def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
+    """Refuse a VAE or text encoder other than the ones the cache was made with, or a text
+    encoder that trains (its cached output would never change)."""
+    require_frozen(text_encoder)
     if fingerprint(vae) != meta["vae"]["sha256"]:
         raise CacheError("the configured VAE is not the one the cache was made with (its weights "
                          "differ); use that VAE or rebuild the cache")
@@ -308,9 +313,7 @@ def cached_inputs(batch: dict, vae: nn.Module, text_encoder: nn.Module,
     `DiagonalGaussian.sample`, then the dropout mask as in `drop_captions` - so both paths give
     the same loss from the same seed.
     """
-    if any(p.requires_grad for p in text_encoder.parameters()):
-        raise CacheError("the text encoder is trainable, but cached text embeddings never change; "
-                         "freeze it (text_encoder.frozen=true) or train on images")
+    require_frozen(text_encoder)
     mean, std = batch["latent_mean"], batch["latent_std"]
     z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     keep = torch.rand(mean.shape[0]) >= caption_dropout  # (B,)
