@@ -25,6 +25,20 @@ def image_grid(images: torch.Tensor, ncols: int | None = None) -> Image.Image:
     return grid
 
 
+@torch.no_grad()
+def sample_ema(pl_module, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
+               height: int, width: int) -> torch.Tensor:
+    """Images (B, H, W, 3) uint8 from the EMA U-Net, the text encoder in eval mode meanwhile."""
+    pipe = Pipeline(pl_module.ema.shadow, pl_module.vae, pl_module.text_encoder,
+                    pl_module.objective.schedule, pl_module.objective.prediction)
+    was_training = pl_module.text_encoder.training
+    pl_module.text_encoder.eval()
+    try:
+        return pipe(prompts, seeds, sampler, height=height, width=width)
+    finally:
+        pl_module.text_encoder.train(was_training)
+
+
 class SampleGrid(L.Callback):
     """Every `every_n_steps` (and at the end) sample fixed prompts with fixed seeds from the EMA
     U-Net; write the grid to `<run dir>/samples/step_XXXXXX.png` and log it to W&B."""
@@ -51,13 +65,8 @@ class SampleGrid(L.Callback):
         if step == self._last_step or not trainer.is_global_zero:
             return None
         self._last_step = step
-        pipe = Pipeline(pl_module.ema.shadow, pl_module.vae, pl_module.text_encoder,
-                        pl_module.objective.schedule, pl_module.objective.prediction)
-        was_training = pl_module.text_encoder.training
-        pl_module.text_encoder.eval()
         seeds = [self.seed + i for i in range(len(self.prompts))]
-        images = pipe(self.prompts, seeds, self.sampler, height=self.height, width=self.width)
-        pl_module.text_encoder.train(was_training)
+        images = sample_ema(pl_module, self.prompts, seeds, self.sampler, self.height, self.width)
         grid = image_grid(images)
         path = Path(trainer.default_root_dir) / self.out_dir / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,12 +138,7 @@ class ShapesAdherence(L.Callback):
     @torch.no_grad()
     def measure(self, pl_module) -> dict[str, float]:
         from ldm.evaluation.shapes import score
-        pipe = Pipeline(pl_module.ema.shadow, pl_module.vae, pl_module.text_encoder,
-                        pl_module.objective.schedule, pl_module.objective.prediction)
-        was_training = pl_module.text_encoder.training
-        pl_module.text_encoder.eval()
-        images = pipe(self.prompts, self.seeds, self.sampler, height=self.height, width=self.width)
-        pl_module.text_encoder.train(was_training)
+        images = sample_ema(pl_module, self.prompts, self.seeds, self.sampler, self.height, self.width)
         result = score(list(images.numpy()), self.prompts)
         return {k: float(v) for k, v in result.items() if k != "n"}
 
