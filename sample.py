@@ -21,6 +21,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.config import clear_errors, register_resolvers
 from ldm.formats import load_model
 from ldm.pipeline import Pipeline, SamplerConfig
+from ldm.precision import resolve as resolve_precision
 
 log = logging.getLogger("sample")
 register_resolvers()
@@ -40,13 +41,18 @@ def read_prompts(prompt: str) -> list[str]:
     return [prompt]
 
 
-def load_pipeline(ckpt: str, device: torch.device, **options) -> tuple[Pipeline, dict]:
+def load_pipeline(ckpt: str, device: torch.device, precision: str = "auto",
+                  **options) -> tuple[Pipeline, dict]:
     """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as a
-    Pipeline and its model config. `options` go to `ldm.formats.load_model` (prediction,
-    use_ema, vae, text_encoder). Half-precision files are computed in float32 on the CPU."""
+    Pipeline in `ldm.precision.resolve(precision, device)` and its model config. `options` go to
+    `ldm.formats.load_model` (prediction, use_ema, vae, text_encoder). Half-precision files are
+    held in float32 on the CPU (where bf16 autocast, if the CPU has it, does the fast maths)."""
+    chosen = resolve_precision(precision, device)
+    log.info("precision: %s (%s)", chosen.value, chosen.reason)
     dtype = torch.float32 if device.type == "cpu" else None
     model = load_model(ckpt, device=device, dtype=dtype, **options)
-    pipe = Pipeline(model.unet, model.vae, model.text_encoder, model.schedule, model.prediction)
+    pipe = Pipeline(model.unet, model.vae, model.text_encoder, model.schedule, model.prediction,
+                    chosen)
     return pipe, model.config
 
 
@@ -79,7 +85,8 @@ def pick_device(name: str) -> torch.device:
 def main(cfg: DictConfig) -> None:
     prompts = read_prompts(str(cfg.prompt))
     sampler = make_sampler(cfg.sampler)
-    pipe, config = load_pipeline(cfg.ckpt, pick_device(cfg.device), prediction=cfg.prediction,
+    pipe, config = load_pipeline(cfg.ckpt, pick_device(cfg.device), cfg.precision,
+                                 prediction=cfg.prediction,
                                  use_ema=cfg.use_ema, vae=cfg.vae_ckpt,
                                  text_encoder=cfg.text_encoder_ckpt)
     height = cfg.height or config["image_size"]
@@ -96,7 +103,7 @@ def main(cfg: DictConfig) -> None:
     for (prompt, seed), img in zip(jobs, images):
         meta = {"prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": seed,
                 "sampler": sampler.name, "sigmas": sampler.sigmas, "steps": sampler.steps,
-                "cfg_scale": sampler.cfg_scale,
+                "cfg_scale": sampler.cfg_scale, "precision": pipe.precision.value,
                 "ckpt": Path(cfg.ckpt).name}
         Image.fromarray(img.numpy()).save(out / f"{seed:06d}.png", pnginfo=png_info(meta))
     image_grid(images, ncols=cfg.n if len(prompts) > 1 else None).save(out / "grid.png")

@@ -15,9 +15,10 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldm import checkpoint, formats
+from ldm import checkpoint, formats, precision
 from ldm.checkpoint import CheckpointError
 from ldm.config import architecture, clear_errors, register_resolvers
 from ldm.data.webdataset import DataError, expand_shards
@@ -81,19 +82,33 @@ def initialise(module: L.LightningModule, path: str, use_ema: bool) -> None:
     log.info("initialised %s from %s", ", ".join(parts), path)
 
 
+def resolve_precision(cfg: DictConfig) -> str:
+    """trainer.precision, with "auto" resolved for this hardware (ldm.precision), said once."""
+    chosen = precision.resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    log.info("precision: %s (%s)", chosen.value, chosen.reason)
+    return chosen.value
+
+
+def make_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
+    return instantiate(cfg.trainer, precision=resolve_precision(cfg), **kwargs)
+
+
 def fit(cfg: DictConfig, run_dir: Path) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # renders embedded data if missing, before anything else is built
-    expand_shards(cfg.data.train_shards)  # fail now, not in a worker, on a pattern with no file
     module = instantiate(cfg.model)
     if cfg.get("init"):
         initialise(module, cfg.init, cfg.get("init_use_ema", False))
+    if hasattr(datamodule, "use_encoders"):  # a latent cache: made with, and checked against, these
+        datamodule.use_encoders(module.vae, module.text_encoder)
+    if rank_zero_only.rank == 0:  # the other processes wait for it in Lightning's own prepare_data
+        datamodule.prepare_data()  # renders embedded data, builds a latent cache, if missing
+        expand_shards(cfg.data.train_shards)  # fail now, not in a worker, on a pattern with no file
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     name_sweep_run(cfg)
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer = make_trainer(cfg, callbacks=callbacks, logger=logger)
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
@@ -104,6 +119,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
         return run_dir
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     summary = {"step": trainer.global_step, "minutes": (time.perf_counter() - start) / 60,
+               "precision": str(trainer.precision),
                "interrupted": trainer.interrupted,
                # Lightning's own count (what max_time limits), across resumptions:
                "train_minutes": timer.time_elapsed("train") / 60 if timer else None}

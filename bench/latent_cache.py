@@ -7,7 +7,8 @@ Parts of Stable Diffusion 1.x's shape with random weights (no download): the SD 
 size (83.7 M parameters), the CLIP ViT-L/14 text tower (open_clip's `ViT-L-14` text config,
 frozen, 77 tokens), and a U-Net of SD 1.x's structure (channel_mult 1,2,4,4, 2 res blocks,
 attention at 4,2,1 with 8 heads, context 768) whose base width is `--model-channels` (SD: 320).
-A step is `LatentDiffusion.training_step` + backward + optimizer step (AdamW), in fp32, on batches already
+A step is `LatentDiffusion.training_step` + backward + optimizer step (AdamW), in the precision
+`ldm.precision` resolves (`--precision auto`: bf16 autocast where the CPU has bf16, else fp32), on batches already
 in memory (the cached path also saves image decoding, which is not counted here). The two
 paths alternate step by step so that both see the same machine load. Reported: medians of the
 CPU seconds the process used per step (one thread by default: on a shared machine this is the
@@ -30,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from ldm import precision  # noqa: E402
 from ldm.data.latents import encode_batch  # noqa: E402
 from ldm.diffusion.objective import DiffusionObjective  # noqa: E402
 from ldm.diffusion.schedule import NoiseSchedule  # noqa: E402
@@ -72,10 +74,12 @@ def batches(module: LatentDiffusion, batch_size: int, image_size: int) -> tuple[
     return {"image": images, "caption": captions}, cached
 
 
-def step(module: LatentDiffusion, opt: torch.optim.Optimizer, batch: dict) -> tuple[float, float]:
+def step(module: LatentDiffusion, opt: torch.optim.Optimizer, batch: dict,
+         chosen: precision.Precision) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one training step."""
     start, cpu = time.perf_counter(), time.process_time()
-    loss = module.training_step(batch, 0)
+    with precision.autocast(chosen, "cpu"):
+        loss = module.training_step(batch, 0)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
+    p.add_argument("--precision", default="auto", help="auto, 32-true or bf16-mixed")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/latent_cache")
     p.add_argument("--flops", action="store_true",
                    help="only count FLOPs (widths 160 and 320, 256 and 512 px) into flops.json")
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "flops.json").write_text(json.dumps(table, indent=2) + "\n")
         return 0
+    chosen = precision.resolve(args.precision, "cpu")
     module = build(args.model_channels, args.optimizer)
     module.train()
     module.log = lambda *a, **k: None  # no trainer attached: skip Lightning's logging
@@ -152,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, list[float]] = {"on_the_fly": [], "cached": []}
     for i in range(args.warmup + args.steps):
         for name, batch in (("on_the_fly", on_the_fly), ("cached", cached)):
-            wall, used = step(module, opt, batch)
+            wall, used = step(module, opt, batch, chosen)
             if i >= args.warmup:
                 times[name].append(wall)
                 cpu[name].append(used)
             print(f"step {i} {name}: {wall:.2f} s wall, {used:.2f} s CPU", flush=True)
     result = summary(module, args, times, cpu, encoder_seconds(module, on_the_fly, args.steps))
+    result["precision"] = chosen.value
     print(json.dumps(result, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"unet{args.model_channels}_{args.image_size}px_b{args.batch_size}_{args.optimizer}.json"
@@ -175,7 +182,7 @@ def summary(module: LatentDiffusion, args: argparse.Namespace, times: dict, cpu:
             "latent_size": args.image_size // 8, "unet_model_channels": args.model_channels,
             "params_M": {"unet": count(module.unet) / 1e6, "vae": count(module.vae) / 1e6,
                          "text_encoder": count(module.text_encoder) / 1e6},
-            "precision": "fp32", "optimizer": args.optimizer, "threads": args.threads, "warmup_steps": args.warmup,
+            "optimizer": args.optimizer, "threads": args.threads, "warmup_steps": args.warmup,
             "median_step_cpu_s": med_cpu, "speedup_cpu": med_cpu["on_the_fly"] / med_cpu["cached"],
             "median_step_wall_s": med, "speedup_wall": med["on_the_fly"] / med["cached"],
             "encoders_alone_cpu_s": encoders, "step_cpu_s": cpu, "step_wall_s": times,

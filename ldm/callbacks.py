@@ -26,15 +26,17 @@ def image_grid(images: torch.Tensor, ncols: int | None = None) -> Image.Image:
 
 
 @torch.no_grad()
-def sample_ema(pl_module, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
-               height: int, width: int) -> torch.Tensor:
-    """Images (B, H, W, 3) uint8 from the EMA U-Net, the text encoder in eval mode meanwhile."""
+def sample_ema(trainer: L.Trainer, pl_module, prompts: list[str], seeds: list[int],
+               sampler: SamplerConfig, height: int, width: int) -> torch.Tensor:
+    """Images (B, H, W, 3) uint8 from the EMA U-Net, in the trainer's precision (callbacks run
+    outside its autocast), the text encoder in eval mode meanwhile."""
     pipe = Pipeline(pl_module.ema.shadow, pl_module.vae, pl_module.text_encoder,
                     pl_module.objective.schedule, pl_module.objective.prediction)
     was_training = pl_module.text_encoder.training
     pl_module.text_encoder.eval()
     try:
-        return pipe(prompts, seeds, sampler, height=height, width=width)
+        with trainer.precision_plugin.forward_context():
+            return pipe(prompts, seeds, sampler, height=height, width=width)
     finally:
         pl_module.text_encoder.train(was_training)
 
@@ -66,7 +68,8 @@ class SampleGrid(L.Callback):
             return None
         self._last_step = step
         seeds = [self.seed + i for i in range(len(self.prompts))]
-        images = sample_ema(pl_module, self.prompts, seeds, self.sampler, self.height, self.width)
+        images = sample_ema(trainer, pl_module, self.prompts, seeds, self.sampler, self.height,
+                            self.width)
         grid = image_grid(images)
         path = Path(trainer.default_root_dir) / self.out_dir / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,14 +139,15 @@ class ShapesAdherence(L.Callback):
         self.height, self.width = height, width
 
     @torch.no_grad()
-    def measure(self, pl_module) -> dict[str, float]:
+    def measure(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         from ldm.evaluation.shapes import score
-        images = sample_ema(pl_module, self.prompts, self.seeds, self.sampler, self.height, self.width)
+        images = sample_ema(trainer, pl_module, self.prompts, self.seeds, self.sampler, self.height,
+                            self.width)
         result = score(list(images.numpy()), self.prompts)
         return {k: float(v) for k, v in result.items() if k != "n"}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        for name, value in self.measure(pl_module).items():
+        for name, value in self.measure(trainer, pl_module).items():
             pl_module.log(f"val/adherence_{name}", value, rank_zero_only=True)

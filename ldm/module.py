@@ -7,17 +7,15 @@ import lightning as L
 import torch
 from torch import nn
 
-from ldm.data.latents import cached_inputs
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.ema import EMA
 from ldm.models.text_encoder import TextEncoder
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
-    """Replace each caption by the empty prompt with probability p (learns the unconditional
-    model that classifier-free guidance needs)."""
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+def keep_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) bool: which captions survive caption dropout with probability p. Dropped ones become
+    the empty prompt, which teaches the unconditional model classifier-free guidance needs."""
+    return torch.rand(n, generator=generator) >= p
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -28,7 +26,9 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
 class LatentDiffusion(L.LightningModule):
     """Frozen VAE + trainable U-Net + text encoder (trained or frozen) + an EMA of the U-Net.
 
-    Batches are dicts {"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}.
+    Batches are dicts {"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}, or cached VAE
+    posteriors {"latent_mean", "latent_std": (B, C, h, w), "caption"} with, from a cache made
+    with the (frozen) text encoder, {"context": (B, L, D), "empty_context": (1, L, D)}.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: TextEncoder,
@@ -47,16 +47,30 @@ class LatentDiffusion(L.LightningModule):
         return self
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).float()  # (B, C, h, w), scaled latents
+    def latents(self, batch: dict) -> torch.Tensor:
+        """(B, C, h, w) scaled latents z ~ q(z|x) of the batch's images or cached posteriors."""
+        if "latent_mean" not in batch:
+            return self.vae.encode(batch["image"]).float()
+        mean, std = batch["latent_mean"], batch["latent_std"]  # the draw DiagonalGaussian.sample makes
+        z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return self.vae.scale_latents(z).float()
+
+    def condition(self, batch: dict) -> torch.Tensor:
+        """(B, L, D) text context after caption dropout: cached embeddings where the batch has
+        them (the empty prompt's swapped in), else the text encoder on the kept captions."""
+        keep = keep_mask(len(batch["caption"]), self.caption_dropout)
+        if "context" in batch:
+            if any(p.requires_grad for p in self.text_encoder.parameters()):
+                raise ValueError("cached text embeddings cannot train the text encoder; freeze it "
+                                 "(text_encoder.frozen=true) or cache latents only")
+            context = batch["context"]
+            keep = keep.to(context.device)[:, None, None]
+            return torch.where(keep, context, batch["empty_context"].to(context)).float()
+        return self.text_encoder([c if k else "" for c, k in zip(batch["caption"], keep.tolist())])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if "latent_mean" in batch:  # cached by data/latents/prepare.py: no VAE, no text encoder
-            latents, context = cached_inputs(batch, self.vae, self.text_encoder, self.caption_dropout)
-        else:
-            latents = self.encode_images(batch["image"])
-            context = self.text_encoder(drop_captions(batch["caption"], self.caption_dropout))
-        loss = self.objective(self.unet, latents, context)
+        latents = self.latents(batch)  # drawn first, then the dropout mask: one order for every batch kind
+        loss = self.objective(self.unet, latents, self.condition(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 

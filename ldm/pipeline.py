@@ -1,11 +1,13 @@
 """Text -> image without Lightning: used by `sample.py` and by the sample-grid callback."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ldm.precision import Precision, autocast
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, sample
 from ldm.diffusion.schedule import NoiseSchedule
@@ -54,12 +56,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class Pipeline:
-    """Prompts (+ negative prompts) and seeds -> images."""
+    """Prompts (+ negative prompts) and seeds -> images, under autocast to `precision` if given
+    (else in the caller's context: the training callbacks use the trainer's)."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
-                 schedule: NoiseSchedule, prediction: str) -> None:
+                 schedule: NoiseSchedule, prediction: str,
+                 precision: Precision | None = None) -> None:
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        self.schedule, self.prediction = schedule, prediction
+        self.schedule, self.prediction, self.precision = schedule, prediction, precision
 
     @property
     def device(self) -> torch.device:
@@ -75,6 +79,12 @@ class Pipeline:
         f = self.vae.downsample_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of the VAE factor {f}")
+        with autocast(self.precision, self.device) if self.precision else contextlib.nullcontext():
+            return self.generate(prompts, seeds, sampler, negative_prompts, height // f, width // f)
+
+    def generate(self, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
+                 negative_prompts: list[str] | None, h: int, w: int) -> torch.Tensor:
+        """Images (B, H, W, 3) uint8 from latents of h x w."""
         negative = negative_prompts or [""] * len(prompts)
         context = self.text_encoder(list(prompts))
         uncond = self.text_encoder(list(negative)) if sampler.cfg_scale != 1.0 else None
@@ -82,7 +92,7 @@ class Pipeline:
                                  sampler.cfg_scale, sampler.cfg_rescale)
         c = self.vae.post_quant_conv.in_channels  # latent channels
         generators = seed_generators(seeds)
-        noise = initial_noise(generators, (c, height // f, width // f), self.device)
+        noise = initial_noise(generators, (c, h, w), self.device)
         latents = sample(sampler.name, denoiser, noise, self.schedule.alphas_cumprod, sampler.steps,
                          spacing=sampler.spacing, sigmas=sampler.sigmas, eta=sampler.eta,
                          generator=generators)

@@ -3,6 +3,7 @@ import csv
 from types import SimpleNamespace
 
 import torch
+from lightning.pytorch.plugins.precision import Precision
 
 from ldm.callbacks import MetricsCSV, ShapesAdherence
 from ldm.pipeline import SamplerConfig
@@ -31,6 +32,7 @@ def test_metrics_csv_keeps_validation_metrics_and_widens_its_header(tmp_path):
 def test_shapes_adherence_is_deterministic_and_in_range(tiny_module, single_thread):
     cb = ShapesAdherence(n_prompts=3, sampler=SamplerConfig(name="ddim", steps=2))
     assert cb.prompts == ShapesAdherence(n_prompts=3).prompts  # a fixed prompt set
-    first, again = cb.measure(tiny_module), cb.measure(tiny_module)
+    trainer = SimpleNamespace(precision_plugin=Precision())  # Lightning's 32-true plugin
+    first, again = cb.measure(trainer, tiny_module), cb.measure(trainer, tiny_module)
     assert set(first) == {"background", "shape_colour", "shape", "all"}
     assert all(0.0 <= v <= 1.0 for v in first.values()) and first == again

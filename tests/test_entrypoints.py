@@ -1,4 +1,5 @@
 """train.py and sample.py as a user runs them: a few-step run, sampling from its file, bad input."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm import precision
 from ldm.checkpoint import read_config
 from wandb_records import history
 
@@ -53,6 +55,8 @@ def test_train_writes_weights_grids_checkpoint_and_offline_wandb_history(trained
     assert len(run_files) == 1
     losses = [row["train/loss"] for row in history(run_files[0]) if "train/loss" in row]
     assert len(losses) == 4 and all(loss > 0 for loss in losses)
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["precision"] == precision.resolve("auto", "cpu").value  # this CPU's choice
 
 
 def test_sample_writes_images_with_metadata_and_a_grid(trained, tmp_path):
@@ -70,6 +74,7 @@ def test_sample_writes_images_with_metadata_and_a_grid(trained, tmp_path):
     assert meta["prompt"] == "a green square on a white background"
     assert meta["negative_prompt"] == "blurry" and meta["seed"] == "7"
     assert meta["sampler"] == "euler_ancestral" and meta["steps"] == "2" and float(meta["cfg_scale"]) == 4.0
+    assert meta["precision"] == precision.resolve("auto", "cpu").value
     # The same seed gives the same image whatever else is in the batch (CPU kernels may round
     # differently for another batch size: equal up to a unit of the last 8-bit step).
     again = tmp_path / "again"

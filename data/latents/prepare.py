@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bf16 autocast where the hardware has bf16, else float32), "
+                             "32-true, bf16-mixed, 16-mixed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_known_args(argv)
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             urls, args.out_dir, vae, text_encoder,
             image_size=cfg.data.image_size, batch_size=args.batch_size,
             flips=args.flips or bool(cfg.data.get("flip", False)), dtype=args.dtype,
-            device=args.device, sources=parts, progress=not args.quiet,
+            device=args.device, sources=parts, progress=not args.quiet, precision=args.precision,
             keep=metadata_filter(parts["data_filters"]))
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,13 +3,16 @@
 A cached shard holds, per sample, the VAE posterior q(z|x) of the (centre-cropped) image as raw,
 unscaled `KEY.mean.npy` / `KEY.std.npy` (C, h, w) - so training still draws z = mean + std * eps
 every step, as on-the-fly encoding does - optionally the same for the mirrored image
-(`KEY.mean_flip.npy` / `KEY.std_flip.npy`), the text encoder's output `KEY.context.npy` (L, D),
-and the source `KEY.txt` / `KEY.json`. Beside the shards: `_latents.json` (which VAE and text
-encoder, by config and a hash of their weights; image size; crop; flips; dtype) and
-`_empty_context.npy`, the empty prompt's embedding, swapped in at run time for caption dropout.
+(`KEY.mean_flip.npy` / `KEY.std_flip.npy`), and the source `KEY.txt` / `KEY.json`. A cache made
+with a (frozen) text encoder also holds its output `KEY.context.npy` (L, D); one made without
+holds latents only, and the text encoder, which may then train, runs on the captions each step.
+Beside the shards: `_latents.json` (which VAE and text encoder, by config and a hash of their
+weights; image size; crop; flips; dtype) and, with contexts, `_empty_context.npy`, the empty
+prompt's embedding, swapped in at run time for caption dropout.
 
 The configured VAE's scale/shift are applied at run time, so a cache outlives a change of latent
-scaling; a different VAE, text encoder, image size, a random crop, or flips not cached are refused.
+scaling; a different VAE or cached text encoder, image size, a random crop, or flips not cached
+are refused.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ from PIL import Image
 from torch import nn
 
 from ldm.data.transforms import ImageTransform
+from ldm.precision import autocast as precision_autocast
+from ldm.precision import device_type
+from ldm.precision import resolve as resolve_precision
 from ldm.data.webdataset import IMAGE_EXTS, DataError, expand_shards
 
 log = logging.getLogger(__name__)
@@ -72,11 +78,16 @@ def _load_npy(data: bytes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_batch(vae: nn.Module, text_encoder: nn.Module, images: torch.Tensor,
+def encode_batch(vae: nn.Module, text_encoder: nn.Module | None, images: torch.Tensor,
                  captions: list[str], flips: bool) -> dict[str, torch.Tensor]:
-    """Images (B, 3, H, W) in [-1, 1] + captions -> posterior moments (B, C, h, w) and context."""
+    """Images (B, 3, H, W) in [-1, 1] + captions -> posterior moments (B, C, h, w) and, with a
+    text encoder, its context (B, L, D)."""
+    # channels_last: oneDNN's convolutions at full image resolution run ~1.5x faster in it on CPUs
+    images = images.contiguous(memory_format=torch.channels_last)
     post = vae.posterior(images)
-    out = {"mean": post.mean, "std": post.std, "context": text_encoder(captions)}  # context (B, L, D)
+    out = {"mean": post.mean, "std": post.std}
+    if text_encoder is not None:
+        out["context"] = text_encoder(captions)
     if flips:
         post = vae.posterior(images.flip(-1))
         out.update(mean_flip=post.mean, std_flip=post.std)
@@ -154,54 +165,74 @@ def cache_metadata(vae, text_encoder, image_size: int, flips: bool, dtype: str,
     return {"format": FORMAT, "image_size": image_size, "crop": "center", "flips": flips,
             "dtype": dtype,
             "vae": {"config": getattr(vae, "config", None), "sha256": fingerprint(vae)},
-            "text_encoder": {"settings": text_encoder_settings(text_encoder),
-                             "sha256": fingerprint(text_encoder, text_encoder_settings(text_encoder))},
+            "text_encoder": text_encoder and {
+                "settings": text_encoder_settings(text_encoder),
+                "sha256": fingerprint(text_encoder, text_encoder_settings(text_encoder))},
             "config": sources or {}}
 
 
 def write_latent_shards(urls: list[str], out_dir: str | os.PathLike, vae: nn.Module,
-                        text_encoder: nn.Module, image_size: int, batch_size: int = 32,
+                        text_encoder: nn.Module | None, image_size: int, batch_size: int = 32,
                         flips: bool = False, dtype: str = "float16", device: str = "cpu",
                         sources: dict | None = None, progress: bool = True,
-                        keep: Callable[[dict], bool] | None = None) -> dict:
+                        keep: Callable[[dict], bool] | None = None,
+                        precision: str = "auto", replace: bool = False) -> dict:
     """Encode source shards `urls` into `out_dir/NNNNN.tar` (one per source, same order);
     samples whose JSON metadata `keep` rejects, and unreadable ones, are skipped and counted.
+    Without a text encoder the cache holds latents only.
 
-    Shards already written by an interrupted run with the same models and settings are kept.
+    Shards already written by an interrupted run with the same models and settings are kept. A
+    cache of other models or settings in `out_dir` is an error, or with `replace` is removed
+    first (its own files only). Encoding runs in `ldm.precision.resolve(precision, device)`.
     """
     if dtype not in ("float16", "float32"):
         raise CacheError(f"dtype must be float16 or float32, got {dtype!r}")
     out = Path(out_dir)
-    vae, text_encoder = vae.to(device).eval(), text_encoder.to(device).eval()
+    vae = vae.to(device).eval()
+    text_encoder = text_encoder and text_encoder.to(device).eval()
     meta = cache_metadata(vae, text_encoder, image_size, flips, dtype, sources)
     old = out / META_FILE
     if old.is_file() and _identity(json.loads(old.read_text())) != _identity(meta):
-        raise CacheError(f"{out} holds a cache made with other models or settings; "
-                         f"remove it or choose another folder")
+        if not replace:
+            raise CacheError(f"{out} holds a cache made with other models or settings; "
+                             f"remove it or choose another folder")
+        log.warning("%s holds a cache of other models or settings: rebuilding it", out)
+        remove_cache(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(old, {**meta, "complete": False})
-    with torch.no_grad():
-        empty = text_encoder([""])[0]  # (L, D)
-    (out / EMPTY_FILE).write_bytes(_npy(empty, dtype))
+    if text_encoder is not None:
+        with torch.no_grad():
+            empty = text_encoder([""])[0]  # (L, D)
+        (out / EMPTY_FILE).write_bytes(_npy(empty, dtype))
     transform, counts = ImageTransform(image_size), {"written": 0, "skipped": [], "shards": []}
     from tqdm import tqdm
 
-    for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
-        path = out / f"{i:05d}.tar"
-        if not path.is_file():
-            n, skipped = write_latent_shard(url, path, vae, text_encoder, transform, batch_size,
-                                            flips, dtype, device, keep)
-            counts["written"] += n
-            counts["skipped"] += [f"{url}:{k}" for k in skipped]
-        counts["shards"].append({"shard": path.name, "source": url})
+    chosen = resolve_precision(precision, device)
+    meta["precision"] = chosen.value  # what the encoders ran in; not part of the identity
+    with precision_autocast(chosen, device):
+        for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
+            path = out / f"{i:05d}.tar"
+            if not path.is_file():
+                n, skipped = write_latent_shard(url, path, vae, text_encoder, transform, batch_size,
+                                                flips, dtype, device, keep)
+                counts["written"] += n
+                counts["skipped"] += [f"{url}:{k}" for k in skipped]
+            counts["shards"].append({"shard": path.name, "source": url})
     _write_json(old, {**meta, "complete": True, "counts": counts})
     return counts
 
 
+def remove_cache(out: Path) -> None:
+    """Delete a cache's own files (its metadata, empty context and NNNNN.tar shards)."""
+    for path in [out / META_FILE, out / EMPTY_FILE, *out.glob("[0-9][0-9][0-9][0-9][0-9].tar")]:
+        path.unlink(missing_ok=True)
+
+
 def _identity(meta: dict) -> dict:
     keys = ("format", "image_size", "crop", "flips", "dtype")
+    text = meta.get("text_encoder")
     return {**{k: meta.get(k) for k in keys}, "vae": meta["vae"]["sha256"],
-            "text": meta["text_encoder"]["sha256"]}
+            "text": text and text["sha256"]}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -214,8 +245,9 @@ def _write_json(path: Path, obj: dict) -> None:
 # Checking
 
 
-def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor]:
-    """(metadata, empty-prompt context (1, L, D)) of the cache the local shards `urls` belong to."""
+def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor | None]:
+    """(metadata, empty-prompt context (1, L, D) or None for a latents-only cache) of the cache
+    the local shards `urls` belong to."""
     dirs = sorted({str(Path(u).parent) for u in urls if "://" not in u and not u.startswith("pipe:")})
     if len(dirs) != 1:
         raise CacheError(f"cached shards must come from one cache folder, got {dirs or urls}")
@@ -227,6 +259,8 @@ def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor]:
     if meta.get("format") != FORMAT or not meta.get("complete"):
         raise CacheError(f"{root / META_FILE}: an incomplete cache or another format "
                          f"({meta.get('format')}); rerun data/latents/prepare.py to finish it")
+    if not meta.get("text_encoder"):
+        return meta, None
     return meta, _load_npy((root / EMPTY_FILE).read_bytes()).unsqueeze(0)
 
 
@@ -251,12 +285,14 @@ def require_frozen(text_encoder: nn.Module) -> None:
 
 
 def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
-    """Refuse a VAE or text encoder other than the ones the cache was made with, or a text
-    encoder that trains (its cached output would never change)."""
-    require_frozen(text_encoder)
+    """Refuse a VAE other than the one the cache was made with and, where the cache holds text
+    embeddings, another text encoder or one that trains (its cached output would never change)."""
     if fingerprint(vae) != meta["vae"]["sha256"]:
         raise CacheError("the configured VAE is not the one the cache was made with (its weights "
                          "differ); use that VAE or rebuild the cache")
+    if not meta.get("text_encoder"):
+        return  # latents only: the text encoder runs, and may train, on the captions
+    require_frozen(text_encoder)
     settings = text_encoder_settings(text_encoder)
     if fingerprint(text_encoder, settings) != meta["text_encoder"]["sha256"]:
         raise CacheError("the configured text encoder is not the one the cache was made with "
@@ -267,27 +303,30 @@ def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
 # Reading and training
 
 
-def decode_cached(sample: dict, flip: bool) -> dict | None:
+def decode_cached(sample: dict, flip: bool, with_context: bool = True) -> dict | None:
     """One cached sample -> tensors; with `flip`, the mirrored posterior half of the time."""
     suffix = "_flip" if flip and random.random() < 0.5 else ""
     try:
-        mean, std = _load_npy(sample[f"mean{suffix}.npy"]), _load_npy(sample[f"std{suffix}.npy"])
-        context = _load_npy(sample["context.npy"])
+        out = {"latent_mean": _load_npy(sample[f"mean{suffix}.npy"]),
+               "latent_std": _load_npy(sample[f"std{suffix}.npy"])}
+        if with_context:
+            out["context"] = _load_npy(sample["context.npy"])
     except (KeyError, ValueError) as e:
         log.warning("skipping %s: incomplete cached sample (%s)", sample.get("__key__"), e)
         return None
     caption = sample.get("txt", b"").decode("utf-8", "replace")
-    return {"latent_mean": mean, "latent_std": std, "context": context, "caption": caption,
-            "key": sample["__key__"]}
+    return {**out, "caption": caption, "key": sample["__key__"]}
 
 
-def collate_cached(samples: list[dict], empty_context: torch.Tensor) -> dict:
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("latent_mean", "latent_std", "context")}
-    return {**batch, "empty_context": empty_context,  # (1, L, D): caption dropout's replacement
-            "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+def collate_cached(samples: list[dict], empty_context: torch.Tensor | None) -> dict:
+    names = ("latent_mean", "latent_std") + (("context",) if empty_context is not None else ())
+    batch = {k: torch.stack([s[k] for s in samples]) for k in names}
+    if empty_context is not None:
+        batch["empty_context"] = empty_context  # (1, L, D): caption dropout's replacement
+    return {**batch, "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
 
 
-def make_latent_dataset(urls: list[str], empty_context: torch.Tensor, batch_size: int, train: bool,
+def make_latent_dataset(urls: list[str], empty_context: torch.Tensor | None, batch_size: int, train: bool,
                         flip: bool = False, shuffle_buffer: int = 1000,
                         batches_per_epoch: int | None = None) -> wds.DataPipeline:
     """Batches of cached samples; the same streaming as the image pipeline (resampled shards and
@@ -298,66 +337,93 @@ def make_latent_dataset(urls: list[str], empty_context: torch.Tensor, batch_size
     stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
     if train:
         stages += [wds.shuffle(shuffle_buffer)]
-    stages += [wds.map(lambda s: decode_cached(s, flip and train)), wds.select(lambda s: s is not None),
+    stages += [wds.map(lambda s: decode_cached(s, flip and train, empty_context is not None)), wds.select(lambda s: s is not None),
                wds.batched(batch_size, collation_fn=lambda b: collate_cached(b, empty_context),
                            partial=not train)]
     pipeline = wds.DataPipeline(*stages)
     return pipeline.with_epoch(batches_per_epoch) if batches_per_epoch else pipeline
 
 
-def cached_inputs(batch: dict, vae: nn.Module, text_encoder: nn.Module,
-                  caption_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled latents (B, C, h, w), context (B, L, D)) of a cached batch.
-
-    The random draws are those of on-the-fly training in the same order - z ~ q(z|x) as in
-    `DiagonalGaussian.sample`, then the dropout mask as in `drop_captions` - so both paths give
-    the same loss from the same seed.
-    """
-    require_frozen(text_encoder)
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-    keep = torch.rand(mean.shape[0]) >= caption_dropout  # (B,)
-    keep = keep.to(mean.device)[:, None, None]
-    context = torch.where(keep, batch["context"], batch["empty_context"].to(batch["context"]))
-    return vae.scale_latents(z).float(), context.float()
-
-
 class LatentDataModule(L.LightningDataModule):
-    """Train loader over cached-latent shards (made by data/latents/prepare.py).
+    """Train loader over cached-latent shards (made by data/latents/prepare.py, or built here).
 
     `image_size`, `random_crop` and `flip` are the data settings of the image config the cache
-    replaces; they are checked against the cache, as are the model's VAE and text encoder when
-    training starts. Validation needs images (the module's validation step encodes them):
-    point `val_shards` at image shards.
+    replaces; they are checked against the cache. `use_encoders(vae, text_encoder)` hands over
+    the model's frozen encoders (train.py does it once the model exists): `setup` then refuses
+    encoders the cache was not made with, and where `source_shards` names the image shards the
+    cache comes from, `prepare_data` (Lightning runs it on one process per node) first builds a
+    missing, unfinished or outdated cache from them: latents only, or with text embeddings when
+    `cache_text` (the text encoder must then be frozen). Validation needs images (the module's
+    validation step encodes them): point `val_shards` at image shards.
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
                  batch_size: int = 64, image_size: int = 256, num_workers: int = 1,
                  batches_per_epoch: int = 1000, random_crop: bool = False, flip: bool = False,
-                 shuffle_buffer: int = 1000) -> None:
+                 shuffle_buffer: int = 1000, source_shards: str | list[str] | None = None,
+                 cache_text: bool = False, cache_dtype: str = "float16",
+                 prepare: Callable[[], object] | None = None) -> None:
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
         self.random_crop, self.flip = random_crop, flip
-        self._meta: tuple[dict, torch.Tensor] | None = None
+        self.source_shards, self.cache_text, self.cache_dtype = source_shards, cache_text, cache_dtype
+        self.prepare, self.encoders = prepare, None
+        self._meta: tuple[dict, torch.Tensor | None] | None = None
 
-    def cache(self) -> tuple[dict, torch.Tensor]:
+    def use_encoders(self, vae: nn.Module, text_encoder: nn.Module) -> None:
+        self.encoders = vae, text_encoder
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare()  # e.g. renders the shapes set the cache is made from
+        if self.source_shards is not None:
+            if self.encoders is None:
+                raise CacheError("building a latent cache needs the model's encoders: call "
+                                 "use_encoders(vae, text_encoder) first")
+            self.build(*self.encoders)
+
+    def setup(self, stage: str) -> None:
+        meta, _ = self.cache()
+        if self.encoders is not None:
+            check_models(meta, *self.encoders)
+
+    def cache(self) -> tuple[dict, torch.Tensor | None]:
         if self._meta is None:
             meta, empty = read_cache_metadata(expand_shards(self.train_shards))
             check_data_settings(meta, self.image_size, self.random_crop, self.flip)
             self._meta = meta, empty
         return self._meta
 
-    def check_module(self, module: nn.Module) -> None:
-        check_models(self.cache()[0], module.vae, module.text_encoder)
+    def cache_dir(self) -> Path:
+        if not isinstance(self.train_shards, str) or not self.train_shards.endswith("/*.tar"):
+            raise CacheError(f"to build a cache from source_shards, train_shards must be "
+                             f"'FOLDER/*.tar', got {self.train_shards!r}")
+        return Path(self.train_shards[:-len("/*.tar")])
 
-    def setup(self, stage: str) -> None:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.lightning_module is not None:
-            self.check_module(trainer.lightning_module)
-        else:
-            self.cache()
+    def build(self, vae: nn.Module, text_encoder: nn.Module) -> None:
+        out, text = self.cache_dir(), text_encoder if self.cache_text else None
+        if text is not None:
+            require_frozen(text)
+        meta = out / META_FILE
+        if meta.is_file():
+            wanted = _identity(cache_metadata(vae, text, self.image_size, self.flip, self.cache_dtype))
+            old = json.loads(meta.read_text())
+            if old.get("complete") and _identity(old) == wanted:
+                return
+        if self.random_crop:
+            raise CacheError("random_crop cannot be cached: a cache holds one centre crop per image")
+        log.info("caching VAE latents%s of %s in %s", " and text embeddings" if text else "",
+                 self.source_shards, out)
+        device = next(vae.parameters()).device
+        write_latent_shards(expand_shards(self.source_shards), out, vae, text, self.image_size,
+                            batch_size=self.batch_size, flips=self.flip, dtype=self.cache_dtype,
+                            device=device_type("auto"), replace=True)
+        for part in (vae, text):  # back where the model keeps them
+            if part is not None:
+                part.to(device)
+        self._meta = None
 
     def train_dataloader(self) -> wds.WebLoader:
         meta, empty = self.cache()

@@ -186,27 +186,36 @@ def test_refuses_flips_that_were_not_cached(cache, tmp_path):
                             image_size=SIZE, flips=True, progress=False)
 
 
+def check(pattern: str, module: LatentDiffusion) -> LatentDataModule:
+    dm = LatentDataModule(pattern, image_size=SIZE, num_workers=0)
+    dm.use_encoders(module.vae, module.text_encoder)
+    dm.setup("fit")
+    return dm
+
+
 def test_refuses_other_models_and_a_trainable_text_encoder(cache, tmp_path):
     import lightning as L
 
     root, _ = cache
-    dm = LatentDataModule(str(root / "cache/*.tar"), image_size=SIZE, num_workers=0)
-    dm.check_module(make_module())  # the models the cache was made with: accepted
+    pattern = str(root / "cache/*.tar")
+    check(pattern, make_module())  # the models the cache was made with: accepted
     other_vae = make_module()
     with torch.no_grad():
         next(other_vae.vae.parameters()).add_(1e-3)
     with pytest.raises(CacheError, match="VAE is not the one"):
-        dm.check_module(other_vae)
+        check(pattern, other_vae)
     with pytest.raises(CacheError, match="text encoder is not the one"):
-        dm.check_module(make_module(text=frozen_text(layer="penultimate")))
+        check(pattern, make_module(text=frozen_text(layer="penultimate")))
     trainable = make_module(text=frozen_text())
     trainable.text_encoder.requires_grad_(True)
     with pytest.raises(CacheError, match="text encoder is trainable"):
-        dm.check_module(trainable)
-    with pytest.raises(CacheError, match="text encoder is trainable"):
+        check(pattern, trainable)
+    with pytest.raises(ValueError, match="cannot train the text encoder"):
         trainable.training_step(cached_batch(root), 0)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    dm = LatentDataModule(pattern, image_size=SIZE, num_workers=0)
+    dm.use_encoders(other_vae.vae, other_vae.text_encoder)
     with pytest.raises(CacheError, match="VAE is not the one"):  # checked when training starts
         trainer.fit(other_vae, datamodule=dm)
 
@@ -253,7 +262,8 @@ def test_prepare_command_builds_parts_as_train_py_does(cache, tmp_path):
                                   "text_encoder.frozen=true"])
     L.seed_everything(cfg.seed)
     dm, module = instantiate(cfg.data), instantiate(cfg.model)
-    dm.check_module(module)
+    dm.use_encoders(module.vae, module.text_encoder)
+    dm.setup("fit")
 
 
 def test_prepare_command_applies_filters_and_refuses_what_training_would(cache, tmp_path):
@@ -281,3 +291,48 @@ def test_latents_configs_compose_and_instantiate():
     assert isinstance(dm, LatentDataModule) and dm.image_size == 64 and not dm.random_crop
     assert cfg.text_encoder.frozen and cfg.data.val_shards.endswith("shards/val/*.tar")
     assert isinstance(instantiate(plain.data), LatentDataModule)
+
+
+def test_latents_only_cache_trains_the_text_encoder_with_the_same_loss(cache, tmp_path):
+    """Without a text encoder the cache holds posteriors only; the (trainable) text encoder runs
+    on the cached captions, and a step draws the same numbers as on-the-fly encoding."""
+    root, _ = cache
+    module = make_module(caption_dropout=0.5, text=tiny_parts()[2])  # trainable
+    write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, None, image_size=SIZE,
+                        batch_size=4, dtype="float32", progress=False)
+    meta, empty = read_cache_metadata([str(tmp_path / "00000.tar")])
+    assert meta["text_encoder"] is None and empty is None
+    cached = next(iter(make_latent_dataset([str(tmp_path / "00000.tar")], None, 16, train=False)))
+    assert "context" not in cached and cached["caption"] == CAPTIONS
+    check(str(tmp_path / "*.tar"), module)  # any text encoder, trainable too
+    for seed in range(3):
+        torch.manual_seed(seed)
+        direct = module.training_step(image_batch(), 0)
+        torch.manual_seed(seed)
+        from_cache = module.training_step(cached, 0)
+        torch.testing.assert_close(from_cache, direct, atol=1e-6, rtol=1e-5)
+    from_cache.backward()
+    assert any(p.grad is not None for p in module.text_encoder.parameters())
+
+
+def test_data_module_builds_its_cache_once_and_rebuilds_it_for_another_vae(cache, tmp_path):
+    root, _ = cache
+    module = make_module(text=tiny_parts()[2])
+    dm = LatentDataModule(str(tmp_path / "latents/*.tar"), image_size=SIZE, num_workers=0,
+                          batch_size=4, source_shards=str(root / "src.tar"), cache_dtype="float32")
+    with pytest.raises(CacheError, match="use_encoders"):
+        dm.prepare_data()
+    dm.use_encoders(module.vae, module.text_encoder)
+    dm.prepare_data()
+    dm.setup("fit")
+    shard = tmp_path / "latents/00000.tar"
+    meta, _ = read_cache_metadata([str(shard)])
+    assert meta["counts"]["written"] == 6 and meta["text_encoder"] is None
+    built = shard.stat().st_mtime_ns
+    dm.prepare_data()  # complete and of these encoders: kept
+    assert shard.stat().st_mtime_ns == built
+    with torch.no_grad():
+        next(module.vae.parameters()).add_(1e-3)
+    dm.prepare_data()  # another VAE: rebuilt in place, and then accepted
+    dm.setup("fit")
+    assert read_cache_metadata([str(shard)])[0]["vae"]["sha256"] != meta["vae"]["sha256"]

@@ -1,0 +1,89 @@
+"""Precision chosen for the hardware (ldm.precision), the same way by every entry point."""
+import json
+import logging
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import tiny_parts
+from ldm import checkpoint, precision
+from ldm.config import ROOT, register_resolvers
+
+register_resolvers()
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Set whether the CPU 'has' bf16 instructions: cpu_bf16(True) / cpu_bf16(False)."""
+    def set_(has: bool) -> None:
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has)
+    return set_
+
+
+@pytest.mark.parametrize("has, expected", [(False, "32-true"), (True, "bf16-mixed")])
+def test_auto_on_the_cpu_follows_its_bf16_instructions(cpu_bf16, has, expected):
+    cpu_bf16(has)
+    for requested in ("auto", None):
+        chosen = precision.resolve(requested, "cpu")
+        assert chosen.value == expected and chosen.reason.startswith("auto:")
+    assert precision.resolve("auto", "cpu").dtype == (torch.bfloat16 if has else torch.float32)
+
+
+@pytest.mark.parametrize("bf16_gpu, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch, bf16_gpu, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    assert precision.resolve("auto", "gpu").value == expected
+    assert precision.resolve("auto", "auto").value == expected  # auto accelerator: the GPU
+
+
+def test_explicit_bf16_without_bf16_instructions_runs_but_warns_once(cpu_bf16, caplog):
+    cpu_bf16(False)
+    precision._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm.precision"):
+        for _ in range(3):
+            assert precision.resolve("bf16-mixed", "cpu").value == "bf16-mixed"
+    warnings = [r for r in caplog.records if "emulates bfloat16" in r.message]
+    assert len(warnings) == 1
+    cpu_bf16(True)
+    caplog.clear()
+    assert precision.resolve("bf16-mixed", "cpu").value == "bf16-mixed" and not caplog.records
+    assert precision.resolve("32-true", "cpu").value == "32-true"
+
+
+def test_onednn_held_to_avx2_counts_as_no_bf16(monkeypatch):
+    """How a fast CPU imitates a slow one (ANCHORS.md): the auto choice follows the cap."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not precision.cpu_has_bf16()
+    assert precision.resolve("auto", "cpu").value == "32-true"
+
+
+@pytest.mark.parametrize("has", [False, True])
+def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_path):
+    """train.py's trainer, sample.py's pipeline and the latent cache writer all choose what
+    ldm.precision.resolve chooses for this (simulated) CPU."""
+    import train
+    from sample import load_pipeline
+
+    cpu_bf16(has)
+    expected = precision.resolve("auto", "cpu").value
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.accelerator=cpu", "trainer.devices=1",
+                                          "trainer.default_root_dir=" + str(tmp_path)])
+    assert cfg.trainer.precision == "auto"
+    assert train.make_trainer(cfg, logger=False).precision == expected
+
+    from sd_fixtures import sd_parts
+
+    ckpt = checkpoint.save(tmp_path / "m.safetensors", sd_parts("sd1"))
+    pipe, _ = load_pipeline(str(ckpt), torch.device("cpu"))
+    assert pipe.precision.value == expected
+
+    from ldm.data.latents import write_latent_shards
+    from tests.data.test_latents import write_image_shard
+
+    unet, vae, text = tiny_parts()
+    write_latent_shards([str(write_image_shard(tmp_path / "src.tar"))], tmp_path / "cache", vae,
+                        None, image_size=64, progress=False)
+    assert json.loads((tmp_path / "cache/_latents.json").read_text())["precision"] == expected
