@@ -16,12 +16,10 @@ from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from ldm.callbacks import image_grid
-from ldm.checkpoint import CheckpointError
-from ldm.config import clear_errors, register_resolvers
-from ldm.formats import load_model
-from ldm.pipeline import Pipeline, SamplerConfig
-from ldm.precision import resolve as resolve_precision
+from ldm.checkpoints import CheckpointError
+from ldm.config import exit_on, register_resolvers
+from ldm.diffusion.samplers import SamplerConfig
+from ldm.pipeline import Pipeline, image_grid
 
 log = logging.getLogger("sample")
 register_resolvers()
@@ -39,21 +37,6 @@ def read_prompts(prompt: str) -> list[str]:
             raise ValueError(f"prompt file {prompt!r} holds no prompt")
         return prompts
     return [prompt]
-
-
-def load_pipeline(ckpt: str, device: torch.device, precision: str = "auto",
-                  **options) -> tuple[Pipeline, dict]:
-    """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as a
-    Pipeline in `ldm.precision.resolve(precision, device)` and its model config. `options` go to
-    `ldm.formats.load_model` (prediction, use_ema, vae, text_encoder). Half-precision files are
-    held in float32 on the CPU (where bf16 autocast, if the CPU has it, does the fast maths)."""
-    chosen = resolve_precision(precision, device)
-    log.info("precision: %s (%s)", chosen.value, chosen.reason)
-    dtype = torch.float32 if device.type == "cpu" else None
-    model = load_model(ckpt, device=device, dtype=dtype, **options)
-    pipe = Pipeline(model.unet, model.vae, model.text_encoder, model.schedule, model.prediction,
-                    chosen)
-    return pipe, model.config
 
 
 def make_sampler(cfg: DictConfig) -> SamplerConfig:
@@ -81,11 +64,11 @@ def pick_device(name: str) -> torch.device:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
-@clear_errors(CheckpointError, FileNotFoundError, ValueError)
+@exit_on(CheckpointError, FileNotFoundError, ValueError)
 def main(cfg: DictConfig) -> None:
     prompts = read_prompts(str(cfg.prompt))
     sampler = make_sampler(cfg.sampler)
-    pipe, config = load_pipeline(cfg.ckpt, pick_device(cfg.device), cfg.precision,
+    pipe, config = Pipeline.load(cfg.ckpt, pick_device(cfg.device), cfg.precision,
                                  prediction=cfg.prediction,
                                  use_ema=cfg.use_ema, vae=cfg.vae_ckpt,
                                  text_encoder=cfg.text_encoder_ckpt)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -18,46 +17,15 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldm import checkpoint, formats, precision
-from ldm.checkpoint import CheckpointError
-from ldm.config import architecture, clear_errors, register_resolvers
-from ldm.data.webdataset import DataError, expand_shards
+from ldm.checkpoints import CheckpointError, load_weights
+from ldm.checkpoints.export import export_run
+from ldm.config import exit_on, register_resolvers
+from ldm.data.shards import DataError, expand_shards
 from ldm.results import swept_keys
+from ldm.training.trainer import make_trainer
 
 log = logging.getLogger("train")
 register_resolvers()
-
-
-def export_metadata(cfg: DictConfig) -> dict:
-    """What sample.py needs to rebuild the model from the weights file alone."""
-    def resolved(key: str):  # only these nodes: the rest may name Hydra's run-time values
-        return OmegaConf.to_container(cfg[key], resolve=True)
-
-    model = {k: architecture(resolved(k)) for k in ("unet", "vae", "text_encoder", "diffusion")}
-    model["image_size"] = cfg.data.image_size
-    return {checkpoint.CONFIG_KEY: model, "format": "ldm", "experiment": cfg.logger.get("name") or ""}
-
-
-def vae_metadata(cfg: DictConfig, module: L.LightningModule) -> dict:
-    """A first stage's architecture, with the latent scale/shift measured on validation data."""
-    meta = {"ldm.vae": architecture(OmegaConf.to_container(cfg.vae, resolve=True))}
-    if module.latent_std is not None:
-        scale, shift = module.latent_scale_and_shift()
-        meta.update({"scale_factor": f"{scale:.6g}", "shift_factor": f"{shift:.6g}"})
-    psnr = module.trainer.callback_metrics.get("val/psnr")
-    if psnr is not None:
-        meta["val_psnr_db"] = f"{float(psnr):.2f}"
-    return meta
-
-
-def export(cfg: DictConfig, module: L.LightningModule, run_dir: Path) -> Path:
-    parts = module.export_parts()
-    meta = export_metadata(cfg) if "unet" in parts else vae_metadata(cfg, module)
-    dtype = getattr(torch, cfg.export_dtype) if cfg.export_dtype else None
-    path = checkpoint.save(run_dir / cfg.export, parts, meta, dtype=dtype)
-    log.info("weights written to %s%s", path, "".join(
-        f"\n  {k}: {v}" for k, v in meta.items() if k in ("scale_factor", "shift_factor", "val_psnr_db")))
-    return path
 
 
 def name_sweep_run(cfg: DictConfig) -> None:
@@ -76,21 +44,10 @@ def name_sweep_run(cfg: DictConfig) -> None:
 def initialise(module: L.LightningModule, path: str, use_ema: bool) -> None:
     """Fine-tuning: the parts' weights from `path`, strictly; the EMA starts from them too."""
     parts = {k: getattr(module, k) for k in ("unet", "vae", "text_encoder") if hasattr(module, k)}
-    formats.load_weights(parts, path, use_ema=use_ema)
+    load_weights(parts, path, use_ema=use_ema)
     if hasattr(module, "ema"):
         module.ema.shadow.load_state_dict(module.unet.state_dict())
     log.info("initialised %s from %s", ", ".join(parts), path)
-
-
-def resolve_precision(cfg: DictConfig) -> str:
-    """trainer.precision, with "auto" resolved for this hardware (ldm.precision), said once."""
-    chosen = precision.resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
-    log.info("precision: %s (%s)", chosen.value, chosen.reason)
-    return chosen.value
-
-
-def make_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
-    return instantiate(cfg.trainer, precision=resolve_precision(cfg), **kwargs)
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> Path:
@@ -108,7 +65,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     name_sweep_run(cfg)
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer = make_trainer(cfg, callbacks=callbacks, logger=logger)
+    trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=logger)
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
@@ -124,11 +81,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
                # Lightning's own count (what max_time limits), across resumptions:
                "train_minutes": timer.time_elapsed("train") / 60 if timer else None}
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return export(cfg, module, run_dir)
+    return export_run(cfg, module, run_dir / cfg.export)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-@clear_errors(CheckpointError, DataError, FileNotFoundError)
+@exit_on(CheckpointError, DataError, FileNotFoundError)
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

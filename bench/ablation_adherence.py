@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
 
 from ldm.data.shapes import random_prompts
 from ldm.evaluation.shapes import score
-from ldm.formats import load_model
-from ldm.pipeline import Pipeline, SamplerConfig
+from ldm.checkpoints import load_model
+from ldm.diffusion.samplers import SamplerConfig
+from ldm.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SPACINGS = ("trailing", "leading")
 

@@ -21,7 +21,6 @@ import functools
 import http.server
 import io
 import subprocess
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -29,13 +28,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from ldm.data.filters import MetadataFilter  # noqa: E402
-from ldm.data.shards import expand_shards, read_stats_count  # noqa: E402
-from ldm.data.transforms import ImageTransform  # noqa: E402
-from ldm.data.webdataset import make_dataset  # noqa: E402
+from ldm.data.filters import MetadataFilter
+from ldm.data.shards import expand_shards, read_stats_count
+from ldm.data.transforms import ImageTransform
+from ldm.data.webdataset import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_images(rng: np.random.Generator) -> dict[str, bytes]:

@@ -25,20 +25,19 @@ import sys
 import time
 from pathlib import Path
 
+
+import torch
+
+from ldm import precision
+from ldm.data.latents import encode_batch
+from ldm.diffusion.objective import DiffusionObjective
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.text_encoder import TextEncoder
+from ldm.models.unet import UNetModel
+from ldm.training.module import LatentDiffusion
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-
-from ldm import precision  # noqa: E402
-from ldm.data.latents import encode_batch  # noqa: E402
-from ldm.diffusion.objective import DiffusionObjective  # noqa: E402
-from ldm.diffusion.schedule import NoiseSchedule  # noqa: E402
-from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
-from ldm.models.text_encoder import TextEncoder  # noqa: E402
-from ldm.models.unet import UNetModel  # noqa: E402
-from ldm.module import LatentDiffusion  # noqa: E402
 
 
 # SGD (no optimizer state) lets the full-width U-Net fit a small machine's memory.

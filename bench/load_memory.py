@@ -1,4 +1,4 @@
-"""Peak memory of loading a full-size SD 1.5 single file with `ldm.formats.load_model`.
+"""Peak memory of loading a full-size SD 1.5 single file with `ldm.checkpoints.load_model`.
 
     python bench/load_memory.py sd15_fp16.safetensors   # writes the file if missing, then measures
 
@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def write_file(path: Path) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from ldm import checkpoint
+    from ldm.checkpoints import files, layout
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         cfg = compose("train", overrides=["experiment=sd15_finetune", "init=x"])
@@ -34,12 +33,12 @@ def write_file(path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     state = {k: (torch.randn(v.shape, generator=g, dtype=torch.float32).half() * 0.02
                  if v.is_floating_point() else torch.arange(v.shape[-1])[None])
-             for k, v in checkpoint.sd_state(parts).items()}
-    checkpoint.save_state(path, state)
+             for k, v in layout.sd_state(parts).items()}
+    files.save_state(path, state)
 
 
 def measure(path: Path) -> dict:
-    from ldm.formats import load_model
+    from ldm.checkpoints import load_model
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (Linux: KiB)
     start = time.perf_counter()

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -27,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from ldm.data.filters import MetadataFilter  # noqa: E402
-from ldm.data.transforms import ImageTransform  # noqa: E402
-from ldm.data.webdataset import make_dataset  # noqa: E402
+from ldm.data.filters import MetadataFilter
+from ldm.data.transforms import ImageTransform
+from ldm.data.webdataset import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_jpeg(rng: np.random.Generator) -> tuple[bytes, int, int]:

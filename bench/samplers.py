@@ -22,19 +22,18 @@ with trailing spacing (the `sample.py` setting). Two measurements:
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from ldm.diffusion.guidance import guide  # noqa: E402
-from ldm.diffusion.samplers import sample, sample_dpmpp_2m, sample_heun  # noqa: E402
-from ldm.diffusion.schedule import NoiseSchedule  # noqa: E402
-from ldm.diffusion.sigmas import discrete_sigmas, karras_sigmas  # noqa: E402
+from ldm.diffusion.guidance import guide
+from ldm.diffusion.samplers import sample, sample_dpmpp_2m, sample_heun
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.sigmas import discrete_sigmas, karras_sigmas
+
+ROOT = Path(__file__).resolve().parent.parent
 
 OUT = ROOT / "bench" / "results" / "samplers"
 STEPS = (10, 20, 50)

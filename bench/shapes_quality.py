@@ -23,12 +23,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from ldm import checkpoint  # noqa: E402
-from ldm.data.shapes import random_prompts  # noqa: E402
-from train import export_metadata  # noqa: E402  (registers the config resolvers too)
+from ldm.checkpoints.export import run_metadata
+from ldm.checkpoints.layout import save
+from ldm.config import register_resolvers
+from ldm.data.shapes import random_prompts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+register_resolvers()  # the run's config names ${root:}
 
 
 def export_ckpt(run: Path, ckpt: dict, dst: Path) -> Path:
@@ -36,7 +39,7 @@ def export_ckpt(run: Path, ckpt: dict, dst: Path) -> Path:
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     module = instantiate(cfg.model)
     module.load_state_dict(ckpt["state_dict"])
-    return checkpoint.save(dst, module.export_parts(), export_metadata(cfg))
+    return save(dst, module.export_parts(), run_metadata(cfg, module.objective))
 
 
 def training_minutes(ckpt: dict) -> float:

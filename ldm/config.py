@@ -1,14 +1,15 @@
-"""Helpers shared by the two entry points (train.py, sample.py): resolvers and error reporting."""
+"""Helpers shared by the command lines: config resolvers, part architectures, error reporting."""
 from __future__ import annotations
 
 import functools
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
+PRETRAINED = ("ldm.checkpoints.pretrained", "ldm.checkpoints.layout.pretrained")
 
 
 def register_resolvers() -> None:
@@ -18,22 +19,27 @@ def register_resolvers() -> None:
 
 
 def architecture(node):
-    """A part's config without its weight-loading wrapper (`ldm.checkpoint.pretrained`)."""
-    if isinstance(node, dict) and str(node.get("_target_", "")).endswith("checkpoint.pretrained"):
+    """A part's config without its weight-loading wrapper (`ldm.checkpoints.pretrained`)."""
+    if isinstance(node, dict) and node.get("_target_") in PRETRAINED:
         return node["module"]
     return node
 
 
-def clear_errors(*errors: type[BaseException]) -> Callable:
-    """Turn the listed exceptions into one `error: ...` line and exit status 2: they describe
-    the user's input, so a traceback would only hide the message."""
+def fail(message: object) -> NoReturn:
+    """End a command line with one `error: ...` line on stderr and exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def exit_on(*errors: type[BaseException]) -> Callable:
+    """Turn the listed exceptions into `fail(...)`: they describe the user's input, so a
+    traceback would only hide the message. Every command line of the project uses it."""
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except errors as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
+                fail(e)
         return run
     return wrap

@@ -1,42 +1,22 @@
-"""Text -> image without Lightning: used by `sample.py` and by the sample-grid callback."""
+"""Text -> image without Lightning (used by `sample.py` and the training callbacks), and grids."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import logging
+import math
 
 import torch
+from PIL import Image
 from torch import nn
 
-from ldm.precision import Precision, autocast
+from ldm.checkpoints import load_model
+from ldm.precision import Precision, autocast, resolve
 from ldm.diffusion.guidance import make_denoiser
-from ldm.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, sample
+from ldm.diffusion.samplers import SamplerConfig, sample
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.sigmas import SIGMA_SPACINGS
 
 
-@dataclass
-class SamplerConfig:
-    """Which sampler, and how: `name` is a key of `ldm.diffusion.samplers.SAMPLERS`; `sigmas`
-    (karras, exponential or None) respaces the noise levels of the sigma-space samplers; `eta`
-    is DDIM's stochasticity. Neutral defaults: the measured recommendation (DPM-Solver++ 2M,
-    20 steps, exponential sigmas) is `configs/sampler/dpmpp_2m.yaml`, sample.py's default."""
-    name: str = "dpmpp_2m"
-    steps: int = 20
-    cfg_scale: float = 4.0
-    cfg_rescale: float = 0.0
-    eta: float = 0.0
-    spacing: str = "trailing"
-    sigmas: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.sigmas is not None and (self.sigmas not in SIGMA_SPACINGS or self.name not in SIGMA_SAMPLERS):
-            raise ValueError(f"sigmas={self.sigmas!r} is not available for {self.name}: choose one of "
-                             f"{SIGMA_SPACINGS} with {', '.join(SIGMA_SAMPLERS)}, or null")
-        if self.eta and self.name != "ddim":
-            raise ValueError(f"eta={self.eta} applies to ddim only, not {self.name}")
-
+log = logging.getLogger(__name__)
 
 def seed_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image: it draws that image's starting noise and then every noise the
@@ -55,6 +35,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def image_grid(images: torch.Tensor, ncols: int | None = None) -> Image.Image:
+    """(B, H, W, 3) uint8 -> one PIL image, row-major, with a 2-pixel gutter."""
+    b, h, w, _ = images.shape
+    ncols = ncols or math.ceil(math.sqrt(b))
+    nrows = math.ceil(b / ncols)
+    grid = Image.new("RGB", (ncols * (w + 2) + 2, nrows * (h + 2) + 2), (255, 255, 255))
+    for i, img in enumerate(images.numpy()):
+        grid.paste(Image.fromarray(img), (2 + (i % ncols) * (w + 2), 2 + (i // ncols) * (h + 2)))
+    return grid
+
+
 class Pipeline:
     """Prompts (+ negative prompts) and seeds -> images, under autocast to `precision` if given
     (else in the caller's context: the training callbacks use the trainer's)."""
@@ -65,35 +56,58 @@ class Pipeline:
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.schedule, self.prediction, self.precision = schedule, prediction, precision
 
+    @classmethod
+    def load(cls, ckpt: str, device: str | torch.device = "cpu", precision: str = "auto",
+             **options) -> tuple[Pipeline, dict]:
+        """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as
+        a Pipeline in `ldm.precision.resolve(precision, device)`, and its model config.
+        `options` go to `ldm.checkpoints.load_model` (prediction, use_ema, vae, text_encoder).
+        Half-precision files are held in float32 on the CPU (where bf16 autocast, if the CPU
+        has it, does the fast maths)."""
+        device = torch.device(device)
+        chosen = resolve(precision, device)
+        log.info("precision: %s (%s)", chosen.value, chosen.reason)
+        dtype = torch.float32 if device.type == "cpu" else None
+        model = load_model(ckpt, device=device, dtype=dtype, **options)
+        pipe = cls(model.unet, model.vae, model.text_encoder, model.schedule, model.prediction, chosen)
+        return pipe, model.config
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.device) if self.precision else contextlib.nullcontext()
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
                  negative_prompts: list[str] | None = None, height: int = 64,
                  width: int = 64) -> torch.Tensor:
         """Images as (B, H, W, 3) uint8."""
+        latents = self.latents(prompts, seeds, sampler, negative_prompts, height, width)
+        with self.autocast():
+            return to_uint8(self.vae.decode(latents))
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
+                negative_prompts: list[str] | None = None, height: int = 64,
+                width: int = 64) -> torch.Tensor:
+        """The sampled latents (B, C, height / f, width / f), in the diffusion model's (scaled) space."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         f = self.vae.downsample_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of the VAE factor {f}")
-        with autocast(self.precision, self.device) if self.precision else contextlib.nullcontext():
-            return self.generate(prompts, seeds, sampler, negative_prompts, height // f, width // f)
-
-    def generate(self, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
-                 negative_prompts: list[str] | None, h: int, w: int) -> torch.Tensor:
-        """Images (B, H, W, 3) uint8 from latents of h x w."""
         negative = negative_prompts or [""] * len(prompts)
-        context = self.text_encoder(list(prompts))
-        uncond = self.text_encoder(list(negative)) if sampler.cfg_scale != 1.0 else None
-        denoiser = make_denoiser(self.unet, self.schedule, self.prediction, context, uncond,
-                                 sampler.cfg_scale, sampler.cfg_rescale)
-        c = self.vae.post_quant_conv.in_channels  # latent channels
-        generators = seed_generators(seeds)
-        noise = initial_noise(generators, (c, h, w), self.device)
-        latents = sample(sampler.name, denoiser, noise, self.schedule.alphas_cumprod, sampler.steps,
-                         spacing=sampler.spacing, sigmas=sampler.sigmas, eta=sampler.eta,
-                         generator=generators)
-        return to_uint8(self.vae.decode(latents))
+        with self.autocast():
+            context = self.text_encoder(list(prompts))
+            uncond = self.text_encoder(list(negative)) if sampler.cfg_scale != 1.0 else None
+            denoiser = make_denoiser(self.unet, self.schedule, self.prediction, context, uncond,
+                                     sampler.cfg_scale, sampler.cfg_rescale)
+            c = self.vae.post_quant_conv.in_channels  # latent channels
+            generators = seed_generators(seeds)
+            noise = initial_noise(generators, (c, height // f, width // f), self.device)
+            return sample(sampler.name, denoiser, noise, self.schedule.alphas_cumprod, sampler.steps,
+                          spacing=sampler.spacing, sigmas=sampler.sigmas, eta=sampler.eta,
+                          steps_offset=sampler.steps_offset,
+                          set_alpha_to_one=sampler.set_alpha_to_one, generator=generators)

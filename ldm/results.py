@@ -1,7 +1,7 @@
 """Tabulate a Hydra sweep: `python -m ldm.results multirun/<date>/<time> [--metric val/loss_min_snr]`.
 
 Reads each job directory's `.hydra/overrides.yaml` and `metrics.csv` (written by
-`ldm.callbacks.MetricsCSV`), and writes into the sweep directory `results.md`, `results.csv`
+`ldm.training.callbacks.MetricsCSV`), and writes into the sweep directory `results.md`, `results.csv`
 (one row per job: the swept values, the last validation metrics and their best over the run)
 and `curves.png` (validation curves, one line per job). Jobs without metrics are skipped and
 counted.
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from ldm.config import exit_on
 
 DEFAULT_METRICS = ("val/loss_min_snr", "val/mse_x0", "val/mse_eps", "val/adherence_all",
                    "val/adherence_background", "val/adherence_shape_colour", "val/adherence_shape")
@@ -154,6 +156,7 @@ def summarize(sweep_dirs: str | Path | list, metrics: list[str] | None = None,
     return paths
 
 
+@exit_on(OSError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Table and curves of a Hydra sweep directory.")
     parser.add_argument("sweep_dirs", type=Path, nargs="+",
@@ -162,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"metric column (repeatable); default {', '.join(DEFAULT_METRICS)}")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep dir)")
     args = parser.parse_args(argv)
-    try:
-        paths = summarize(args.sweep_dirs, args.metrics, args.out)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    paths = summarize(args.sweep_dirs, args.metrics, args.out)
     print(paths["md"].read_text(), end="")
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0

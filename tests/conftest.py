@@ -4,12 +4,13 @@ import functools
 import pytest
 import torch
 
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from ldm.config import ROOT, register_resolvers
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.text_encoder import TextEncoder
-from ldm.models.unet import UNetModel
-from ldm.module import LatentDiffusion
+from ldm.training.module import LatentDiffusion
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +23,20 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@functools.cache
+def tiny_configs():
+    """configs/{unet,vae,text_encoder}/tiny.yaml, composed as train.py composes them."""
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose("train", overrides=["unet=tiny", "vae=tiny", "text_encoder=tiny"])
+
+
 def tiny_parts():
+    """(U-Net, VAE, text encoder) of the tiny configs, freshly initialised from seed 0."""
+    cfg = tiny_configs()
     torch.manual_seed(0)
-    text = TextEncoder(text_cfg=dict(width=32, heads=2, layers=1, context_length=16),
-                       frozen=False, train_token_embedding=False)
-    unet = UNetModel(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2],
-                     num_res_blocks=1, attention_resolutions=[2], num_head_channels=16,
-                     context_dim=32, use_linear_in_transformer=True, norm_groups=8)
-    vae = AutoencoderKL(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4,
-                        resolution=64, norm_groups=4)
-    return unet, vae, text
+    text = instantiate(cfg.text_encoder)
+    return instantiate(cfg.unet), instantiate(cfg.vae), text
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ldm import precision
-from ldm.checkpoint import read_config
+from ldm.checkpoints import read_config
 from wandb_records import history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_bad_sampler_option_is_one_clear_line(tmp_path):
     out = tmp_path / "out"
     result = run("sample.py", "ckpt=nowhere.safetensors", "prompt=x", "sampler=euler",
                  "sampler.sigmas=karass", f"out_dir={out}", cwd=tmp_path)
-    _one_error_line(result, "error: sigmas='karass' is not available for euler", "karras")
+    _one_error_line(result, "error: unknown sigma spacing 'karass'", "karras")
     assert not out.exists()
 
 

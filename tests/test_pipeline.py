@@ -10,7 +10,8 @@ from conftest import tiny_parts
 from ldm.config import ROOT, register_resolvers
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.pipeline import Pipeline, SamplerConfig
+from ldm.diffusion.samplers import SamplerConfig
+from ldm.pipeline import Pipeline
 
 register_resolvers()
 
@@ -43,7 +44,7 @@ def test_a_seed_gives_the_same_image_in_any_batch_with_stochastic_samplers(pipe,
 def test_bad_sampler_choices_are_clear_errors():
     with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
         SamplerConfig(name="dpm")
-    with pytest.raises(ValueError, match="sigmas='karras' is not available for ddim"):
+    with pytest.raises(ValueError, match="sigmas='karras' applies to the sigma-space samplers"):
         SamplerConfig(name="ddim", sigmas="karras")
     with pytest.raises(ValueError, match="eta=1.0 applies to ddim only"):
         SamplerConfig(name="heun", eta=1.0)

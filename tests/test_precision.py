@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import tiny_parts
-from ldm import checkpoint, precision
+from ldm import precision
+from ldm.checkpoints import layout
 from ldm.config import ROOT, register_resolvers
 
 register_resolvers()
@@ -63,8 +64,9 @@ def test_onednn_held_to_avx2_counts_as_no_bf16(monkeypatch):
 def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_path):
     """train.py's trainer, sample.py's pipeline and the latent cache writer all choose what
     ldm.precision.resolve chooses for this (simulated) CPU."""
-    import train
-    from sample import load_pipeline
+    from ldm.pipeline import Pipeline
+
+    from ldm.training.trainer import make_trainer
 
     cpu_bf16(has)
     expected = precision.resolve("auto", "cpu").value
@@ -72,12 +74,12 @@ def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_pa
         cfg = compose("train", overrides=["trainer.accelerator=cpu", "trainer.devices=1",
                                           "trainer.default_root_dir=" + str(tmp_path)])
     assert cfg.trainer.precision == "auto"
-    assert train.make_trainer(cfg, logger=False).precision == expected
+    assert make_trainer(cfg.trainer, logger=False).precision == expected
 
     from sd_fixtures import sd_parts
 
-    ckpt = checkpoint.save(tmp_path / "m.safetensors", sd_parts("sd1"))
-    pipe, _ = load_pipeline(str(ckpt), torch.device("cpu"))
+    ckpt = layout.save(tmp_path / "m.safetensors", sd_parts("sd1"))
+    pipe, _ = Pipeline.load(str(ckpt), torch.device("cpu"))
     assert pipe.precision.value == expected
 
     from ldm.data.latents import write_latent_shards

@@ -1,3 +1,4 @@
+import pytest
 """The sweep table (`python -m ldm.results`) on a sweep directory the test writes, and a real
 two-job `train.py -m` sweep end to end."""
 import csv
@@ -52,10 +53,12 @@ def test_summarize_writes_table_csv_and_plot_and_counts_skipped_jobs(tmp_path, c
 
 
 def test_cli_reports_a_directory_without_jobs_in_one_line(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main([str(tmp_path)])
     err = capsys.readouterr().err
     assert err.startswith("error: no job in") and "metrics.csv" in err
-    assert main([str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main([str(tmp_path / "missing")])
 
 
 def run_records(run_file: Path) -> tuple[pb.RunRecord, dict]:

@@ -12,12 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-try:
-    from ldm.data.folder import FORMATS, FolderError, write_folder_shards
-except ImportError:  # not installed: run from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-    from ldm.data.folder import FORMATS, FolderError, write_folder_shards
+from ldm.config import exit_on
+from ldm.data.folder import FORMATS, FolderError, write_folder_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,14 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exit_on(FolderError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        info = write_folder_shards(args.in_dir, args.out_dir, args.shard_size, args.caption_column,
-                                   args.image_format, args.quality, progress=not args.quiet)
-    except FolderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    info = write_folder_shards(args.in_dir, args.out_dir, args.shard_size, args.caption_column,
+                               args.image_format, args.quality, progress=not args.quiet)
     src = ", ".join(f"{k} {v}" for k, v in info["caption_from"].items())
     print(f"wrote {info['written']} of {info['found']} images to {len(info['shards'])} shard(s) in "
           f"{args.out_dir}; skipped {info['skipped_unreadable']} unreadable; captions from: {src}")

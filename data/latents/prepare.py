@@ -1,12 +1,13 @@
 """Encode image shards into cached VAE latents + text embeddings, with the training config's parts.
 
     python data/latents/prepare.py OUT_DIR [--split train|val] [--flips] [--dtype float16]
-        [--batch-size 32] [--device cuda] [HYDRA OVERRIDES ...]
+        [--batch-size 32] [--device cuda] [--precision auto] [--no-text] [HYDRA OVERRIDES ...]
 
 The overrides compose configs/train.yaml exactly as train.py would (e.g. `experiment=NAME`,
 `data=webdataset data.train_shards='shards/{00000..00099}.tar' vae=... text_encoder=...`), so
 the VAE, text encoder, image size and crop come from the same configs as training. Train on the
 result with `data=latents data.train_shards='OUT_DIR/*.tar'` plus the same model overrides.
+`--no-text` caches the VAE latents only, for a text encoder that trains.
 """
 from __future__ import annotations
 
@@ -15,19 +16,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from ldm.config import architecture, register_resolvers  # noqa: E402
-from ldm.data.latents import CacheError, require_frozen, write_latent_shards  # noqa: E402
-from ldm.data.webdataset import DataError, expand_shards  # noqa: E402
+from ldm.config import ROOT, architecture, exit_on, fail, register_resolvers
+from ldm.data.latents import CacheError, require_frozen, write_latent_shards
+from ldm.data.shards import DataError, expand_shards
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -43,13 +40,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--precision", default="auto",
                         help="auto (bf16 autocast where the hardware has bf16, else float32), "
                              "32-true, bf16-mixed, 16-mixed")
+    parser.add_argument("--no-text", action="store_true",
+                        help="cache VAE latents only (the text encoder may then train)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_known_args(argv)
 
 
 def compose_config(overrides: list[str]):
     register_resolvers()
-    with initialize_config_dir(str(REPO_ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
@@ -79,32 +78,31 @@ def build_parts(cfg) -> tuple:
     return module.vae, module.text_encoder
 
 
+@exit_on(DataError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
-        print(f"error: unknown option(s) {bad}", file=sys.stderr)
-        return 2
+        fail(f"unknown option(s) {bad}")
     cfg = compose_config(overrides)
-    try:
-        if cfg.data.get("random_crop", False):
-            raise CacheError("data.random_crop=true: a cache holds one crop per image; "
-                             "set data.random_crop=false")
-        vae, text_encoder = build_parts(cfg)
-        urls = expand_shards(cfg.data[f"{args.split}_shards"])
-        parts = {k: architecture(OmegaConf.to_container(cfg[k], resolve=True))
-                 for k in ("vae", "text_encoder")}
-        parts["data_filters"] = filter_settings(cfg.data)
+    if cfg.data.get("random_crop", False):
+        raise CacheError("data.random_crop=true: a cache holds one crop per image; "
+                         "set data.random_crop=false")
+    vae, text_encoder = build_parts(cfg)
+    urls = expand_shards(cfg.data[f"{args.split}_shards"])
+    parts = {k: architecture(OmegaConf.to_container(cfg[k], resolve=True))
+             for k in ("vae", "text_encoder")}
+    parts["data_filters"] = filter_settings(cfg.data)
+    if args.no_text:
+        text_encoder = None  # latents only: the text encoder runs, and may train, at training time
+    else:
         require_frozen(text_encoder)  # training would refuse the cache otherwise
-        counts = write_latent_shards(
-            urls, args.out_dir, vae, text_encoder,
-            image_size=cfg.data.image_size, batch_size=args.batch_size,
-            flips=args.flips or bool(cfg.data.get("flip", False)), dtype=args.dtype,
-            device=args.device, sources=parts, progress=not args.quiet, precision=args.precision,
-            keep=metadata_filter(parts["data_filters"]))
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    counts = write_latent_shards(
+        urls, args.out_dir, vae, text_encoder,
+        image_size=cfg.data.image_size, batch_size=args.batch_size,
+        flips=args.flips or bool(cfg.data.get("flip", False)), dtype=args.dtype,
+        device=args.device, sources=parts, progress=not args.quiet, precision=args.precision,
+        keep=metadata_filter(parts["data_filters"]))
     print(f"cached {counts['written']} samples in {len(counts['shards'])} shard(s) under "
           f"{args.out_dir}; skipped {len(counts['skipped'])} (unreadable or filtered out)")
     return 0

@@ -14,14 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+
+from ldm.data.shapes import shards_ready, write_shards
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "data" / "shapes" / "shards"
-
-try:
-    from ldm.data.shapes import shards_ready, write_shards
-except ImportError:  # not installed: run from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-    from ldm.data.shapes import shards_ready, write_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

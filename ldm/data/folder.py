@@ -25,10 +25,11 @@ from pathlib import Path
 
 from PIL import Image
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+from ldm.data.shards import IMAGE_EXTS, INFO_FILE
+from ldm.fileio import add_member, temporary_path, write_text
+
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FORMATS = ("keep", "jpg", "png", "webp")
-INFO_FILE = "_info.json"
 _PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
@@ -52,7 +53,7 @@ class Counts:
 
 def find_images(root: Path) -> list[Path]:
     """Every image under `root`, recursively, in a stable (sorted) order."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
@@ -115,22 +116,6 @@ def load_image(path: Path, image_format: str, quality: int = 95) -> tuple[bytes,
     return out.getvalue(), image_format, size
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed mtime and mode make the tar bytes a function of the content only.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _sample(image: Path, root: Path, key: str, rows: dict, args: dict, counts: Counts) -> list | None:
     try:
         data, ext, (w, h) = load_image(image, args["image_format"], args["quality"])
@@ -168,10 +153,10 @@ class _ShardWriter:
         if members is None:
             return
         if self.tar is None:
-            self.tmp = self.out / f".{self.index:05d}.tar.tmp"
+            self.tmp = temporary_path(self.out / f"{self.index:05d}.tar")
             self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         for name, data in sorted(members):  # webdataset's TarWriter order: extensions sorted
-            _add_member(self.tar, name, data)
+            add_member(self.tar, name, data)
         self.n_ok += 1
         if self.n_ok == self.shard_size:
             self.close()
@@ -183,7 +168,7 @@ class _ShardWriter:
         name = f"{self.index:05d}.tar"
         os.replace(self.tmp, self.out / name)
         stats = json.dumps(_shard_stats(self.n_tried, self.n_ok), indent=4) + "\n"
-        _write_atomic(self.out / f"{self.index:05d}_stats.json", lambda p: p.write_text(stats))
+        write_text(self.out / f"{self.index:05d}_stats.json", stats)
         self.counts.shards.append(name)
         self.counts.written += self.n_ok
         self.index, self.n_ok, self.n_tried, self.tar = self.index + 1, 0, 0, None
@@ -229,5 +214,5 @@ def write_folder_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, s
         raise
     info = {"source": "folder", "shard_size": shard_size, "image_format": image_format,
             "caption_column": caption_column, **counts.as_dict()}
-    _write_atomic(out / INFO_FILE, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n")
     return info

@@ -34,10 +34,12 @@ from PIL import Image
 from torch import nn
 
 from ldm.data.transforms import ImageTransform
+from ldm.data.webdataset import make_dataset
+from ldm.fileio import add_member, atomic_path, write_text
 from ldm.precision import autocast as precision_autocast
 from ldm.precision import device_type
 from ldm.precision import resolve as resolve_precision
-from ldm.data.webdataset import IMAGE_EXTS, DataError, expand_shards
+from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards
 
 log = logging.getLogger(__name__)
 META_FILE, EMPTY_FILE = "_latents.json", "_empty_context.npy"
@@ -121,12 +123,6 @@ def _json(sample: dict) -> dict:
         return {}
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _flush(tar, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
     images = torch.stack([p[1] for p in pending]).to(device)
     encoded = encode_batch(vae, text_encoder, images, [p[2] for p in pending], flips)
@@ -135,7 +131,7 @@ def _flush(tar, vae, text_encoder, pending: list, flips: bool, dtype: str, devic
         members = {f"{key}.{name}.npy": _npy(t[i], dtype) for name, t in encoded.items()}
         members.update({f"{key}.txt": caption.encode(), f"{key}.json": meta})
         for name in sorted(members):
-            _add(tar, name, members[name])
+            add_member(tar, name, members[name])
     pending.clear()
 
 
@@ -143,19 +139,15 @@ def write_latent_shard(url: str, out_path: Path, vae, text_encoder, transform: I
                        batch_size: int, flips: bool, dtype: str, device,
                        keep: Callable[[dict], bool] | None = None) -> tuple[int, list[str]]:
     """Encode one source shard into `out_path` (renamed into place when complete)."""
-    tmp, skipped, pending, n = out_path.with_name(f".{out_path.name}.tmp"), [], [], 0
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for item in _read_source(url, transform, skipped, keep):
-                pending.append(item)
-                n += 1
-                if len(pending) == batch_size:
-                    _flush(tar, vae, text_encoder, pending, flips, dtype, device)
-            if pending:
+    skipped, pending, n = [], [], 0
+    with atomic_path(out_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for item in _read_source(url, transform, skipped, keep):
+            pending.append(item)
+            n += 1
+            if len(pending) == batch_size:
                 _flush(tar, vae, text_encoder, pending, flips, dtype, device)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if pending:
+            _flush(tar, vae, text_encoder, pending, flips, dtype, device)
     return n, skipped
 
 
@@ -236,9 +228,7 @@ def _identity(meta: dict) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,8 +426,6 @@ class LatentDataModule(L.LightningDataModule):
     def val_dataloader(self) -> wds.WebLoader | list:
         if not self.val_shards:
             return []
-        from ldm.data.webdataset import make_dataset
-
         transform = ImageTransform(self.image_size)  # the cache's centre crop, no flip
         ds = make_dataset(expand_shards(self.val_shards), transform, self.batch_size, train=False)
         return wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers)

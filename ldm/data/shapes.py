@@ -46,6 +46,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.data.shards import INFO_FILE
+from ldm.fileio import add_member
+
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -66,7 +69,6 @@ EDGE_MARGIN_PX = 1.25
 # Bump whenever rendering or the shard layout changes, so that shards_ready()
 # rejects shards written by an older version.
 FORMAT_VERSION = 1
-INFO_FILE = "_info.json"
 
 _N_SIDES = {"square": 4, "triangle": 3}
 # Polar angle of vertex 0 at rotation 0: square axis-aligned, triangle pointing up.
@@ -257,15 +259,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed mtime and owner make the tar bytes a function of the content only.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(job: tuple[str, str, int, int, int, int, int]) -> int:
     """Render samples ``[start, start + count)`` of a split into one tar shard.
 
@@ -281,9 +274,9 @@ def _write_shard(job: tuple[str, str, int, int, int, int, int]) -> int:
             image, meta = render_sample(sample_rng(seed, split, start + offset), size)
             key = f"{shard_index:05d}{offset:04d}"
             record = _sample_record(key, meta, size)
-            _add_member(tar, f"{key}.json", json.dumps(record).encode())
-            _add_member(tar, f"{key}.png", _png_bytes(image))
-            _add_member(tar, f"{key}.txt", record["caption"].encode())
+            add_member(tar, f"{key}.json", json.dumps(record).encode())
+            add_member(tar, f"{key}.png", _png_bytes(image))
+            add_member(tar, f"{key}.txt", record["caption"].encode())
     stats = {
         "count": count,
         "successes": count,

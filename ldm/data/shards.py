@@ -19,6 +19,7 @@ from braceexpand import braceexpand
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+INFO_FILE = "_info.json"  # written last into a shard folder by the tools that make one
 
 
 class DataError(RuntimeError):

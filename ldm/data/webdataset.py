@@ -4,7 +4,8 @@ A sample is `KEY.<image ext>` + a caption (`KEY.txt`, or a field of `KEY.json`) 
 `KEY.json` metadata, which the filters of `ldm.data.filters` read. Each batch is
 {"image": (B, 3, H, W) in [-1, 1], "caption": [str], "key": [str], "counts": {name: int}};
 `counts` holds the samples kept and rejected (per reason) since the reader's previous batch:
-readers are worker processes, so the counts travel with the data, and `DataCounts` logs them.
+readers are worker processes, so the counts travel with the data, and the `DataCounts` callback
+(`ldm.training.callbacks`) logs them.
 
 Modes (every rank gets the same number of batches in both, so DDP never waits on a rank):
 - "stream": shards drawn with replacement from each source, sources mixed per sample by weight,
@@ -30,11 +31,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.buckets import bucket_batches, make_buckets, nearest_bucket
 from ldm.data.filters import MetadataFilter, add_counts, new_counts, rejection_reason
-from ldm.data.shards import (IMAGE_EXTS, DataError, exact_assignment, expand_shards, parse_sources,
+from ldm.data.shards import (IMAGE_EXTS, DataError, exact_assignment, parse_sources,
                              read_shard, read_stats_count, resampled)
 from ldm.data.transforms import ImageTransform
 
-__all__ = ["DataError", "expand_shards", "make_dataset", "ImageTextDataModule", "DataCounts"]
+__all__ = ["make_dataset", "ImageTextDataModule"]
 log = logging.getLogger(__name__)
 BROKEN = ("no_image", "bad_image", "no_caption")
 # A training stream that rejects this many samples in a row would otherwise spin forever (filters
@@ -398,23 +399,3 @@ class ImageTextDataModule(L.LightningDataModule):
         ds = make_dataset(self.val_shards, self.transform, self.batch_size, False,
                           num_workers=self.num_workers, **options)
         return EpochLoader(ds, self.num_workers)
-
-
-class DataCounts(L.Callback):
-    """Sums the per-batch `counts` over batches and ranks: running totals logged as `data/kept`
-    and `data/rejected/<reason>`. The cross-rank sum runs every `every_n_steps` (on all ranks
-    together); the latest sum is logged every step, for the logger to pick at its own interval."""
-
-    def __init__(self, every_n_steps: int = 50) -> None:
-        self.every_n_steps, self.totals, self.reduced = every_n_steps, new_counts(), None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not isinstance(batch, dict) or "counts" not in batch:
-            return
-        add_counts(self.totals, batch["counts"])
-        if self.reduced is None or trainer.global_step % self.every_n_steps == 0:
-            names = sorted(self.totals)
-            local = torch.tensor([float(self.totals[k]) for k in names], device=pl_module.device)
-            total = trainer.strategy.reduce(local, reduce_op="sum")
-            self.reduced = {f"data/{k}": v for k, v in zip(names, total)}
-        pl_module.log_dict(self.reduced, on_step=True, on_epoch=False)

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from ldm.diffusion.objective import ModelFn, to_x0_eps
+from ldm.diffusion.objective import ModelFn
+from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -27,7 +28,7 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float
     return guided
 
 
-def make_denoiser(model: ModelFn, schedule: NoiseSchedule, prediction: str,
+def make_denoiser(model: ModelFn, schedule: NoiseSchedule, prediction: str | Prediction,
                   context: torch.Tensor, uncond_context: torch.Tensor | None = None,
                   cfg_scale: float = 1.0, cfg_rescale: float = 0.0) -> Denoiser:
     """Wrap `model(x, t, context)` into a guided denoiser `denoiser(x_t, t, alpha_bar=None)`.
@@ -36,6 +37,7 @@ def make_denoiser(model: ModelFn, schedule: NoiseSchedule, prediction: str,
     value at an integer t.
     """
     guided = uncond_context is not None and cfg_scale != 1.0
+    prediction = Prediction.parse(prediction)
 
     def denoiser(x: torch.Tensor, t, alpha_bar=None) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
@@ -50,6 +52,6 @@ def make_denoiser(model: ModelFn, schedule: NoiseSchedule, prediction: str,
             out = guide(out[:b], out[b:], cfg_scale, cfg_rescale)
         else:
             out = model(x, torch.full((b,), float(t), device=x.device), context)
-        return to_x0_eps(prediction, out.float(), x, alpha_bar)
+        return prediction.to_x0_eps(out.float(), x, alpha_bar)
 
     return denoiser

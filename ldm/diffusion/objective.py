@@ -1,56 +1,22 @@
-"""The denoising training objective and the conversions between prediction targets.
-
-For x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps the network may predict eps, x0, or
-v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho, 2022). Samplers only ever
-need (x0, eps), which `to_x0_eps` recovers from any of the three.
-"""
+"""The denoising training objective: a weighted MSE at random timesteps, in the space of the
+network's `Prediction` (eps, v or x0; see `prediction.py`)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
+from ldm.diffusion.prediction import Prediction, broadcast
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.weighting import get_weighting, snr_from_alpha_bar
 
-PREDICTIONS = ("eps", "v", "x0")
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return a.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x_t of the forward process (Ho et al., 2020, Eq. 4)."""
-    a = _bcast(alpha_bar, x0)
+    a = broadcast(alpha_bar, x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
-
-
-def target_for(prediction: str, x0: torch.Tensor, eps: torch.Tensor,
-               alpha_bar: torch.Tensor) -> torch.Tensor:
-    if prediction == "eps":
-        return eps
-    if prediction == "x0":
-        return x0
-    if prediction == "v":
-        a = _bcast(alpha_bar, x0)
-        return a.sqrt() * eps - (1 - a).sqrt() * x0
-    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
-
-
-def to_x0_eps(prediction: str, out: torch.Tensor, x_t: torch.Tensor,
-              alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) implied by a network output `out` at x_t."""
-    a = _bcast(alpha_bar, x_t)
-    sa, s1a = a.sqrt(), (1 - a).sqrt()
-    if prediction == "eps":
-        return (x_t - s1a * out) / sa, out
-    if prediction == "x0":
-        return out, (x_t - sa * out) / s1a
-    if prediction == "v":
-        return sa * x_t - s1a * out, s1a * x_t + sa * out
-    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
 def sample_noise(x0: torch.Tensor, offset_noise: float = 0.0,
@@ -96,19 +62,13 @@ class DiffusionObjective:
     training time inputs as imperfect as its own predictions make them at sampling time.
     """
 
-    def __init__(self, schedule: NoiseSchedule, prediction: str = "eps",
+    def __init__(self, schedule: NoiseSchedule, prediction: str | Prediction = "eps",
                  offset_noise: float = 0.0, timestep_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, weighting: str = "uniform",
                  min_snr_gamma: float = 5.0, input_perturbation: float = 0.0) -> None:
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        prediction = Prediction.parse(prediction)
         sample_timesteps(1, schedule.num_steps, timestep_sampling)  # reject unknown kinds now
-        if prediction == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0:
-            # At SNR 0 the input is pure noise, so predicting the noise says nothing about x0:
-            # every sampler's first step would divide by sqrt(alpha_bar) = 0 (Lin et al., 2023, Sec. 3.2).
-            raise ValueError("eps prediction cannot be sampled on a zero-terminal-SNR schedule; "
-                             "use diffusion.prediction=v (or x0), or set "
-                             "diffusion.schedule.zero_terminal_snr=false")
+        prediction.check_schedule(float(schedule.alphas_cumprod[-1]))
         self.schedule, self.prediction, self.offset_noise = schedule, prediction, offset_noise
         self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
         self.weighting, self.weight_fn = weighting, get_weighting(weighting)
@@ -137,7 +97,7 @@ class DiffusionObjective:
             noise_in = eps + self.input_perturbation * xi
         alpha_bar = self.schedule.alpha_bar(t)
         out = model(q_sample(x0, noise_in, alpha_bar), t, context)
-        target = target_for(self.prediction, x0, eps, alpha_bar)
+        target = self.prediction.target(x0, eps, alpha_bar)
         return (self.loss_weight(t).to(out.device) * per_sample_mse(out, target)).mean()
 
     @torch.no_grad()
@@ -154,9 +114,9 @@ class DiffusionObjective:
         alpha_bar = self.schedule.alpha_bar(t)
         x_t = q_sample(x0, eps, alpha_bar)
         out = model(x_t, t, context).float()
-        own = per_sample_mse(out, target_for(self.prediction, x0, eps, alpha_bar))
-        x0_hat, eps_hat = to_x0_eps(self.prediction, out, x_t, alpha_bar)
-        min_snr5 = get_weighting("min_snr")(snr_from_alpha_bar(alpha_bar), self.prediction, 5.0)
+        own = per_sample_mse(out, self.prediction.target(x0, eps, alpha_bar))
+        x0_hat, eps_hat = self.prediction.to_x0_eps(out, x_t, alpha_bar)
+        min_snr5 = self.prediction.min_snr_weight(snr_from_alpha_bar(alpha_bar), 5.0)
         return {"loss": (self.loss_weight(t).to(own.device) * own).mean(),
                 "mse_eps": per_sample_mse(eps_hat, eps).mean(),
                 "mse_x0": per_sample_mse(x0_hat, x0).mean(),

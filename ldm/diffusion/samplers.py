@@ -15,13 +15,14 @@ depends on its own seed only. `sample` runs any of them by name from unit Gaussi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ldm.diffusion.guidance import Denoiser
 from ldm.diffusion.schedule import sampling_timesteps
-from ldm.diffusion.sigmas import dpm_solver_schedule, sigma_schedule
+from ldm.diffusion.sigmas import SIGMA_SPACINGS, dpm_solver_schedule, sigma_schedule
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -75,17 +76,23 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int],
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int],
                 alphas_cumprod: torch.Tensor, *, eta: float = 0.0,
+                final_alpha_cumprod: float | torch.Tensor = 1.0,
                 generator: Generators = None,
                 callback: Callback | None = None) -> torch.Tensor:
-    """DDIM (Song et al., 2021, Eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance."""
+    """DDIM (Song et al., 2021, Eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
+
+    The last step lands on alpha_bar = `final_alpha_cumprod`: 1 (x0 itself; diffusers'
+    set_alpha_to_one=True) or alphas_cumprod[0] (Stable Diffusion's original sampler and every
+    SD 1.x/2.x scheduler_config.json: set_alpha_to_one=False)."""
     ab = alphas_cumprod.to(x.device, torch.float32)
+    final = torch.as_tensor(final_alpha_cumprod, dtype=torch.float32, device=x.device)
     for i, t in enumerate(timesteps):
         ab_t = ab[t]
-        ab_prev = ab[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(ab_t)
+        ab_prev = ab[timesteps[i + 1]] if i + 1 < len(timesteps) else final
         x0, eps = denoiser(x, t, ab_t)
         sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).clamp(min=0).sqrt()
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and i + 1 < len(timesteps):
+        if eta > 0 and sigma > 0:  # no noise when landing on alpha_bar = 1
             x = x + sigma * randn_like(x, generator)
         if callback is not None:
             callback(i, x, x0)
@@ -204,27 +211,60 @@ SAMPLERS = {**ALPHA_BAR_SAMPLERS, **SIGMA_SAMPLERS}
 
 def sample(name: str, denoiser: Denoiser, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
            steps: int, *, spacing: str = "trailing", sigmas: str | None = None, eta: float = 0.0,
+           steps_offset: int = 0, set_alpha_to_one: bool = True,
            generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
     """Clean latents from unit Gaussian `noise` (B, ...) with the sampler called `name`.
 
     Sigma-space samplers start from noise * sqrt(1 + sigma_max^2): the same point x_T = noise
     that DDPM/DDIM (and diffusers' DPM-Solver) start from, seen in sigma space. (diffusers' Euler
     and Heun use sigma_max alone for trailing/linspace spacing, 0.2% smaller at SD's sigma_max.)
+    `steps_offset` shifts `leading` timesteps (diffusers' scheduler option of that name);
+    `set_alpha_to_one` picks DDIM's final alpha_bar (see `sample_ddim`).
     """
+    check_options(name, sigmas, eta)
+    if name in ALPHA_BAR_SAMPLERS:
+        ts = sampling_timesteps(len(alphas_cumprod), steps, spacing, steps_offset)
+        final = 1.0 if set_alpha_to_one else alphas_cumprod[0]
+        extra = {"eta": eta, "final_alpha_cumprod": final} if name == "ddim" else {}
+        return SAMPLERS[name](denoiser, noise, ts, alphas_cumprod, generator=generator,
+                              callback=callback, **extra)
+    make_schedule = dpm_solver_schedule if name.startswith("dpmpp") else sigma_schedule
+    sig, ts = make_schedule(alphas_cumprod, steps, spacing, sigmas, steps_offset)
+    sig, ts = sig.to(noise.device), ts.to(noise.device)
+    x = noise * (sig[0] ** 2 + 1) ** 0.5
+    return SAMPLERS[name](denoiser, x, sig, ts, generator=generator, callback=callback)
+
+
+def check_options(name: str, sigmas: str | None = None, eta: float = 0.0) -> None:
+    """Refuse a sampler name, or an option it does not take, with the choices there are."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     if eta and name != "ddim":
         raise ValueError(f"eta={eta} applies to ddim only, not {name}")
-    if name in ALPHA_BAR_SAMPLERS:
-        if sigmas is not None:
-            raise ValueError(f"sigmas={sigmas!r} applies to the sigma-space samplers "
-                             f"({', '.join(SIGMA_SAMPLERS)}), not {name}")
-        ts = sampling_timesteps(len(alphas_cumprod), steps, spacing)
-        extra = {"eta": eta} if name == "ddim" else {}
-        return SAMPLERS[name](denoiser, noise, ts, alphas_cumprod, generator=generator,
-                              callback=callback, **extra)
-    make_schedule = dpm_solver_schedule if name.startswith("dpmpp") else sigma_schedule
-    sig, ts = make_schedule(alphas_cumprod, steps, spacing, sigmas)
-    sig, ts = sig.to(noise.device), ts.to(noise.device)
-    x = noise * (sig[0] ** 2 + 1) ** 0.5
-    return SAMPLERS[name](denoiser, x, sig, ts, generator=generator, callback=callback)
+    if sigmas is not None and sigmas not in SIGMA_SPACINGS:
+        raise ValueError(f"unknown sigma spacing {sigmas!r}; choose {', '.join(SIGMA_SPACINGS)} or null")
+    if sigmas is not None and name not in SIGMA_SAMPLERS:
+        raise ValueError(f"sigmas={sigmas!r} applies to the sigma-space samplers "
+                         f"({', '.join(SIGMA_SAMPLERS)}), not {name}")
+
+
+@dataclass
+class SamplerConfig:
+    """Which sampler, and how: `name` is a key of `ldm.diffusion.samplers.SAMPLERS`; `sigmas`
+    (karras, exponential or None) respaces the noise levels of the sigma-space samplers; `eta`
+    is DDIM's stochasticity. Neutral defaults: the measured recommendation (DPM-Solver++ 2M,
+    20 steps, exponential sigmas) is `configs/sampler/dpmpp_2m.yaml`, sample.py's default.
+    `steps_offset` (leading spacing only) and `set_alpha_to_one` (DDIM's last step) default to
+    Stable Diffusion's scheduler_config.json values, which diffusers' pipelines use."""
+    name: str = "dpmpp_2m"
+    steps: int = 20
+    cfg_scale: float = 4.0
+    cfg_rescale: float = 0.0
+    eta: float = 0.0
+    spacing: str = "trailing"
+    sigmas: str | None = None
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+    def __post_init__(self) -> None:
+        check_options(self.name, self.sigmas, self.eta)

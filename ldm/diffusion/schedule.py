@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import inspect
+
 import torch
 
 
@@ -41,7 +43,10 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """alpha_bar_t of a discrete diffusion process with `num_steps` training timesteps."""
+    """alpha_bar_t of a discrete diffusion process with `num_steps` training timesteps.
+
+    The defaults are Stable Diffusion's schedule (1.x and 2.x alike): `SD_SCHEDULE` below.
+    """
 
     def __init__(self, kind: str = "scaled_linear", num_steps: int = 1000,
                  beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -50,8 +55,16 @@ class NoiseSchedule:
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.kind, self.num_steps, self.zero_terminal_snr = kind, num_steps, zero_terminal_snr
+        self.beta_start, self.beta_end = beta_start, beta_end
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # alpha_bar_t, (T,)
+
+    @property
+    def config(self) -> dict:
+        """The config that rebuilds this schedule (`_target_` and arguments)."""
+        return {"_target_": f"{__name__}.NoiseSchedule", "kind": self.kind,
+                "num_steps": self.num_steps, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "zero_terminal_snr": self.zero_terminal_snr}
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar at integer timesteps t (any shape), on t's device."""
@@ -60,6 +73,11 @@ class NoiseSchedule:
     def __repr__(self) -> str:
         return (f"NoiseSchedule(kind={self.kind!r}, num_steps={self.num_steps}, "
                 f"zero_terminal_snr={self.zero_terminal_snr})")
+
+
+# Stable Diffusion's schedule as a config: NoiseSchedule's own defaults, said once.
+SD_SCHEDULE = {"_target_": f"{__name__}.NoiseSchedule",
+               **{k: p.default for k, p in inspect.signature(NoiseSchedule).parameters.items()}}
 
 
 def sampling_timesteps(num_train_steps: int, steps: int, spacing: str = "trailing",

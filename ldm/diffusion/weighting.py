@@ -1,7 +1,7 @@
 """Per-sample loss weights as functions of the signal-to-noise ratio SNR = alpha_bar / (1 - alpha_bar).
 
 A weighting is `weight(snr, prediction, gamma) -> (B,)` tensor, multiplying each sample's mean
-squared error in the space the network predicts in. To add one, write such a function and
+squared error in the space the network predicts in (`prediction` is a `Prediction`). To add one, write such a function and
 decorate it with `@register("name")`; it is then selectable as `diffusion.weighting=name`.
 
 Every weight here is finite for SNR in [0, inf), so zero-terminal-SNR schedules (SNR = 0 at the
@@ -13,7 +13,9 @@ from typing import Callable
 
 import torch
 
-WeightFn = Callable[[torch.Tensor, str, float], torch.Tensor]
+from ldm.diffusion.prediction import Prediction
+
+WeightFn = Callable[[torch.Tensor, Prediction, float], torch.Tensor]
 WEIGHTINGS: dict[str, WeightFn] = {}
 
 
@@ -31,29 +33,15 @@ def snr_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 
 @register("uniform")
-def uniform(snr: torch.Tensor, prediction: str, gamma: float = 5.0) -> torch.Tensor:
+def uniform(snr: torch.Tensor, prediction: Prediction, gamma: float = 5.0) -> torch.Tensor:
     """Plain MSE in the prediction's own space (Ho et al., 2020, "L_simple" for eps)."""
     return torch.ones_like(snr)
 
 
 @register("min_snr")
-def min_snr(snr: torch.Tensor, prediction: str, gamma: float = 5.0) -> torch.Tensor:
-    """Min-SNR-gamma (Hang et al., 2023): the x0-space loss weighted by min(SNR, gamma), written
-    in the space the network predicts in.
-
-    eps: ||eps_err||^2 = SNR ||x0_err||^2, so the weight is min(SNR, gamma) / SNR = min(1, gamma/SNR);
-    it tends to 1 as SNR -> 0, which is the value taken at SNR = 0 (gamma / 0 = inf, clamped).
-    v:   ||v_err||^2 = (SNR + 1) ||x0_err||^2, so min(SNR, gamma) / (SNR + 1).
-    x0:  min(SNR, gamma).
-    """
-    clipped = snr.clamp(max=gamma)
-    if prediction == "eps":
-        return (gamma / snr).clamp(max=1.0)
-    if prediction == "v":
-        return clipped / (snr + 1)
-    if prediction == "x0":
-        return clipped
-    raise ValueError(f"min_snr has no form for prediction {prediction!r}; choose eps, v or x0")
+def min_snr(snr: torch.Tensor, prediction: Prediction, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al., 2023), in the prediction's own space (`min_snr_weight`)."""
+    return Prediction.parse(prediction).min_snr_weight(snr, gamma)
 
 
 def get_weighting(name: str) -> WeightFn:

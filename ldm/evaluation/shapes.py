@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm.config import exit_on
 from ldm.data.shapes import PALETTE, SHAPES, parse_caption
 
 ATTRIBUTES: tuple[str, ...] = ("background", "shape_colour", "shape")
@@ -351,22 +352,19 @@ def format_table(result: dict[str, float | int]) -> str:
     return "\n".join(lines)
 
 
+@exit_on(OSError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Shapes prompt adherence of a directory of PNGs.")
     parser.add_argument("directory", type=Path, help="directory of PNG images")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
-    try:
-        if not args.directory.is_dir():
-            raise ValueError(f"not a directory: {args.directory}")
-        images, prompts, skipped = _load_dir(args.directory)
-        result = score(images, prompts)
-        if skipped:
-            print(f"skipped {len(skipped)} PNG(s) without a prompt: {', '.join(skipped[:5])}",
-                  file=sys.stderr)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if not args.directory.is_dir():
+        raise ValueError(f"not a directory: {args.directory}")
+    images, prompts, skipped = _load_dir(args.directory)
+    result = score(images, prompts)
+    if skipped:
+        print(f"skipped {len(skipped)} PNG(s) without a prompt: {', '.join(skipped[:5])}",
+              file=sys.stderr)
     print(format_table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.unet import Upsample  # the same nearest x2 + conv in both SD models
+from ldm.models.layers import Upsample  # the same nearest x2 + conv in both SD models
 
 # SD clamps the log-variance so exp() can neither overflow nor collapse to 0.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.models.attention import GroupNorm32, SpatialTransformer, use_checkpointing, zero_module
+from ldm.models.attention import SpatialTransformer
+from ldm.models.layers import GroupNorm32, Upsample, use_checkpointing, zero_module
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -101,18 +102,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Double the resolution (nearest neighbour), then a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
-        return self.conv(x)
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -15,7 +15,7 @@ from ldm.data.transforms import ImageTransform
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.models.text_encoder import TextEncoder
-from ldm.module import LatentDiffusion
+from ldm.training.module import LatentDiffusion
 from tests.conftest import tiny_parts
 
 SIZE = 64
@@ -269,8 +269,10 @@ def test_prepare_command_builds_parts_as_train_py_does(cache, tmp_path):
 def test_prepare_command_applies_filters_and_refuses_what_training_would(cache, tmp_path):
     root, _ = cache
     prepare, args = load_prepare(), prepare_args(root)
-    assert prepare.main([str(tmp_path / "crop"), *args, "data.random_crop=true"]) == 2
-    assert prepare.main([str(tmp_path / "trainable"), *args, "text_encoder.frozen=false"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        prepare.main([str(tmp_path / "crop"), *args, "data.random_crop=true"])
+    with pytest.raises(SystemExit, match="2"):
+        prepare.main([str(tmp_path / "trainable"), *args, "text_encoder.frozen=false"])
     # the data config's metadata filters apply while encoding: widths 80, 64, 64, 100, 64, 72
     assert prepare.main([str(tmp_path / "wide"), *args, "++data.filters.min_width=72"]) == 0
     meta, _ = read_cache_metadata([str(tmp_path / "wide/00000.tar")])

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from ldm.data.transforms import ImageTransform, to_rgb
-from ldm.data.webdataset import DataError, ImageTextDataModule, expand_shards
+from ldm.data.shards import DataError, expand_shards
+from ldm.data.webdataset import ImageTextDataModule
 from tests.data.shard_helpers import image_bytes, write_shard
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tensor ops stall on busy shared cores
@@ -72,7 +73,8 @@ def test_transform_resizes_the_short_side_and_centre_crops():
 
 # -- robustness, filters, captions, mixing, bucketing, counts ----------------------------------
 from ldm.data.filters import MetadataFilter  # noqa: E402
-from ldm.data.webdataset import DataCounts, make_dataset  # noqa: E402
+from ldm.data.webdataset import make_dataset  # noqa: E402
+from ldm.training.callbacks import DataCounts  # noqa: E402
 from tests.data.shard_helpers import sample, write_keyed_shards  # noqa: E402
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ldm.diffusion.objective import DiffusionObjective, q_sample, sample_noise, target_for, to_x0_eps
+from ldm.diffusion.objective import DiffusionObjective, q_sample, sample_noise
+from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import NoiseSchedule
 
 
@@ -11,7 +12,7 @@ def test_exact_target_recovers_x0_and_eps(prediction):
     x0, eps = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
     alpha_bar = torch.tensor([0.999, 0.9, 0.5, 0.1, 0.01, 0.3])
     x_t = q_sample(x0, eps, alpha_bar)
-    x0_hat, eps_hat = to_x0_eps(prediction, target_for(prediction, x0, eps, alpha_bar), x_t, alpha_bar)
+    x0_hat, eps_hat = Prediction(prediction).to_x0_eps(Prediction(prediction).target(x0, eps, alpha_bar), x_t, alpha_bar)
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
 
@@ -19,13 +20,13 @@ def test_exact_target_recovers_x0_and_eps(prediction):
 def test_v_target_closed_form():
     x0, eps, ab = torch.ones(1, 1, 1, 1), 2 * torch.ones(1, 1, 1, 1), torch.tensor([0.36])
     # v = sqrt(ab) eps - sqrt(1 - ab) x0 = 0.6 * 2 - 0.8 * 1
-    assert target_for("v", x0, eps, ab).item() == pytest.approx(0.4)
+    assert Prediction("v").target(x0, eps, ab).item() == pytest.approx(0.4)
 
 
 def test_v_prediction_is_exact_at_zero_terminal_snr():
     """At alpha_bar = 0 the v form still gives x0 = -v and eps = x_t without dividing by zero."""
     x_t, v = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
-    x0, eps = to_x0_eps("v", v, x_t, torch.zeros(2))
+    x0, eps = Prediction("v").to_x0_eps(v, x_t, torch.zeros(2))
     torch.testing.assert_close(x0, -v)
     torch.testing.assert_close(eps, x_t)
 
@@ -45,7 +46,7 @@ def test_objective_is_mse_to_the_target_at_given_points():
     x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
     zero_model = lambda x, t, c: torch.zeros_like(x)
-    expected = target_for("v", x0, eps, schedule.alpha_bar(t)).pow(2).mean()
+    expected = Prediction("v").target(x0, eps, schedule.alpha_bar(t)).pow(2).mean()
     assert objective(zero_model, x0, None, t=t, eps=eps).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -75,7 +76,7 @@ def test_v_and_x0_round_trips_stay_finite_and_exact_at_zero_snr(prediction):
     x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     ab = torch.zeros(3)  # the last step of a zero-terminal-SNR schedule: x_t = eps
     x_t = q_sample(x0, eps, ab)
-    x0_hat, eps_hat = to_x0_eps(prediction, target_for(prediction, x0, eps, ab), x_t, ab)
+    x0_hat, eps_hat = Prediction(prediction).to_x0_eps(Prediction(prediction).target(x0, eps, ab), x_t, ab)
     assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()
     torch.testing.assert_close(x0_hat, x0)
     torch.testing.assert_close(eps_hat, eps)
@@ -86,7 +87,7 @@ def test_eps_prediction_gives_eps_but_no_x0_at_zero_snr():
     which is why zero-terminal-SNR schedules are paired with v (or x0) prediction."""
     x0, eps = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     ab = torch.zeros(2)
-    x0_hat, eps_hat = to_x0_eps("eps", eps, q_sample(x0, eps, ab), ab)
+    x0_hat, eps_hat = Prediction("eps").to_x0_eps(eps, q_sample(x0, eps, ab), ab)
     torch.testing.assert_close(eps_hat, eps)
     assert not torch.isfinite(x0_hat).any()
 
@@ -99,8 +100,8 @@ def test_guidance_commutes_with_the_conversion_to_x0_eps(prediction):
     g = torch.Generator().manual_seed(2)
     x_t, cond, uncond = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
     ab = torch.tensor([0.9, 0.5, 0.05])
-    guided = to_x0_eps(prediction, guide(cond, uncond, 4.0), x_t, ab)
-    c, u = to_x0_eps(prediction, cond, x_t, ab), to_x0_eps(prediction, uncond, x_t, ab)
+    guided = Prediction(prediction).to_x0_eps(guide(cond, uncond, 4.0), x_t, ab)
+    c, u = Prediction(prediction).to_x0_eps(cond, x_t, ab), Prediction(prediction).to_x0_eps(uncond, x_t, ab)
     for got, want in zip(guided, (guide(c[0], u[0], 4.0), guide(c[1], u[1], 4.0))):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -148,7 +149,7 @@ def test_validation_metrics_are_the_same_for_one_denoiser_in_any_prediction_spac
     eps_guess = (x_t - ab.sqrt().view(-1, 1, 1, 1) * x0_guess) / (1 - ab).sqrt().view(-1, 1, 1, 1)
     results = {}
     for prediction in ("eps", "v", "x0"):
-        out = target_for(prediction, x0_guess, eps_guess, ab)
+        out = Prediction(prediction).target(x0_guess, eps_guess, ab)
         model = lambda x, t, c, out=out: out
         results[prediction] = DiffusionObjective(schedule, prediction).evaluate(model, x0, None, t, eps)
     torch.testing.assert_close(results["x0"]["mse_x0"], (0.3 * x0).pow(2).mean())
@@ -174,7 +175,7 @@ def test_edm_preconditioning_at_unit_sigma_data_is_v_prediction():
     x_ve = x0.double() + b(sigma) * n.double()
     torch.testing.assert_close(b(c_in) * x_ve, q_sample(x0.double(), n.double(), ab))
     torch.testing.assert_close((x0.double() - b(c_skip) * x_ve) / b(c_out),
-                               -target_for("v", x0.double(), n.double(), ab))
+                               -Prediction("v").target(x0.double(), n.double(), ab))
     torch.testing.assert_close(weight * c_out**2, torch.ones_like(ab))
 
 

@@ -2,8 +2,14 @@
 timesteps and sigmas, the same starting latent and the same noise (the same generator seeds)."""
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SIGMA_SAMPLERS, sample_ddim, sample_ddpm

@@ -1,9 +1,15 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
+from diffusers.schedulers.scheduling_ddim import (
+    rescale_zero_terminal_snr as diffusers_rescale,
+)
 
-from ldm.diffusion.schedule import NoiseSchedule, rescale_zero_terminal_snr, sampling_timesteps
+from ldm.diffusion.schedule import (
+    NoiseSchedule,
+    rescale_zero_terminal_snr,
+    sampling_timesteps,
+)
 
 DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 

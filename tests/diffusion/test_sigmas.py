@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.sigmas import (discrete_sigmas, dpm_solver_timesteps, exponential_sigmas,
-                                  interp_sigmas, karras_sigmas, sigma_to_t)
+from ldm.diffusion.sigmas import (
+    discrete_sigmas,
+    dpm_solver_timesteps,
+    exponential_sigmas,
+    interp_sigmas,
+    karras_sigmas,
+    sigma_to_t,
+)
 
 
 def test_sigma_to_t_inverts_the_log_sigma_interpolation():

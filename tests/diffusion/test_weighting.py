@@ -1,9 +1,16 @@
 import pytest
 import torch
 
-from ldm.diffusion.objective import DiffusionObjective, q_sample, target_for
+from ldm.diffusion.objective import DiffusionObjective, q_sample
+from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.weighting import WEIGHTINGS, get_weighting, min_snr, register, snr_from_alpha_bar
+from ldm.diffusion.weighting import (
+    WEIGHTINGS,
+    get_weighting,
+    min_snr,
+    register,
+    snr_from_alpha_bar,
+)
 
 SNR = torch.tensor([0.0, 1.0, 4.0, 9.0, 100.0])
 
@@ -56,8 +63,8 @@ def test_min_snr_is_one_x0_space_loss_in_three_parameterisations():
     snr = snr_from_alpha_bar(ab)
     losses = {}
     for prediction in ("eps", "v", "x0"):
-        out = target_for(prediction, x0_guess, eps_guess, ab)  # this guess in `prediction` space
-        err = (out - target_for(prediction, x0, eps, ab)).pow(2).flatten(1).mean(1).double()
+        out = Prediction(prediction).target(x0_guess, eps_guess, ab)  # this guess in `prediction` space
+        err = (out - Prediction(prediction).target(x0, eps, ab)).pow(2).flatten(1).mean(1).double()
         losses[prediction] = min_snr(snr, prediction, 5.0).double() * err
     torch.testing.assert_close(losses["eps"], losses["x0"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(losses["v"], losses["x0"], rtol=1e-4, atol=1e-6)

@@ -118,7 +118,8 @@ def test_cli_skips_images_without_a_prompt_and_says_so(tmp_path, capsys):
 
 def test_cli_reports_missing_prompt(tmp_path, capsys):
     _renders(1, 64)[0][0].save(tmp_path / "lonely.png")
-    assert main([str(tmp_path)]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        main([str(tmp_path)])
     assert "lonely.png" in capsys.readouterr().err
 
 

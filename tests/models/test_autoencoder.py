@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm import checkpoint
-from ldm.keymaps import diffusers_vae_to_sd, sd_vae_to_diffusers
+from ldm.checkpoints import files, layout
+from ldm.checkpoints.keymaps import diffusers_vae_to_sd, sd_vae_to_diffusers
 from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 SD_VAE_PARAMS = 83_653_863
@@ -196,19 +196,19 @@ def test_vae_key_maps_invert_each_other():
     assert all(back[k].shape == reference[k].shape for k in back)
 
 
-# --- safetensors I/O (through ldm.checkpoint, as train.py writes and configs load) --------
+# --- safetensors I/O (through ldm.checkpoints, as train.py writes and configs load) --------
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     torch.manual_seed(0)
     model = tiny_autoencoder(attn_resolutions=(8,))
-    path = checkpoint.save(tmp_path / "vae.safetensors", {"vae": model}, {"psnr": 31.5})
-    loaded = checkpoint.pretrained(tiny_autoencoder(attn_resolutions=(8,)), str(path), part="vae")
+    path = layout.save(tmp_path / "vae.safetensors", {"vae": model}, {"psnr": 31.5})
+    loaded = layout.pretrained(tiny_autoencoder(attn_resolutions=(8,)), str(path), part="vae")
     original, restored = model.state_dict(), loaded.state_dict()
     assert original.keys() == restored.keys()
     for key in original:
         assert torch.equal(original[key], restored[key]), key
-    state, metadata = checkpoint.read(path)
+    state, metadata = files.read(path)
     assert all(key.startswith("first_stage_model.") for key in state)
     assert metadata["psnr"] == "31.5"
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
@@ -216,12 +216,12 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
 
 def test_save_fp16_halves_file_and_loads_into_fp32(tmp_path):
     model = tiny_autoencoder()
-    checkpoint.save(tmp_path / "fp32.safetensors", {"vae": model})
-    checkpoint.save(tmp_path / "fp16.safetensors", {"vae": model}, dtype=torch.float16)
+    layout.save(tmp_path / "fp32.safetensors", {"vae": model})
+    layout.save(tmp_path / "fp16.safetensors", {"vae": model}, dtype=torch.float16)
     size32 = (tmp_path / "fp32.safetensors").stat().st_size
     size16 = (tmp_path / "fp16.safetensors").stat().st_size
     assert size16 < 0.6 * size32
-    loaded = checkpoint.pretrained(tiny_autoencoder(), str(tmp_path / "fp16.safetensors"), part="vae")
+    loaded = layout.pretrained(tiny_autoencoder(), str(tmp_path / "fp16.safetensors"), part="vae")
     weight = model.encoder.conv_in.weight
     assert loaded.encoder.conv_in.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.encoder.conv_in.weight, weight.half().float(), rtol=0, atol=0)

@@ -75,7 +75,7 @@ def _clip_pair(width: int, heads: int, layers: int, context: int, model_name: st
     """Our SD 1 tower and a transformers CLIPTextModel with the same random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.keymaps import hf_clip_to_open_clip
+    from ldm.checkpoints.keymaps import hf_clip_to_open_clip
 
     torch.manual_seed(0)
     reference = CLIPTextModel(CLIPTextConfig(

@@ -2,7 +2,7 @@
 
 Numerical parity is checked against diffusers' `UNet2DConditionModel`, whose
 weights are renamed to the original Stable Diffusion layout by
-`ldm.keymaps.diffusers_unet_to_sd` and loaded with strict=True.
+`ldm.checkpoints.keymaps.diffusers_unet_to_sd` and loaded with strict=True.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from ldm.models import attention as attention_module
 from ldm.models import unet as unet_module
-from ldm.keymaps import diffusers_unet_config as diffusers_config
-from ldm.keymaps import diffusers_unet_to_sd, sd_unet_to_diffusers
+from ldm.checkpoints.diffusers_configs import diffusers_unet_config as diffusers_config
+from ldm.checkpoints.keymaps import diffusers_unet_to_sd, sd_unet_to_diffusers
 from ldm.models.unet import UNetModel, timestep_embedding
 
 SD15_CONFIG = dict(

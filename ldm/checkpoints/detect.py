@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoints.files import CheckpointError
+from ldm.diffusion.prediction import Prediction
+from ldm.diffusion.schedule import SD_SCHEDULE
 
 log = logging.getLogger(__name__)
-SD_SCHEDULE = {"_target_": "ldm.diffusion.schedule.NoiseSchedule", "kind": "scaled_linear",
-               "num_steps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "zero_terminal_snr": False}
-OPEN_CLIP_NAMES = {(768, 12): "ViT-L-14", (1024, 24): "ViT-H-14"}
+OPEN_CLIP_NAMES = {(768, 12): "ViT-L-14", (1024, 24): "ViT-H-14"}  # (width, layers) -> open_clip name
 
 
 def unet_config(u: dict[str, torch.Tensor]) -> dict:
@@ -107,27 +107,29 @@ def text_config(t: dict[str, torch.Tensor], hf_names: bool, conventions: dict | 
     return out
 
 
-def prediction(path: Path, meta: dict, sd2: bool, explicit: str | None = None) -> str:
-    """'eps' or 'v' for a file without our config (the rule is in the module docstring)."""
+def prediction(path: Path, meta: dict, sd2: bool, explicit: str | None = None) -> Prediction:
+    """The prediction type of a file without our config (the rule is in the module docstring)."""
     if explicit is not None:
-        return _normalise(explicit)
+        return parse_prediction(explicit)
     for key in ("modelspec.prediction_type", "prediction_type"):
         if key in meta:
-            return _normalise(meta[key])
+            return parse_prediction(meta[key])
     yaml = path.with_suffix(".yaml")
     if yaml.is_file():
-        return "v" if re.search(r"parameterization:\s*['\"]?v['\"]?\s*$", yaml.read_text(), re.M) else "eps"
+        found = re.search(r"parameterization:\s*['\"]?(\w+)['\"]?\s*$", yaml.read_text(), re.M)
+        return parse_prediction(found.group(1)) if found else Prediction.EPS
     if sd2 and re.search(r"768|(^|[-_])v([-_.]|$)", path.stem.lower()):
         log.info("%s: v-prediction assumed from the file name (override with prediction=eps)", path.name)
-        return "v"
-    return "eps"
+        return Prediction.V
+    return Prediction.EPS
 
 
-def _normalise(p: str) -> str:
-    table = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
-    if p.lower() not in table:
-        raise CheckpointError(f"unknown prediction type {p!r}; use eps or v")
-    return table[p.lower()]
+def parse_prediction(name: str) -> Prediction:
+    """`Prediction.parse` with a checkpoint's error type."""
+    try:
+        return Prediction.parse(name)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def sd_config(states: dict[str, dict], path: Path, meta: dict, explicit: str | None) -> dict:
@@ -140,8 +142,8 @@ def sd_config(states: dict[str, dict], path: Path, meta: dict, explicit: str | N
                               f"is it an SD 1.x/2.x checkpoint?") from None
     sd2 = bool(config.get("unet", {}).get("use_linear_in_transformer"))
     pred = prediction(path, meta, sd2, explicit)
-    config["diffusion"] = {"schedule": dict(SD_SCHEDULE), "prediction": pred}
-    config["image_size"] = 768 if sd2 and pred == "v" else 512
+    config["diffusion"] = {"schedule": dict(SD_SCHEDULE), "prediction": pred.value}
+    config["image_size"] = 768 if sd2 and pred is Prediction.V else 512
     return config
 
 

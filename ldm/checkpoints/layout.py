@@ -1,72 +1,33 @@
-"""Weights on disk: safetensors in the original Stable Diffusion single-file layout.
+"""The Stable Diffusion single-file layout: which prefix holds which part, in which names.
 
 A full checkpoint is `model.diffusion_model.*` (U-Net) + `first_stage_model.*` (VAE) +
 `cond_stage_model.*` (text encoder), so parts are found by prefix alone. A text tower with a
 projection is written in open_clip names (`cond_stage_model.model.*`, as SD 2 files); one
 without (the SD 1 tower) in Hugging Face CLIP names (`cond_stage_model.transformer.text_model.*`,
-as SD 1 files), so that every tool that reads SD files reads ours. Other layouts (diffusers
-folders, `.ckpt`, EMA keys) are read by `ldm.formats`. The resolved model config travels in
-the file's metadata, which is what lets `sample.py ckpt=FILE` rebuild the model from the file
-alone.
+as SD 1 files), so that every tool that reads SD files reads ours. LDM training files may add
+the U-Net's EMA as `model_ema.*`.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ldm import keymaps
+from ldm.checkpoints import keymaps
+from ldm.checkpoints.files import CheckpointError, read, save_state
 
+log = logging.getLogger(__name__)
 PREFIXES = {
     "unet": "model.diffusion_model.",
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.",
 }
-CONFIG_KEY = "ldm.config"
+PARTS = tuple(PREFIXES)
 HF_TEXT_PREFIX = "cond_stage_model.transformer."  # SD 1: transformers CLIPTextModel names
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
-
-
-def _check_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass ckpt=PATH to a .safetensors file")
-    if p.suffix != ".safetensors":
-        raise CheckpointError(f"{p.name}: expected a .safetensors file")
-    return p
-
-
-def _open(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    p = _check_file(path)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
-    except Exception as e:  # safetensors raises several types for a damaged header
-        raise CheckpointError(f"{p.name} is not a readable safetensors file ({e}); "
-                              f"re-export it or point ckpt= at another file") from None
-
-
-def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file."""
-    return _open(path, tensors=True)
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """The model config stored in a checkpoint written by `save` (reads the header only)."""
-    _, meta = _open(path, tensors=False)
-    if CONFIG_KEY not in meta:
-        raise CheckpointError(f"{Path(path).name} carries no model config in its metadata; "
-                              f"it was not written by this project's train.py")
-    return json.loads(meta[CONFIG_KEY])
+EMA_PREFIX = "model_ema."
 
 
 def sd_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -84,31 +45,8 @@ def sd_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 def save(path: str | os.PathLike, parts: dict[str, nn.Module], metadata: dict | None = None,
          dtype: torch.dtype | None = None) -> Path:
-    """Write the parts under their SD names, atomically (a reader never sees half a file).
-
-    `dtype` casts floating-point tensors (e.g. torch.float16 to halve the file)."""
+    """Write the parts under their SD names, atomically; `dtype` casts floating-point tensors."""
     return save_state(path, sd_state(parts), metadata, dtype)
-
-
-def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict | None = None,
-               dtype: torch.dtype | None = None) -> Path:
-    """Write a state dict as safetensors, atomically; `dtype` casts floating-point tensors."""
-    tensors = {}
-    for k, v in state.items():
-        v = v.detach().cpu()
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        tensors[k] = v.contiguous()
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates owner-only files; weights are for sharing
-    os.replace(tmp, path)
-    return path
 
 
 def split(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -131,6 +69,23 @@ def split(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     if name == "text_encoder":
         part.pop("model.logit_scale", None)
     return part
+
+
+def part_states(state: dict[str, torch.Tensor], use_ema: bool = False) -> dict[str, dict]:
+    """Each part's state in our names; with `use_ema`, the U-Net from the `model_ema.*` copy."""
+    parts = {name: split(state, name) for name in PARTS}
+    ema = [k for k in state if k.startswith(EMA_PREFIX)
+           and k not in (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")]
+    if use_ema:
+        if not ema:
+            raise CheckpointError("use_ema: the file holds no EMA weights (model_ema.*); load without it")
+        missing = [k for k in parts["unet"] if keymaps.ldm_ema_key(k) not in state]
+        if missing:
+            raise CheckpointError(f"EMA weights missing for {len(missing)} U-Net keys: {missing[:8]}")
+        parts["unet"] = {k: state[keymaps.ldm_ema_key(k)] for k in parts["unet"]}
+    elif ema:
+        log.info("the file also holds EMA weights (%d tensors); use_ema=True loads them", len(ema))
+    return parts
 
 
 def check_fit(module: nn.Module, state: dict[str, torch.Tensor], what: str = "model") -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion.objective import DiffusionObjective
-from ldm.ema import EMA
+from ldm.training.ema import EMA
 from ldm.models.text_encoder import TextEncoder
 
 

@@ -1,28 +1,18 @@
-"""Lightning callbacks: sample grids, throughput, validation metrics to CSV, shapes adherence."""
+"""Lightning callbacks: sample grids, throughput, validation metrics to CSV, shapes adherence,
+data counts."""
 from __future__ import annotations
 
 import csv
-import math
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
 
-from ldm.pipeline import Pipeline, SamplerConfig
-
-
-def image_grid(images: torch.Tensor, ncols: int | None = None) -> Image.Image:
-    """(B, H, W, 3) uint8 -> one PIL image, row-major, with a 2-pixel gutter."""
-    b, h, w, _ = images.shape
-    ncols = ncols or math.ceil(math.sqrt(b))
-    nrows = math.ceil(b / ncols)
-    grid = Image.new("RGB", (ncols * (w + 2) + 2, nrows * (h + 2) + 2), (255, 255, 255))
-    for i, img in enumerate(images.numpy()):
-        grid.paste(Image.fromarray(img), (2 + (i % ncols) * (w + 2), 2 + (i // ncols) * (h + 2)))
-    return grid
+from ldm.data.filters import add_counts, new_counts
+from ldm.diffusion.samplers import SamplerConfig
+from ldm.pipeline import Pipeline, image_grid
 
 
 @torch.no_grad()
@@ -151,3 +141,23 @@ class ShapesAdherence(L.Callback):
             return
         for name, value in self.measure(trainer, pl_module).items():
             pl_module.log(f"val/adherence_{name}", value, rank_zero_only=True)
+
+
+class DataCounts(L.Callback):
+    """Sums the per-batch `counts` over batches and ranks: running totals logged as `data/kept`
+    and `data/rejected/<reason>`. The cross-rank sum runs every `every_n_steps` (on all ranks
+    together); the latest sum is logged every step, for the logger to pick at its own interval."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps, self.totals, self.reduced = every_n_steps, new_counts(), None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not isinstance(batch, dict) or "counts" not in batch:
+            return
+        add_counts(self.totals, batch["counts"])
+        if self.reduced is None or trainer.global_step % self.every_n_steps == 0:
+            names = sorted(self.totals)
+            local = torch.tensor([float(self.totals[k]) for k in names], device=pl_module.device)
+            total = trainer.strategy.reduce(local, reduce_op="sum")
+            self.reduced = {f"data/{k}": v for k, v in zip(names, total)}
+        pl_module.log_dict(self.reduced, on_step=True, on_epoch=False)

@@ -1,6 +1,6 @@
 import torch
 
-from ldm.module import keep_mask, warmup_lambda
+from ldm.training.module import keep_mask, warmup_lambda
 
 
 def test_frozen_vae_gets_no_gradient_and_no_optimizer_state(tiny_module, batch):

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-from ldm.callbacks import MetricsCSV, ShapesAdherence
-from ldm.pipeline import SamplerConfig
+from ldm.training.callbacks import MetricsCSV, ShapesAdherence
+from ldm.diffusion.samplers import SamplerConfig
 
 
 def fake_trainer(tmp_path, step, metrics, sanity=False):

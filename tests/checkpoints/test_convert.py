@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from ldm import checkpoint, convert
-from ldm.formats import load_model
+from ldm.checkpoints import convert, export, files, layout
+from ldm.checkpoints import load_model
 from sd_fixtures import TEXT, UNET, VAE, randomize_
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 
-from ldm.keymaps import diffusers_unet_config, diffusers_vae_config  # noqa: E402
+from ldm.checkpoints.diffusers_configs import diffusers_unet_config, diffusers_vae_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -87,11 +87,11 @@ def test_diffusers_folder_loads_with_parity(family_folder):
 
 def test_diffusers_round_trip_is_exact_and_from_pretrained_loads(family_folder):
     family, root, (unet, _, _) = family_folder
-    out = convert.save_diffusers(root / "again", load_model(root / "pipe"))
+    out = export.save_diffusers(root / "again", load_model(root / "pipe"))
     for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                        ("text_encoder", "model")):
-        a, _ = checkpoint.read(root / "pipe" / part / f"{name}.safetensors")
-        b, _ = checkpoint.read(out / part / f"{name}.safetensors")
+        a, _ = files.read(root / "pipe" / part / f"{name}.safetensors")
+        b, _ = files.read(out / part / f"{name}.safetensors")
         a, b = _no_text_model_prefix(a), _no_text_model_prefix(b)
         assert a.keys() == b.keys(), part
         assert all(torch.equal(a[k], b[k]) for k in a), part
@@ -119,8 +119,8 @@ def test_diffusers_round_trip_is_exact_and_from_pretrained_loads(family_folder):
 
 def test_single_file_reads_back_exactly_through_diffusers_converters(family_folder, tmp_path):
     family, root, (unet, vae, text) = family_folder
-    path = convert.save_sd(tmp_path / "model.safetensors", load_model(root / "pipe"))
-    state, meta = checkpoint.read(path)
+    path = export.save_sd(tmp_path / "model.safetensors", load_model(root / "pipe"))
+    state, meta = files.read(path)
     assert meta["modelspec.prediction_type"] == ("v" if family == "sd2" else "epsilon")
     assert (tmp_path / "model.yaml").is_file() == (family == "sd2")  # v models: YAML beside
     expected = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text": text.state_dict()}
@@ -149,10 +149,10 @@ def test_diffusers_from_single_file_loads_our_export(family, tmp_path, monkeypat
     from sd_fixtures import sd_parts
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = load_model(checkpoint.save(tmp_path / "m.safetensors", sd_parts(family)),
+    model = load_model(layout.save(tmp_path / "m.safetensors", sd_parts(family)),
                        prediction="v" if family == "sd2" else None)
-    convert.save_diffusers(tmp_path / "pipe", model)
-    path = convert.save_sd(tmp_path / "out.safetensors", model, write_yaml=True)
+    export.save_diffusers(tmp_path / "pipe", model)
+    path = export.save_sd(tmp_path / "out.safetensors", model, write_yaml=True)
     pipe = diffusers.StableDiffusionPipeline.from_single_file(
         str(path), config=str(tmp_path / "pipe"), original_config=str(tmp_path / "out.yaml"),
         local_files_only=True, safety_checker=None)
@@ -169,9 +169,9 @@ def test_diffusers_from_single_file_loads_our_export(family, tmp_path, monkeypat
 def _original_layout(parts: dict, family: str) -> dict[str, torch.Tensor]:
     """An LDM training checkpoint's state dict: our SD names plus EMA weights (dot-less names),
     schedule buffers and, for SD 2, open_clip's logit_scale."""
-    from ldm.keymaps import ldm_ema_key
+    from ldm.checkpoints.keymaps import ldm_ema_key
 
-    state = checkpoint.sd_state(parts)
+    state = layout.sd_state(parts)
     for k, v in parts["unet"].state_dict().items():
         state[ldm_ema_key(k)] = v + 1.0
     state["model_ema.num_updates"] = torch.tensor(7)
@@ -192,11 +192,11 @@ def test_sd_single_file_round_trip_and_ema(family, suffix, tmp_path):
     if suffix == ".ckpt":
         torch.save({"state_dict": state, "global_step": 3}, src)
     else:
-        checkpoint.save_state(src, state)
+        files.save_state(src, state)
     model = load_model(src)
     assert model.source == "sd" and model.prediction == "eps"
-    out, _ = checkpoint.read(convert.save_sd(tmp_path / "out.safetensors", model))
-    kept = {k for k in state if k.startswith(tuple(checkpoint.PREFIXES.values()))}
+    out, _ = files.read(export.save_sd(tmp_path / "out.safetensors", model))
+    kept = {k for k in state if k.startswith(tuple(layout.PREFIXES.values()))}
     kept.discard("cond_stage_model.model.logit_scale")
     assert set(out) == kept
     assert all(torch.equal(out[k], state[k]) for k in kept)
@@ -208,7 +208,7 @@ def test_sd_single_file_round_trip_and_ema(family, suffix, tmp_path):
 def test_fp16_file_stays_half_unless_asked(tmp_path):
     from sd_fixtures import sd_parts
 
-    path = checkpoint.save(tmp_path / "h.safetensors", sd_parts("sd1"), dtype=torch.float16)
+    path = layout.save(tmp_path / "h.safetensors", sd_parts("sd1"), dtype=torch.float16)
     model = load_model(path)
     assert model.unet.input_blocks[0][0].weight.dtype == torch.float16
     assert load_model(path, dtype=torch.float32).unet.input_blocks[0][0].weight.dtype == torch.float32
@@ -216,15 +216,15 @@ def test_fp16_file_stays_half_unless_asked(tmp_path):
 
 @pytest.mark.parametrize("source", ["sd_file", "diffusers"])
 def test_sample_py_loads_every_format(source, family_folder, tmp_path):
-    from sample import load_pipeline
+    from ldm.pipeline import Pipeline
     from sd_fixtures import sd_parts
 
-    from ldm.pipeline import SamplerConfig
+    from ldm.diffusion.samplers import SamplerConfig
 
     family, root, _ = family_folder
-    ckpt = root / "pipe" if source == "diffusers" else checkpoint.save(tmp_path / "m.ckpt.safetensors",
+    ckpt = root / "pipe" if source == "diffusers" else layout.save(tmp_path / "m.ckpt.safetensors",
                                                                         sd_parts(family))
-    pipe, config = load_pipeline(str(ckpt), torch.device("cpu"))
+    pipe, config = Pipeline.load(str(ckpt), torch.device("cpu"))
     assert pipe.prediction == ("v" if family == "sd2" and source == "diffusers" else "eps")
     images = pipe(["a red circle"], [0], SamplerConfig(name="ddim", steps=2), None, 32, 32)
     assert images.shape == (1, 32, 32, 3) and images.dtype == torch.uint8
@@ -233,9 +233,9 @@ def test_sample_py_loads_every_format(source, family_folder, tmp_path):
 def test_prediction_rules(tmp_path):
     from sd_fixtures import sd_parts
 
-    state = checkpoint.sd_state(sd_parts("sd2"))
+    state = layout.sd_state(sd_parts("sd2"))
     for name in ("v2-1_768-ema-pruned.safetensors", "base.safetensors"):
-        checkpoint.save_state(tmp_path / name, state)
+        files.save_state(tmp_path / name, state)
     assert load_model(tmp_path / "v2-1_768-ema-pruned.safetensors").prediction == "v"
     assert load_model(tmp_path / "base.safetensors").prediction == "eps"
     assert load_model(tmp_path / "base.safetensors", prediction="v").prediction == "v"
@@ -247,7 +247,7 @@ def test_separate_vae_in_diffusers_names(family_folder, tmp_path):
     family, root, (_, vae, _) = family_folder
     from sd_fixtures import sd_parts
 
-    path = checkpoint.save(tmp_path / "m.safetensors", sd_parts(family))
+    path = layout.save(tmp_path / "m.safetensors", sd_parts(family))
     model = load_model(path, vae=str(root / "pipe" / "vae" / "diffusion_pytorch_model.safetensors"))
     image = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -259,8 +259,8 @@ def test_open_clip_text_encoder_file(tmp_path):
     from sd_fixtures import sd_parts
 
     parts = sd_parts("sd2")
-    path = checkpoint.save(tmp_path / "m.safetensors", {"unet": parts["unet"], "vae": parts["vae"]})
-    with pytest.raises(checkpoint.CheckpointError, match="no text_encoder weights.*text_encoder=FILE"):
+    path = layout.save(tmp_path / "m.safetensors", {"unet": parts["unet"], "vae": parts["vae"]})
+    with pytest.raises(files.CheckpointError, match="no text_encoder weights.*text_encoder=FILE"):
         load_model(path)
     other = randomize_(sd_parts("sd2", seed=9)["text_encoder"], 9)
     # open_clip's own checkpoint layout: the whole CLIP model, its text tower at the top level
@@ -276,31 +276,32 @@ def test_open_clip_text_encoder_file(tmp_path):
 def test_mismatch_and_bad_files_are_clear_errors(tmp_path):
     from sd_fixtures import sd_parts
 
-    state = checkpoint.sd_state(sd_parts("sd1"))
+    state = layout.sd_state(sd_parts("sd1"))
     del state["model.diffusion_model.out.2.weight"]
     state["model.diffusion_model.extra.weight"] = torch.zeros(1)
-    checkpoint.save_state(tmp_path / "broken.safetensors", state)
-    with pytest.raises(checkpoint.CheckpointError, match=r"1 missing \[out.2.weight\], 1 unexpected"):
+    files.save_state(tmp_path / "broken.safetensors", state)
+    with pytest.raises(files.CheckpointError, match=r"1 missing \[out.2.weight\], 1 unexpected"):
         load_model(tmp_path / "broken.safetensors")
-    with pytest.raises(checkpoint.CheckpointError, match="no EMA weights"):
-        checkpoint.save(tmp_path / "ok.safetensors", sd_parts("sd1"))
+    with pytest.raises(files.CheckpointError, match="no EMA weights"):
+        layout.save(tmp_path / "ok.safetensors", sd_parts("sd1"))
         load_model(tmp_path / "ok.safetensors", use_ema=True)
     (tmp_path / "pickle.ckpt").write_bytes(b"not a zip")
-    with pytest.raises(checkpoint.CheckpointError, match="weights_only"):
+    with pytest.raises(files.CheckpointError, match="weights_only"):
         load_model(tmp_path / "pickle.ckpt")
 
 
 def test_cli(tmp_path, capsys):
     from sd_fixtures import sd_parts
 
-    src = checkpoint.save(tmp_path / "m.safetensors", sd_parts("sd1"))
+    src = layout.save(tmp_path / "m.safetensors", sd_parts("sd1"))
     assert convert.main([str(src), str(tmp_path / "pipe"), "--to", "diffusers"]) == 0
     assert convert.main([str(tmp_path / "pipe"), str(tmp_path / "back.safetensors"), "--dtype", "fp16"]) == 0
     assert "wrote" in capsys.readouterr().out
-    back, meta = checkpoint.read(tmp_path / "back.safetensors")
+    back, meta = files.read(tmp_path / "back.safetensors")
     assert meta["modelspec.architecture"] == "ldm-custom"
     assert back["model.diffusion_model.out.2.weight"].dtype == torch.float16
-    assert convert.main([str(tmp_path / "missing.safetensors"), str(tmp_path / "x.safetensors")]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        convert.main([str(tmp_path / "missing.safetensors"), str(tmp_path / "x.safetensors")])
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -337,12 +338,12 @@ def test_train_initialised_from_an_sd_file_trains_and_its_export_loads(tmp_path)
 @pytest.mark.parametrize("experiment, params", [("sd15_finetune", 859_520_964), ("sd21_768", 865_910_724)])
 def test_sd_configs_are_what_detection_reads_from_their_weights(experiment, params):
     """The shipped SD configs, built on the meta device (no memory), and the architecture that
-    `ldm.detect` reads back from their state dicts' names and shapes agree."""
+    `ldm.checkpoints.detect` reads back from their state dicts' names and shapes agree."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ldm import detect
+    from ldm.checkpoints import detect
     from ldm.config import ROOT
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
@@ -350,7 +351,7 @@ def test_sd_configs_are_what_detection_reads_from_their_weights(experiment, para
     with torch.device("meta"):
         parts = {k: instantiate(cfg[k]) for k in ("unet", "vae", "text_encoder")}
     assert sum(p.numel() for p in parts["unet"].parameters()) == params
-    states = {k: checkpoint.split(checkpoint.sd_state(parts), k) for k in parts}
+    states = {k: layout.split(layout.sd_state(parts), k) for k in parts}
     found = detect.sd_config(states, __import__("pathlib").Path("m.safetensors"), {}, None)
     for k in parts:
         wanted = OmegaConf.to_container(cfg[k], resolve=True)

@@ -1,6 +1,6 @@
 import pytest
 
-from ldm import loggers
+from ldm.training import loggers
 
 
 def test_explicit_modes_are_kept(monkeypatch):
@@ -35,8 +35,8 @@ def test_offline_logger_prints_one_line_with_the_sync_command(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(loggers, "_has_api_key", lambda: False)
-    with caplog.at_level("WARNING", logger="ldm.loggers"):
+    with caplog.at_level("WARNING", logger="ldm.training.loggers"):
         logger = loggers.wandb_logger(project="t", save_dir=str(tmp_path))
     logger.experiment.finish()
-    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.loggers"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ldm.training.loggers"]
     assert len(lines) == 1 and "W&B offline" in lines[0] and f"wandb sync {tmp_path}" in lines[0]

@@ -15,22 +15,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm import checkpoint, keymaps
-from ldm.checkpoint import CheckpointError
-from ldm.detect import OPEN_CLIP_NAMES, SD_SCHEDULE
+from ldm.checkpoints import keymaps
+from ldm.checkpoints.diffusers_configs import (DIFFUSERS_VERSION, diffusers_unet_config,
+                                               diffusers_vae_config, diffusion_from_scheduler,
+                                               hf_text_config, scheduler_config, text_config_from_hf,
+                                               unet_config_from_diffusers, vae_config_from_diffusers)
+from ldm.checkpoints.files import CheckpointError, read, save_state
+from ldm.fileio import write_text
 
 log = logging.getLogger(__name__)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
-DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from ldm.formats import read_any
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
-            return read_any(folder / name)[0]
+            return read(folder / name)[0]
     raise CheckpointError(f"{folder}: no weights file (one of {', '.join(WEIGHT_NAMES)})")
 
 
@@ -38,21 +40,6 @@ def _json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a diffusers pipeline folder")
     return json.loads(path.read_text())
-
-
-def text_config_from_hf(cfg: dict, sd2: bool) -> dict:
-    """Our `TextEncoder` config for a transformers `CLIPTextModel` config."""
-    width, layers = cfg["hidden_size"], cfg["num_hidden_layers"] + (1 if sd2 else 0)
-    name = OPEN_CLIP_NAMES.get((width, layers))
-    text_cfg = {} if name else {"width": width, "heads": cfg["num_attention_heads"], "layers": layers,
-                                "context_length": cfg["max_position_embeddings"],
-                                "vocab_size": cfg["vocab_size"],
-                                "mlp_ratio": cfg["intermediate_size"] / width}
-    if not sd2:
-        text_cfg["proj_type"] = "none"
-    return dict(_target_="ldm.models.text_encoder.TextEncoder", model_name=name, text_cfg=text_cfg or None,
-                layer="penultimate" if sd2 else "last", frozen=True, pad_with_eot=not sd2,
-                quick_gelu=cfg.get("hidden_act") == "quick_gelu")
 
 
 def _text_state(folder: Path, cfg: dict, sd2: bool) -> dict[str, torch.Tensor]:
@@ -70,18 +57,17 @@ def _text_state(folder: Path, cfg: dict, sd2: bool) -> dict[str, torch.Tensor]:
 
 def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
     """(config, part states in our names) of a diffusers pipeline folder."""
-    unet_cfg = keymaps.unet_config_from_diffusers(_json(folder / "unet" / "config.json"))
-    vae_cfg = keymaps.vae_config_from_diffusers(_json(folder / "vae" / "config.json"))
-    text_hf = _json(folder / "text_encoder" / "config.json")
-    sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
-    sched = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
-    schedule = dict(SD_SCHEDULE, kind=sched.get("beta_schedule", "scaled_linear"),
-                    num_steps=sched.get("num_train_timesteps", 1000),
-                    beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
-                    zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)))
-    prediction = "v" if sched.get("prediction_type") == "v_prediction" else "eps"
+    try:
+        unet_cfg = unet_config_from_diffusers(_json(folder / "unet" / "config.json"))
+        vae_cfg = vae_config_from_diffusers(_json(folder / "vae" / "config.json"))
+        text_hf = _json(folder / "text_encoder" / "config.json")
+        sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
+        sched = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
+        diffusion = diffusion_from_scheduler(sched)
+    except ValueError as e:  # a feature or prediction type we have no equivalent of
+        raise CheckpointError(f"{folder}: {e}") from None
     config = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_config_from_hf(text_hf, sd2),
-              "diffusion": {"schedule": schedule, "prediction": prediction},
+              "diffusion": diffusion,
               "image_size": (_json(folder / "unet" / "config.json").get("sample_size") or 64)
               * 2 ** (len(vae_cfg["ch_mult"]) - 1)}
     try:
@@ -94,18 +80,6 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
 
 
 # ------------------------------------------------------------------------------- writing
-
-
-def _hf_text_config(encoder: nn.Module, layers: int) -> dict:
-    m = encoder.model
-    width = m.width
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            "hidden_size": width, "intermediate_size": m.transformer.resblocks[0].mlp.c_fc.out_features,
-            "num_attention_heads": m.heads, "num_hidden_layers": layers,
-            "max_position_embeddings": m.context_length, "vocab_size": m.vocab_size,
-            "hidden_act": "quick_gelu" if encoder.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
-            "projection_dim": width, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 49407 if encoder.pad_with_eot else 0, "torch_dtype": "float32"}
 
 
 def write_tokenizer(folder: Path, encoder: nn.Module) -> None:
@@ -129,20 +103,19 @@ def write_tokenizer(folder: Path, encoder: nn.Module) -> None:
 
 
 def _save_part(folder: Path, config: dict, state: dict, weights: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    checkpoint.save_state(folder / weights, state)
+    write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    save_state(folder / weights, state)
 
 
 def write_folder(folder: Path, parts: dict[str, nn.Module], config: dict) -> Path:
     """A diffusers `StableDiffusionPipeline` folder from our parts and model config."""
     unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
-    ucfg = keymaps.diffusers_unet_config(config["unet"])
+    ucfg = diffusers_unet_config(config["unet"])
     ucfg.update(_class_name="UNet2DConditionModel", _diffusers_version=DIFFUSERS_VERSION,
                 sample_size=config.get("image_size", 512) // vae.downsample_factor)
     _save_part(folder / "unet", ucfg, keymaps.sd_unet_to_diffusers(unet.state_dict(), config["unet"]),
                "diffusion_pytorch_model.safetensors")
-    vcfg = keymaps.diffusers_vae_config(vae.config)
+    vcfg = diffusers_vae_config(vae.config)
     vcfg.update(_class_name="AutoencoderKL", _diffusers_version=DIFFUSERS_VERSION)
     _save_part(folder / "vae", vcfg, keymaps.sd_vae_to_diffusers(vae.state_dict()),
                "diffusion_pytorch_model.safetensors")
@@ -150,19 +123,11 @@ def write_folder(folder: Path, parts: dict[str, nn.Module], config: dict) -> Pat
     tower = {k.removeprefix("model."): v for k, v in text.state_dict().items()}
     hf = keymaps.open_clip_to_hf_clip(tower, layers)
     hf.pop("text_model.embeddings.position_ids")  # not a saved buffer in transformers
-    _save_part(folder / "text_encoder", _hf_text_config(text, layers), hf, "model.safetensors")
+    _save_part(folder / "text_encoder", hf_text_config(text, layers), hf, "model.safetensors")
     write_tokenizer(folder / "tokenizer", text)
-    sched = config["diffusion"]["schedule"]
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-        "beta_schedule": sched.get("kind", "scaled_linear"), "beta_start": sched.get("beta_start", 0.00085),
-        "beta_end": sched.get("beta_end", 0.012), "num_train_timesteps": sched.get("num_steps", 1000),
-        "prediction_type": "v_prediction" if config["diffusion"]["prediction"] == "v" else "epsilon",
-        "rescale_betas_zero_snr": bool(sched.get("zero_terminal_snr", False)),
-        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-        "timestep_spacing": "trailing" if sched.get("zero_terminal_snr") else "leading"}, indent=2))
-    (folder / "model_index.json").write_text(json.dumps({
+    write_text(folder / "scheduler" / "scheduler_config.json",
+               json.dumps(scheduler_config(config["diffusion"]), indent=2))
+    write_text(folder / "model_index.json", json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

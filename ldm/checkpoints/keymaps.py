@@ -100,64 +100,6 @@ def sd_unet_to_diffusers(state: Mapping[str, torch.Tensor], config: Mapping) -> 
     return _rename_by_prefix(state, inverse, {v: k for k, v in _RESNET_RENAMES.items()}, "diffusers")
 
 
-def diffusers_unet_config(config: Mapping) -> dict:
-    """The diffusers `UNet2DConditionModel` arguments equivalent to a `UNetModel` config."""
-    n_levels = len(config["channel_mult"])
-    channels = [config["model_channels"] * m for m in config["channel_mult"]]
-    has_attention = [2**lv in config["attention_resolutions"] for lv in range(n_levels)]
-    # diffusers' `attention_head_dim` is, for historical reasons, the number of heads.
-    if config.get("num_head_channels", -1) != -1:
-        heads = [c // config["num_head_channels"] for c in channels]
-    else:
-        heads = config["num_heads"]
-    return dict(
-        in_channels=config["in_channels"],
-        out_channels=config["out_channels"],
-        block_out_channels=channels,
-        layers_per_block=config["num_res_blocks"],
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)],
-        cross_attention_dim=config["context_dim"],
-        attention_head_dim=heads,
-        transformer_layers_per_block=config.get("transformer_depth", 1),
-        use_linear_projection=config.get("use_linear_in_transformer", False),
-        norm_num_groups=config.get("norm_groups", 32),
-    )
-
-
-_UNSUPPORTED_UNET = ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "num_class_embeds",
-                     "time_embedding_type", "mid_block_only_cross_attention", "only_cross_attention")
-
-
-def unet_config_from_diffusers(cfg: Mapping) -> dict:
-    """A `UNetModel` config from a diffusers `unet/config.json`."""
-    bad = [k for k in _UNSUPPORTED_UNET if cfg.get(k) not in (None, False, "positional")]
-    if bad:
-        raise ValueError(f"diffusers U-Net features without an SD 1.x/2.x equivalent: {bad}")
-    channels = list(cfg["block_out_channels"])
-    base = channels[0]
-    heads = cfg.get("attention_head_dim", 8)
-    out = dict(
-        _target_="ldm.models.unet.UNetModel",
-        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
-        model_channels=base, channel_mult=[c // base for c in channels],
-        num_res_blocks=cfg.get("layers_per_block", 2),
-        attention_resolutions=[2**i for i, t in enumerate(cfg["down_block_types"]) if "CrossAttn" in t],
-        context_dim=cfg.get("cross_attention_dim", 768),
-        transformer_depth=cfg.get("transformer_layers_per_block", 1),
-        use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
-        norm_groups=cfg.get("norm_num_groups", 32),
-    )
-    if isinstance(heads, int):
-        out["num_heads"] = heads
-    else:  # a head count per level of fixed width (SD 2.x: 64 channels per head)
-        widths = {c // h for c, h in zip(channels, heads)}
-        if len(widths) != 1:
-            raise ValueError(f"attention_head_dim {heads} gives unequal head widths {widths}")
-        out["num_head_channels"] = widths.pop()
-    return out
-
-
 # ------------------------------------------------------------------------------- VAE
 
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
@@ -231,33 +173,6 @@ def _vae_key_to_diffusers(key: str, num_up: int) -> str:
         layer, param = name.rsplit(".", 1)
         key = f"{prefix}mid_block.attentions.0.{_VAE_ATTN_BACK[layer]}.{param}"
     return key.replace("nin_shortcut", "conv_shortcut").replace("norm_out", "conv_norm_out")
-
-
-def vae_config_from_diffusers(cfg: Mapping) -> dict:
-    """An `AutoencoderKL` config from a diffusers `vae/config.json`."""
-    channels = list(cfg["block_out_channels"])
-    return dict(_target_="ldm.models.autoencoder.AutoencoderKL",
-                in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-                ch=channels[0], ch_mult=[c // channels[0] for c in channels],
-                num_res_blocks=cfg.get("layers_per_block", 2), z_channels=cfg.get("latent_channels", 4),
-                embed_dim=cfg.get("latent_channels", 4), norm_groups=cfg.get("norm_num_groups", 32),
-                resolution=cfg.get("sample_size", 256), scale_factor=cfg.get("scaling_factor", 0.18215),
-                shift_factor=cfg.get("shift_factor") or 0.0)
-
-
-def diffusers_vae_config(config: Mapping) -> dict:
-    """The diffusers `AutoencoderKL` arguments equivalent to an `AutoencoderKL` config."""
-    ch, mult = config.get("ch", 128), list(config.get("ch_mult", (1, 2, 4, 4)))
-    if config.get("z_channels", 4) != config.get("embed_dim", 4) or config.get("attn_resolutions"):
-        raise ValueError("diffusers' AutoencoderKL needs z_channels == embed_dim and no per-level attention")
-    return dict(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
-                down_block_types=["DownEncoderBlock2D"] * len(mult),
-                up_block_types=["UpDecoderBlock2D"] * len(mult),
-                block_out_channels=[ch * m for m in mult], layers_per_block=config.get("num_res_blocks", 2),
-                latent_channels=config.get("z_channels", 4), norm_num_groups=config.get("norm_groups", 32),
-                sample_size=config.get("resolution", 256),
-                scaling_factor=config.get("scale_factor", 0.18215),
-                shift_factor=config.get("shift_factor") or None)
 
 
 # ------------------------------------------------------------------------------- text encoder

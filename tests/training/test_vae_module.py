@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.vae_module import AutoencoderTraining, psnr
+from ldm.training.vae_module import AutoencoderTraining, psnr
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -1,0 +1,163 @@
+"""Model configs translated between ours and diffusers / transformers `config.json` files.
+
+Our configs are the constructor arguments of `UNetModel`, `AutoencoderKL`, `TextEncoder` and
+`NoiseSchedule` (with `_target_`); theirs are what `UNet2DConditionModel`, `AutoencoderKL`,
+`CLIPTextModel` and the schedulers' `scheduler_config.json` hold. Key names are renamed by
+`keymaps`, configs here; neither touches a tensor.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ldm.checkpoints.detect import OPEN_CLIP_NAMES
+from ldm.diffusion.prediction import Prediction
+from ldm.diffusion.schedule import SD_SCHEDULE
+
+DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
+
+# ------------------------------------------------------------------------------- U-Net
+
+def diffusers_unet_config(config: Mapping) -> dict:
+    """The diffusers `UNet2DConditionModel` arguments equivalent to a `UNetModel` config."""
+    n_levels = len(config["channel_mult"])
+    channels = [config["model_channels"] * m for m in config["channel_mult"]]
+    has_attention = [2**lv in config["attention_resolutions"] for lv in range(n_levels)]
+    # diffusers' `attention_head_dim` is, for historical reasons, the number of heads.
+    if config.get("num_head_channels", -1) != -1:
+        heads = [c // config["num_head_channels"] for c in channels]
+    else:
+        heads = config["num_heads"]
+    return dict(
+        in_channels=config["in_channels"],
+        out_channels=config["out_channels"],
+        block_out_channels=channels,
+        layers_per_block=config["num_res_blocks"],
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)],
+        cross_attention_dim=config["context_dim"],
+        attention_head_dim=heads,
+        transformer_layers_per_block=config.get("transformer_depth", 1),
+        use_linear_projection=config.get("use_linear_in_transformer", False),
+        norm_num_groups=config.get("norm_groups", 32),
+    )
+
+
+_UNSUPPORTED_UNET = ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "num_class_embeds",
+                     "time_embedding_type", "mid_block_only_cross_attention", "only_cross_attention")
+
+
+def unet_config_from_diffusers(cfg: Mapping) -> dict:
+    """A `UNetModel` config from a diffusers `unet/config.json`."""
+    bad = [k for k in _UNSUPPORTED_UNET if cfg.get(k) not in (None, False, "positional")]
+    if bad:
+        raise ValueError(f"diffusers U-Net features without an SD 1.x/2.x equivalent: {bad}")
+    channels = list(cfg["block_out_channels"])
+    base = channels[0]
+    heads = cfg.get("attention_head_dim", 8)
+    out = dict(
+        _target_="ldm.models.unet.UNetModel",
+        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+        model_channels=base, channel_mult=[c // base for c in channels],
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        attention_resolutions=[2**i for i, t in enumerate(cfg["down_block_types"]) if "CrossAttn" in t],
+        context_dim=cfg.get("cross_attention_dim", 768),
+        transformer_depth=cfg.get("transformer_layers_per_block", 1),
+        use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
+        norm_groups=cfg.get("norm_num_groups", 32),
+    )
+    if isinstance(heads, int):
+        out["num_heads"] = heads
+    else:  # a head count per level of fixed width (SD 2.x: 64 channels per head)
+        widths = {c // h for c, h in zip(channels, heads)}
+        if len(widths) != 1:
+            raise ValueError(f"attention_head_dim {heads} gives unequal head widths {widths}")
+        out["num_head_channels"] = widths.pop()
+    return out
+
+
+# ------------------------------------------------------------------------------- VAE
+
+
+def vae_config_from_diffusers(cfg: Mapping) -> dict:
+    """An `AutoencoderKL` config from a diffusers `vae/config.json`."""
+    channels = list(cfg["block_out_channels"])
+    return dict(_target_="ldm.models.autoencoder.AutoencoderKL",
+                in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
+                ch=channels[0], ch_mult=[c // channels[0] for c in channels],
+                num_res_blocks=cfg.get("layers_per_block", 2), z_channels=cfg.get("latent_channels", 4),
+                embed_dim=cfg.get("latent_channels", 4), norm_groups=cfg.get("norm_num_groups", 32),
+                resolution=cfg.get("sample_size", 256), scale_factor=cfg.get("scaling_factor", 0.18215),
+                shift_factor=cfg.get("shift_factor") or 0.0)
+
+
+def diffusers_vae_config(config: Mapping) -> dict:
+    """The diffusers `AutoencoderKL` arguments equivalent to an `AutoencoderKL` config."""
+    ch, mult = config.get("ch", 128), list(config.get("ch_mult", (1, 2, 4, 4)))
+    if config.get("z_channels", 4) != config.get("embed_dim", 4) or config.get("attn_resolutions"):
+        raise ValueError("diffusers' AutoencoderKL needs z_channels == embed_dim and no per-level attention")
+    return dict(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+                down_block_types=["DownEncoderBlock2D"] * len(mult),
+                up_block_types=["UpDecoderBlock2D"] * len(mult),
+                block_out_channels=[ch * m for m in mult], layers_per_block=config.get("num_res_blocks", 2),
+                latent_channels=config.get("z_channels", 4), norm_num_groups=config.get("norm_groups", 32),
+                sample_size=config.get("resolution", 256),
+                scaling_factor=config.get("scale_factor", 0.18215),
+                shift_factor=config.get("shift_factor") or None)
+
+
+# ------------------------------------------------------------------------------- text encoder
+
+
+def text_config_from_hf(cfg: Mapping, sd2: bool) -> dict:
+    """Our `TextEncoder` config for a transformers `CLIPTextModel` config (an SD 2 folder's
+    tower stops one block before the penultimate layer's: that block is added back)."""
+    width, layers = cfg["hidden_size"], cfg["num_hidden_layers"] + (1 if sd2 else 0)
+    name = OPEN_CLIP_NAMES.get((width, layers))
+    text_cfg = {} if name else {"width": width, "heads": cfg["num_attention_heads"], "layers": layers,
+                                "context_length": cfg["max_position_embeddings"],
+                                "vocab_size": cfg["vocab_size"],
+                                "mlp_ratio": cfg["intermediate_size"] / width}
+    if not sd2:
+        text_cfg["proj_type"] = "none"
+    return dict(_target_="ldm.models.text_encoder.TextEncoder", model_name=name, text_cfg=text_cfg or None,
+                layer="penultimate" if sd2 else "last", frozen=True, pad_with_eot=not sd2,
+                quick_gelu=cfg.get("hidden_act") == "quick_gelu")
+
+
+def hf_text_config(encoder, layers: int) -> dict:
+    """A transformers `CLIPTextModel` config for our `TextEncoder` cut to `layers` blocks."""
+    m = encoder.model
+    width = m.width
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            "hidden_size": width, "intermediate_size": m.transformer.resblocks[0].mlp.c_fc.out_features,
+            "num_attention_heads": m.heads, "num_hidden_layers": layers,
+            "max_position_embeddings": m.context_length, "vocab_size": m.vocab_size,
+            "hidden_act": "quick_gelu" if encoder.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
+            "projection_dim": width, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 49407 if encoder.pad_with_eot else 0, "torch_dtype": "float32"}
+
+
+# ------------------------------------------------------------------------------- scheduler
+
+
+def diffusion_from_scheduler(sched: Mapping) -> dict:
+    """Our `diffusion` config ({schedule, prediction}) from a `scheduler_config.json`."""
+    schedule = dict(SD_SCHEDULE, kind=sched.get("beta_schedule", SD_SCHEDULE["kind"]),
+                    num_steps=sched.get("num_train_timesteps", SD_SCHEDULE["num_steps"]),
+                    beta_start=sched.get("beta_start", SD_SCHEDULE["beta_start"]),
+                    beta_end=sched.get("beta_end", SD_SCHEDULE["beta_end"]),
+                    zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)))
+    prediction = Prediction.parse(sched.get("prediction_type", "epsilon"))
+    return {"schedule": schedule, "prediction": prediction.value}
+
+
+def scheduler_config(diffusion: Mapping) -> dict:
+    """A diffusers `DDIMScheduler` config for our `diffusion` config ({schedule, prediction})."""
+    sched = {**SD_SCHEDULE, **diffusion["schedule"]}
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+            "beta_schedule": sched["kind"], "beta_start": sched["beta_start"],
+            "beta_end": sched["beta_end"], "num_train_timesteps": sched["num_steps"],
+            "prediction_type": Prediction.parse(diffusion["prediction"]).diffusers_name,
+            "rescale_betas_zero_snr": bool(sched["zero_terminal_snr"]),
+            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+            "timestep_spacing": "trailing" if sched["zero_terminal_snr"] else "leading"}
