@@ -11,6 +11,7 @@ import torch
 
 from ldm.checkpoints import convert, export, files, layout
 from ldm.checkpoints import load_model
+from ldm.diffusion.prediction import Prediction
 from sd_fixtures import TEXT, UNET, VAE, randomize_
 
 diffusers = pytest.importorskip("diffusers")
@@ -360,3 +361,44 @@ def test_sd_configs_are_what_detection_reads_from_their_weights(experiment, para
     assert found["diffusion"]["prediction"] == cfg.diffusion.prediction or experiment == "sd21_768"
     assert cfg.diffusion.prediction == ("v" if experiment == "sd21_768" else "eps")
     assert cfg.data.image_size == (768 if experiment == "sd21_768" else 512)
+
+
+def test_x0_prediction_survives_every_round_trip(tmp_path):
+    """An x0 model: our file -> SD single file -> ours, ours -> diffusers folder -> ours, and
+    an SD file whose only hint is the model spec's name for x0 ("sample")."""
+    from sd_fixtures import sd_parts
+
+    model = load_model(layout.save(tmp_path / "m.safetensors", sd_parts("sd2")), prediction="x0")
+    assert model.prediction is Prediction.X0
+    single = export.save_sd(tmp_path / "x0.safetensors", model)
+    meta = files.read_metadata(single)
+    assert meta["modelspec.prediction_type"] == "sample"
+    assert "parameterization: x0" in (tmp_path / "x0.yaml").read_text()
+    assert load_model(single).prediction is Prediction.X0
+    folder = export.save_diffusers(tmp_path / "pipe", model)
+    assert json.loads((folder / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "sample"
+    assert load_model(folder).prediction is Prediction.X0
+    state, _ = files.read(single)  # no config of ours: the model spec alone decides
+    files.save_state(tmp_path / "spec.safetensors", state, {"modelspec.prediction_type": "sample"})
+    assert load_model(tmp_path / "spec.safetensors").prediction is Prediction.X0
+    with pytest.raises(files.CheckpointError, match="unknown prediction type 'flow'"):
+        load_model(single, prediction="flow")
+
+
+def test_a_run_exports_the_prediction_its_objective_trained_with(tmp_path):
+    """The weights file takes the prediction type from the objective, not from cfg.diffusion
+    (which an override of model.objective.prediction would leave stale)."""
+    from conftest import tiny_configs, tiny_parts
+    from ldm.checkpoints.export import run_metadata
+    from ldm.diffusion.objective import DiffusionObjective
+    from ldm.diffusion.schedule import NoiseSchedule
+
+    cfg = tiny_configs()
+    objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="x0")
+    assert cfg.diffusion.prediction == "v"
+    meta = run_metadata(cfg, objective)
+    assert meta[files.CONFIG_KEY]["diffusion"]["prediction"] == "x0"
+    assert meta[files.CONFIG_KEY]["diffusion"]["schedule"]["zero_terminal_snr"] is True
+    unet, vae, text = tiny_parts()
+    path = layout.save(tmp_path / "run.safetensors", {"unet": unet, "vae": vae, "text_encoder": text}, meta)
+    assert load_model(path).prediction is Prediction.X0
