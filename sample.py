@@ -1,8 +1,9 @@
-"""Images from a checkpoint: `python sample.py ckpt=FILE prompt="a red circle on a blue background" n=8`.
+"""Images from a checkpoint: `python sample.py ckpt=FILE prompt="a red circle" n=8`.
 
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance scale in its
 text metadata) and a grid of them all into `out_dir`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,12 +27,15 @@ register_resolvers()
 
 
 def read_prompts(prompt: str) -> list[str]:
-    """A prompt, or a text file (one prompt per line) when it names a .txt file or an existing path."""
+    """A prompt, or a text file (one prompt per line) when it names a .txt file or an existing
+    path."""
     path = Path(prompt)
     if path.suffix == ".txt" or path.is_file():
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file {prompt!r} does not exist; pass prompt=\"some text\" "
-                                    f"or prompt=FILE with one prompt per line")
+            raise FileNotFoundError(
+                f'prompt file {prompt!r} does not exist; pass prompt="some text" '
+                f"or prompt=FILE with one prompt per line"
+            )
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"prompt file {prompt!r} holds no prompt")
@@ -68,26 +72,46 @@ def pick_device(name: str) -> torch.device:
 def main(cfg: DictConfig) -> None:
     prompts = read_prompts(str(cfg.prompt))
     sampler = make_sampler(cfg.sampler)
-    pipe, config = Pipeline.load(cfg.ckpt, pick_device(cfg.device), cfg.precision,
-                                 prediction=cfg.prediction,
-                                 use_ema=cfg.use_ema, vae=cfg.vae_ckpt,
-                                 text_encoder=cfg.text_encoder_ckpt)
+    pipe, config = Pipeline.load(
+        cfg.ckpt,
+        pick_device(cfg.device),
+        cfg.precision,
+        prediction=cfg.prediction,
+        use_ema=cfg.use_ema,
+        vae=cfg.vae_ckpt,
+        text_encoder=cfg.text_encoder_ckpt,
+    )
     height = cfg.height or config["image_size"]
     width = cfg.width or config["image_size"]
     jobs = [(p, cfg.seed + i * cfg.n + j) for i, p in enumerate(prompts) for j in range(cfg.n)]
     images = []
     for k in tqdm(range(0, len(jobs), cfg.batch_size), desc="sampling", unit="batch"):
-        batch = jobs[k:k + cfg.batch_size]
-        images.append(pipe([p for p, _ in batch], [s for _, s in batch], sampler,
-                           [cfg.negative_prompt] * len(batch), height, width))
+        batch = jobs[k : k + cfg.batch_size]
+        images.append(
+            pipe(
+                [p for p, _ in batch],
+                [s for _, s in batch],
+                sampler,
+                [cfg.negative_prompt] * len(batch),
+                height,
+                width,
+            )
+        )
     images = torch.cat(images)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for (prompt, seed), img in zip(jobs, images):
-        meta = {"prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": seed,
-                "sampler": sampler.name, "sigmas": sampler.sigmas, "steps": sampler.steps,
-                "cfg_scale": sampler.cfg_scale, "precision": pipe.precision.value,
-                "ckpt": Path(cfg.ckpt).name}
+        meta = {
+            "prompt": prompt,
+            "negative_prompt": cfg.negative_prompt,
+            "seed": seed,
+            "sampler": sampler.name,
+            "sigmas": sampler.sigmas,
+            "steps": sampler.steps,
+            "cfg_scale": sampler.cfg_scale,
+            "precision": pipe.precision.value,
+            "ckpt": Path(cfg.ckpt).name,
+        }
         Image.fromarray(img.numpy()).save(out / f"{seed:06d}.png", pnginfo=png_info(meta))
     image_grid(images, ncols=cfg.n if len(prompts) > 1 else None).save(out / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {out}")

@@ -1,4 +1,5 @@
-"""Train a model from a composed Hydra config: `python train.py [experiment=NAME] [key=value ...]`."""
+"""Train a model from a composed Hydra config: `python train.py [experiment=NAME] [key=value]`."""
+
 from __future__ import annotations
 
 import json
@@ -75,11 +76,14 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     if not trainer.is_global_zero:
         return run_dir
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    summary = {"step": trainer.global_step, "minutes": (time.perf_counter() - start) / 60,
-               "precision": str(trainer.precision),
-               "interrupted": trainer.interrupted,
-               # Lightning's own count (what max_time limits), across resumptions:
-               "train_minutes": timer.time_elapsed("train") / 60 if timer else None}
+    summary = {
+        "step": trainer.global_step,
+        "minutes": (time.perf_counter() - start) / 60,
+        "precision": str(trainer.precision),
+        "interrupted": trainer.interrupted,
+        # Lightning's own count (what max_time limits), across resumptions:
+        "train_minutes": timer.time_elapsed("train") / 60 if timer else None,
+    }
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return export_run(cfg, module, run_dir / cfg.export)
 

@@ -7,6 +7,7 @@ DDIM 20 steps, guidance 4) with `trailing` spacing (the first step at t = T-1, w
 model on a zero-terminal-SNR schedule has no defined x0) and with `leading` spacing (first step
 at t = 950 for 20 steps), and judges the images with `ldm.evaluation.shapes.score`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-
-from ldm.data.shapes import random_prompts
-from ldm.evaluation.shapes import score
 from ldm.checkpoints import load_model
+from ldm.data.shapes import random_prompts
 from ldm.diffusion.samplers import SamplerConfig
+from ldm.evaluation.shapes import score
 from ldm.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,11 @@ def adherence(run_dir: Path, prompts: list[str], spacing: str) -> dict[str, floa
     images = pipe(prompts, list(range(len(prompts))), sampler)
     # NaN latents decode to one flat colour: count the images that are not.
     non_flat = float(images.float().std(dim=(1, 2, 3)).gt(0).float().mean())
-    return {"prediction": model.prediction, **score(list(images.numpy()), prompts), "non_flat": non_flat}
+    return {
+        "prediction": model.prediction,
+        **score(list(images.numpy()), prompts),
+        "non_flat": non_flat,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         for spacing in SPACINGS:
             row = {"run": str(run_dir), "spacing": spacing, **adherence(run_dir, prompts, spacing)}
             rows.append(row)
-            print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            print(
+                ", ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                ),
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

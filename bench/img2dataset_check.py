@@ -13,6 +13,7 @@ virtual environment (git-ignored):
     bench/runs/img2dataset-venv/bin/pip install img2dataset
     python bench/img2dataset_check.py     # -> bench/results/loader/img2dataset.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 
 from ldm.data.filters import MetadataFilter
 from ldm.data.shards import expand_shards, read_stats_count
@@ -76,26 +76,60 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, int]:
 
 
 def run_img2dataset(exe: str, url_list: Path, out: Path) -> None:
-    subprocess.run([exe, "--url_list", str(url_list), "--input_format", "csv",
-                    "--url_col", "url", "--caption_col", "caption",
-                    "--save_additional_columns", "['aesthetic','punsafe']",
-                    "--output_format", "webdataset", "--output_folder", str(out),
-                    "--processes_count", "1", "--thread_count", "4", "--image_size", "64",
-                    "--resize_mode", "keep_ratio", "--number_sample_per_shard", "10",
-                    "--distributor", "multiprocessing", "--enable_wandb", "False",
-                    "--retries", "0", "--timeout", "5"], check=True)
+    subprocess.run(
+        [
+            exe,
+            "--url_list",
+            str(url_list),
+            "--input_format",
+            "csv",
+            "--url_col",
+            "url",
+            "--caption_col",
+            "caption",
+            "--save_additional_columns",
+            "['aesthetic','punsafe']",
+            "--output_format",
+            "webdataset",
+            "--output_folder",
+            str(out),
+            "--processes_count",
+            "1",
+            "--thread_count",
+            "4",
+            "--image_size",
+            "64",
+            "--resize_mode",
+            "keep_ratio",
+            "--number_sample_per_shard",
+            "10",
+            "--distributor",
+            "multiprocessing",
+            "--enable_wandb",
+            "False",
+            "--retries",
+            "0",
+            "--timeout",
+            "5",
+        ],
+        check=True,
+    )
 
 
 def version(exe: str) -> str:
     pip = Path(exe).with_name("pip")
     out = subprocess.run([str(pip), "show", "img2dataset"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Version")),
-                "unknown")
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Version")),
+        "unknown",
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--img2dataset", default=str(ROOT / "bench/runs/img2dataset-venv/bin/img2dataset"))
+    p.add_argument(
+        "--img2dataset", default=str(ROOT / "bench/runs/img2dataset-venv/bin/img2dataset")
+    )
     p.add_argument("--work", default=str(ROOT / "bench/runs/img2dataset"))
     p.add_argument("--out", default=str(ROOT / "bench/results/loader/img2dataset.md"))
     args = p.parse_args()
@@ -128,17 +162,21 @@ def main() -> None:
     f = MetadataFilter(min_aesthetic=5.0, max_punsafe=0.3)
     filtered = list(make_dataset(urls, ImageTransform(64), 8, False, filters=f))
     ftotals = {k: sum(b["counts"][k] for b in filtered) for k in batches[0]["counts"]}
+    expected = saved - totals.get("rejected/no_caption", 0)
+    once = sorted(set(keys)) == sorted(keys) and len(keys) == expected
     lines = [
-        "# img2dataset shards, read as they are", "",
+        "# img2dataset shards, read as they are",
+        "",
         f"`python bench/img2dataset_check.py` - img2dataset {version(args.img2dataset)} "
         f"(its own venv), {len(files) + 1} URLs served from localhost: 24 images (RGB, CMYK and "
         "grayscale JPEG, RGBA, palette and 16-bit PNG), one corrupt file, one 404; one empty "
-        "caption; `--output_format webdataset --image_size 64 --number_sample_per_shard 10`.", "",
+        "caption; `--output_format webdataset --image_size 64 --number_sample_per_shard 10`.",
+        "",
         f"- shards: {len(urls)} tars, {saved} images saved by img2dataset; "
         f"`_stats.json` successes: {read_stats_count(urls)}",
         f"- exact epoch: {len(keys)} samples in {len(batches)} batches, "
         f"{len(set(keys))} distinct keys; counts {totals}",
-        f"- every saved image read exactly once: {sorted(set(keys)) == sorted(keys) and len(keys) == saved - totals.get('rejected/no_caption', 0)}",
+        f"- every saved image read exactly once: {once}",
         f"- filters min_aesthetic=5, max_punsafe=0.3 on the saved extra columns: "
         f"{ {k: v for k, v in ftotals.items() if v} } (the url list says 12 / 6 / 6)",
     ]

@@ -10,6 +10,7 @@ Ours is timed with and without JPEG draft decoding (decoding at 1/2..1/8 scale i
 
 Results: bench/results/loader/throughput.md (the table is rewritten on each full run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 from ldm.data.filters import MetadataFilter
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import make_dataset
@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def random_jpeg(rng: np.random.Generator) -> tuple[bytes, int, int]:
     """A smooth random image plus grain, 300..1100 px a side: photo-like JPEG sizes."""
     w, h = (int(v) for v in rng.integers(300, 1100, size=2))
-    base = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h),
-                                                                                   Image.BICUBIC)
+    base = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+        (w, h), Image.BICUBIC
+    )
     arr = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
     buf = io.BytesIO()
     Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
@@ -55,10 +56,19 @@ def write_shards(out: Path, n: int, per_shard: int = 250, seed: int = 0) -> list
         with tarfile.open(url, "w") as tar:
             for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
                 jpg, w, h = random_jpeg(rng)
-                meta = {"key": f"{i:09d}", "original_width": w, "original_height": h,
-                        "aesthetic": 6.0, "punsafe": 0.01, "pwatermark": 0.1}
-                for ext, data in (("jpg", jpg), ("txt", f"random image {i}".encode()),
-                                  ("json", json.dumps(meta).encode())):
+                meta = {
+                    "key": f"{i:09d}",
+                    "original_width": w,
+                    "original_height": h,
+                    "aesthetic": 6.0,
+                    "punsafe": 0.01,
+                    "pwatermark": 0.1,
+                }
+                for ext, data in (
+                    ("jpg", jpg),
+                    ("txt", f"random image {i}".encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
                     info = tarfile.TarInfo(f"{i:09d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -74,8 +84,9 @@ def plain_loop(urls: list[str], size: int, batch_size: int) -> int:
     for image, caption in ds:
         w, h = image.size
         s = size / min(w, h)
-        image = image.convert("RGB").resize((max(size, round(w * s)), max(size, round(h * s))),
-                                            Image.BICUBIC)
+        image = image.convert("RGB").resize(
+            (max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC
+        )
         left, top = (image.width - size) // 2, (image.height - size) // 2
         image = image.crop((left, top, left + size, top + size))
         x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
@@ -87,10 +98,18 @@ def plain_loop(urls: list[str], size: int, batch_size: int) -> int:
 
 
 def ours(urls: list[str], size: int, batch_size: int, draft: bool) -> int:
-    f = MetadataFilter(min_width=256, min_height=256, min_aesthetic=5.0, max_punsafe=0.5,
-                       max_pwatermark=0.8)  # every sample passes: the work stays comparable
-    ds = make_dataset(urls, ImageTransform(size, flip=True, draft=draft), batch_size, False,
-                      filters=f, rank=0, world_size=1)
+    f = MetadataFilter(
+        min_width=256, min_height=256, min_aesthetic=5.0, max_punsafe=0.5, max_pwatermark=0.8
+    )  # every sample passes: the work stays comparable
+    ds = make_dataset(
+        urls,
+        ImageTransform(size, flip=True, draft=draft),
+        batch_size,
+        False,
+        filters=f,
+        rank=0,
+        world_size=1,
+    )
     return sum(len(b["key"]) for b in ds)
 
 
@@ -119,20 +138,25 @@ def main() -> None:
     urls = write_shards(ROOT / "bench/runs/loader/shards", args.n)
     rows = []
     for size in args.sizes:
-        loaders = {"plain webdataset + PIL": lambda: plain_loop(urls, size, args.batch_size),
-                   "ours (draft off)": lambda: ours(urls, size, args.batch_size, False),
-                   "ours (default, draft on)": lambda: ours(urls, size, args.batch_size, True)}
+        loaders = {
+            "plain webdataset + PIL": lambda: plain_loop(urls, size, args.batch_size),
+            "ours (draft off)": lambda: ours(urls, size, args.batch_size, False),
+            "ours (default, draft on)": lambda: ours(urls, size, args.batch_size, True),
+        }
         print(f"{size} px", flush=True)
         rates = measure(loaders, args.repeats)
         base = rates["plain webdataset + PIL"]
         rows += [f"| {size} | {name} | {r:.1f} | {r / base:.2f}x |" for name, r in rates.items()]
-    table = "\n".join(["| px | loader | images/s (one reader) | vs plain |", "|---|---|---|---|"]
-                      + rows)
-    text = (f"# Loader throughput\n\n`python bench/loader.py --n {args.n} --repeats "
-            f"{args.repeats}` - {args.n} JPEGs (300..1100 px a side, quality 90) in shards of "
-            f"250; one process, one torch thread, median of {args.repeats} interleaved passes; "
-            f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores shared with other "
-            f"jobs: compare within a table), Python {platform.python_version()}.\n\n{table}\n")
+    table = "\n".join(
+        ["| px | loader | images/s (one reader) | vs plain |", "|---|---|---|---|"] + rows
+    )
+    text = (
+        f"# Loader throughput\n\n`python bench/loader.py --n {args.n} --repeats "
+        f"{args.repeats}` - {args.n} JPEGs (300..1100 px a side, quality 90) in shards of "
+        f"250; one process, one torch thread, median of {args.repeats} interleaved passes; "
+        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores shared with other "
+        f"jobs: compare within a table), Python {platform.python_version()}.\n\n{table}\n"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

@@ -19,6 +19,7 @@ with trailing spacing (the `sample.py` setting). Two measurements:
 
     python bench/samplers.py            # writes bench/results/samplers/{README.md,results.json}
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
 
 from ldm.diffusion.guidance import guide
 from ldm.diffusion.samplers import sample, sample_dpmpp_2m, sample_heun
@@ -39,10 +39,22 @@ OUT = ROOT / "bench" / "results" / "samplers"
 STEPS = (10, 20, 50)
 DIM, K, STD, N = 16, 8, 0.25, 4000
 CFG_SCALE, COND = 4.0, [0, 1]
-VARIANTS = [("ddim", None), ("euler", None), ("euler", "karras"), ("heun", None), ("heun", "karras"),
-            ("dpmpp_2m", None), ("dpmpp_2m", "karras"), ("dpmpp_2m", "exponential"),
-            ("ddpm", None), ("euler_ancestral", None), ("euler_ancestral", "karras"),
-            ("dpmpp_2m_sde", None), ("dpmpp_2m_sde", "karras"), ("dpmpp_2m_sde", "exponential")]
+VARIANTS = [
+    ("ddim", None),
+    ("euler", None),
+    ("euler", "karras"),
+    ("heun", None),
+    ("heun", "karras"),
+    ("dpmpp_2m", None),
+    ("dpmpp_2m", "karras"),
+    ("dpmpp_2m", "exponential"),
+    ("ddpm", None),
+    ("euler_ancestral", None),
+    ("euler_ancestral", "karras"),
+    ("dpmpp_2m_sde", None),
+    ("dpmpp_2m_sde", "karras"),
+    ("dpmpp_2m_sde", "exponential"),
+]
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde"}
 
 
@@ -85,7 +97,9 @@ def guided_denoiser(means, weights, scale):
 def reference(denoiser, noise, alphas_cumprod, solver=sample_heun, steps=1000):
     """The probability-flow ODE from the samplers' common start (t = 999) to sigma = 1e-4."""
     sigma_max = discrete_sigmas(alphas_cumprod)[-1].item()
-    sig = torch.cat([karras_sigmas(1e-4, sigma_max, steps), torch.zeros(1, dtype=torch.float64)]).float()
+    sig = torch.cat(
+        [karras_sigmas(1e-4, sigma_max, steps), torch.zeros(1, dtype=torch.float64)]
+    ).float()
     ts = torch.zeros(steps)  # the analytic denoisers ignore t
     return solver(denoiser, noise * (sig[0] ** 2 + 1) ** 0.5, sig, ts)
 
@@ -114,36 +128,57 @@ def measure(ab: torch.Tensor) -> dict:
     means, weights = mixture()
     plain, guided = gmm_denoiser(means, weights), guided_denoiser(means, weights, CFG_SCALE)
     noise = torch.randn(N, DIM, generator=torch.Generator().manual_seed(1))
-    comp = torch.multinomial(weights, N, replacement=True, generator=torch.Generator().manual_seed(2))
+    comp = torch.multinomial(
+        weights, N, replacement=True, generator=torch.Generator().manual_seed(2)
+    )
     data = means[comp] + STD * torch.randn(N, DIM, generator=torch.Generator().manual_seed(3))
     refs = {"plain": reference(plain, noise, ab), "cfg": reference(guided, noise, ab)}
-    floor = {k: rmse(refs[k], reference(d, noise, ab, sample_dpmpp_2m, 2000))
-             for k, d in (("plain", plain), ("cfg", guided))}
+    floor = {
+        k: rmse(refs[k], reference(d, noise, ab, sample_dpmpp_2m, 2000))
+        for k, d in (("plain", plain), ("cfg", guided))
+    }
     spread, tv = mode_stats(data, means, weights)
-    results = {"floor": {"ode_plain": floor["plain"], "ode_cfg": floor["cfg"], "spread": spread, "tv": tv},
-               "rows": []}
+    results = {
+        "floor": {"ode_plain": floor["plain"], "ode_cfg": floor["cfg"], "spread": spread, "tv": tv},
+        "rows": [],
+    }
     for name, sigmas in VARIANTS:
         for steps in STEPS:
             row = {"sampler": label(name, sigmas), "steps": steps, "nfe": nfe(name, steps)}
             start = time.perf_counter()
-            x = sample(name, plain, noise, ab, steps, sigmas=sigmas, generator=torch.Generator().manual_seed(4))
+            x = sample(
+                name,
+                plain,
+                noise,
+                ab,
+                steps,
+                sigmas=sigmas,
+                generator=torch.Generator().manual_seed(4),
+            )
             row["seconds"] = time.perf_counter() - start
             row["spread"], row["tv"] = mode_stats(x, means, weights)
             if name not in STOCHASTIC:
                 row["ode_plain"] = rmse(x, refs["plain"])
-                row["ode_cfg"] = rmse(sample(name, guided, noise, ab, steps, sigmas=sigmas), refs["cfg"])
+                row["ode_cfg"] = rmse(
+                    sample(name, guided, noise, ab, steps, sigmas=sigmas), refs["cfg"]
+                )
             results["rows"].append(row)
             print(row, flush=True)
     return results
 
 
-SCHEDULES = {"scaled-linear (SD 1.x/2.x)": False, "scaled-linear, zero terminal SNR (shapes default)": True}
+SCHEDULES = {
+    "scaled-linear (SD 1.x/2.x)": False,
+    "scaled-linear, zero terminal SNR (shapes default)": True,
+}
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    results = {title: measure(NoiseSchedule("scaled_linear", zero_terminal_snr=zsnr).alphas_cumprod)
-               for title, zsnr in SCHEDULES.items()}
+    results = {
+        title: measure(NoiseSchedule("scaled_linear", zero_terminal_snr=zsnr).alphas_cumprod)
+        for title, zsnr in SCHEDULES.items()
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     (OUT / "README.md").write_text(markdown(results))
@@ -151,8 +186,10 @@ def main() -> None:
 
 
 def table(rows, key, steps=STEPS, digits=4) -> list[str]:
-    lines = ["| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
-             "|---|" + "---:|" * len(steps)]
+    lines = [
+        "| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
+        "|---|" + "---:|" * len(steps),
+    ]
     by = {}
     for r in rows:
         if key in r:
@@ -164,24 +201,42 @@ def table(rows, key, steps=STEPS, digits=4) -> list[str]:
 
 
 def markdown(all_results) -> str:
-    out = ["# Samplers against exact answers", "",
-           "Produced by `python bench/samplers.py` (CPU, float32, a few minutes). Data: a mixture of "
-           f"{K} Gaussians in {DIM} dimensions (component std {STD}) whose denoiser E[x0 | x_t] is exact; "
-           "trailing spacing, every sampler from the same noise. Cells: error (network evaluations). "
-           "Mode frequencies are not shown: every sampler's are as close to the mixture weights as "
-           f"{N} exact draws' (total variation within 0.035; see results.json).", ""]
+    out = [
+        "# Samplers against exact answers",
+        "",
+        "Produced by `python bench/samplers.py` (CPU, float32, a few minutes). Data: a mixture of "
+        f"{K} Gaussians in {DIM} dimensions (component std {STD}) "
+        "whose denoiser E[x0 | x_t] is exact; "
+        "trailing spacing, every sampler from the same noise. Cells: error (network evaluations). "
+        "Mode frequencies are not shown: every sampler's are as close to the mixture weights as "
+        f"{N} exact draws' (total variation within 0.035; see results.json).",
+        "",
+    ]
     for title, results in all_results.items():
         f, rows = results["floor"], results["rows"]
-        out += [f"## Schedule: {title}", "",
-                "### ODE error: RMSE to the exact probability-flow solution, no guidance", "",
-                *table(rows, "ode_plain"), "",
-                f"Reference self-check (Heun 1000 vs DPM++ 2M 2000 steps, Karras to sigma 1e-4): {f['ode_plain']:.1e}.", "",
-                f"### ODE error with classifier-free guidance {CFG_SCALE}", "",
-                *table(rows, "ode_cfg"), "",
-                f"Reference self-check: {f['ode_cfg']:.1e}.", "",
-                "### Within-mode spread / true spread (1.000 is exact), all samplers, no guidance", "",
-                *table(rows, "spread", digits=3), "",
-                f"{N} exact draws of the data: {f['spread']:.3f}.", ""]
+        out += [
+            f"## Schedule: {title}",
+            "",
+            "### ODE error: RMSE to the exact probability-flow solution, no guidance",
+            "",
+            *table(rows, "ode_plain"),
+            "",
+            "Reference self-check (Heun 1000 vs DPM++ 2M 2000 steps, Karras to sigma 1e-4): "
+            f"{f['ode_plain']:.1e}.",
+            "",
+            f"### ODE error with classifier-free guidance {CFG_SCALE}",
+            "",
+            *table(rows, "ode_cfg"),
+            "",
+            f"Reference self-check: {f['ode_cfg']:.1e}.",
+            "",
+            "### Within-mode spread / true spread (1.000 is exact), all samplers, no guidance",
+            "",
+            *table(rows, "spread", digits=3),
+            "",
+            f"{N} exact draws of the data: {f['spread']:.3f}.",
+            "",
+        ]
     return "\n".join(out)
 
 

@@ -6,10 +6,12 @@ For each Lightning checkpoint of a run (written every few minutes; a run resumed
 curve. Usage:
 
     python train.py +callbacks.checkpoint.train_time_interval._target_=datetime.timedelta \
-        +callbacks.checkpoint.train_time_interval.minutes=2 callbacks.checkpoint.every_n_train_steps=null \
+        +callbacks.checkpoint.train_time_interval.minutes=2 \
+        callbacks.checkpoint.every_n_train_steps=null \
         +callbacks.checkpoint.save_top_k=-1 hydra.run.dir=bench/runs/shapes
     python bench/shapes_quality.py bench/runs/shapes [bench/runs/shapes_resumed ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +24,6 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
 
 from ldm.checkpoints.export import run_metadata
 from ldm.checkpoints.layout import save
@@ -54,30 +55,63 @@ def checkpoints(runs: list[Path]) -> list[tuple[float, int, Path, Path]]:
         for path in sorted((run / "checkpoints").glob("*.ckpt")):
             # mmap: only the step and timer are read here, not the 200 MB of tensors
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            found.setdefault(ckpt["global_step"], (training_minutes(ckpt), ckpt["global_step"], run, path))
+            found.setdefault(
+                ckpt["global_step"], (training_minutes(ckpt), ckpt["global_step"], run, path)
+            )
     return [found[step] for step in sorted(found)]
 
 
 def evaluate(weights: Path, prompts: Path, out: Path, n: int, steps: int) -> dict:
-    subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt={weights}", f"prompt={prompts}",
-                    f"n={n}", "seed=0", "sampler=ddim", f"steps={steps}", "cfg_scale=4",
-                    f"out_dir={out}", "batch_size=64"],  # the recorded results used DDIM 50
-                   check=True)
-    subprocess.run([sys.executable, "-m", "ldm.evaluation.shapes", str(out), "--json",
-                    str(out / "scores.json")], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"ckpt={weights}",
+            f"prompt={prompts}",
+            f"n={n}",
+            "seed=0",
+            "sampler=ddim",
+            f"steps={steps}",
+            "cfg_scale=4",
+            f"out_dir={out}",
+            "batch_size=64",
+        ],  # the recorded results used DDIM 50
+        check=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ldm.evaluation.shapes",
+            str(out),
+            "--json",
+            str(out / "scores.json"),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     return json.loads((out / "scores.json").read_text())
 
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("background", "background colour"), ("shape_colour", "shape colour"),
-                       ("shape", "shape type")):
+    for key, label in (
+        ("background", "background colour"),
+        ("shape_colour", "shape colour"),
+        ("shape", "shape type"),
+    ):
         ax.plot([r["minutes"] for r in rows], [r[key] for r in rows], marker="o", label=label)
-    ax.set(xlabel="LDM training minutes (2-core CPU)", ylabel="accuracy (evaluator)", ylim=(0, 1.02),
-           title="shapes: prompt adherence, 64 prompts x 4 seeds")
+    ax.set(
+        xlabel="LDM training minutes (2-core CPU)",
+        ylabel="accuracy (evaluator)",
+        ylim=(0, 1.02),
+        title="shapes: prompt adherence, 64 prompts x 4 seeds",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -85,15 +119,26 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", type=Path, nargs="+", help="train.py run directories (a run and its resumptions)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "runs", type=Path, nargs="+", help="train.py run directories (a run and its resumptions)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shapes_quality")
     ap.add_argument("--n", type=int, default=4, help="seeds per prompt")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--only", type=int, nargs="*", help="evaluate only the checkpoints of these steps")
-    ap.add_argument("--final", nargs="*", default=[], metavar="RUN:MINUTES",
-                    help="also a run's model.safetensors, at its training minutes (a run stopped by "
-                         "trainer.max_time ends there; train_summary.json records it as train_minutes)")
+    ap.add_argument(
+        "--only", type=int, nargs="*", help="evaluate only the checkpoints of these steps"
+    )
+    ap.add_argument(
+        "--final",
+        nargs="*",
+        default=[],
+        metavar="RUN:MINUTES",
+        help="also a run's model.safetensors, at its training minutes (a run stopped by "
+        "trainer.max_time ends there; train_summary.json records it as train_minutes)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.txt"
@@ -115,18 +160,30 @@ def main() -> None:
     for item in args.final:
         run, minutes = item.rsplit(":", 1)
         step = json.loads((Path(run) / "train_summary.json").read_text())["step"]
-        scores = evaluate(Path(run) / "model.safetensors", prompts, args.out / "images" / f"final_{step:06d}",
-                          args.n, args.steps)
+        scores = evaluate(
+            Path(run) / "model.safetensors",
+            prompts,
+            args.out / "images" / f"final_{step:06d}",
+            args.n,
+            args.steps,
+        )
         rows.append({"minutes": float(minutes), "step": step, **scores})
     rows.sort(key=lambda r: r["step"])
     with open(args.out / "curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["minutes", "step", "background", "shape_colour", "shape", "all", "n"])
+        writer = csv.DictWriter(
+            f, fieldnames=["minutes", "step", "background", "shape_colour", "shape", "all", "n"]
+        )
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| training minutes | step | background | shape colour | shape type | all three |",
-             "|---|---|---|---|---|---|"]
-    table += [f"| {r['minutes']:.1f} | {r['step']} | {r['background']:.3f} | {r['shape_colour']:.3f} | "
-              f"{r['shape']:.3f} | {r['all']:.3f} |" for r in rows]
+    table = [
+        "| training minutes | step | background | shape colour | shape type | all three |",
+        "|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {r['minutes']:.1f} | {r['step']} | {r['background']:.3f} | {r['shape_colour']:.3f} | "
+        f"{r['shape']:.3f} | {r['all']:.3f} |"
+        for r in rows
+    ]
     (args.out / "curve.md").write_text("\n".join(table) + "\n")
     plot(rows, args.out / "curve.png")
     print("\n".join(table))

@@ -12,6 +12,7 @@ median wall and CPU seconds per step, images/s, and the parts' share (VAE encode
 U-Net forward + loss, backward, optimizer + EMA). Hold a fast CPU to the slow path with
 `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` (bench/README.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def build(overrides: list[str]):
         post = module.vae.posterior(images)
         batch = {"latent_mean": post.mean, "latent_std": post.std, "caption": captions}
         if cfg.data.get("cache_text"):
-            batch.update(context=module.text_encoder(captions),
-                         empty_context=module.text_encoder([""]))
+            batch.update(
+                context=module.text_encoder(captions), empty_context=module.text_encoder([""])
+            )
     return module, opt, batch
 
 
@@ -76,8 +78,11 @@ def step(module, opt, batch, chosen: precision.Precision) -> dict[str, float]:
         context = timed(lambda: module.condition(batch), parts, "text_encoder")
         loss = timed(lambda: module.objective(module.unet, latents, context), parts, "unet_forward")
     timed(loss.backward, parts, "backward")
-    timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True), module.ema.update(module.unet)),
-          parts, "optimizer_ema")
+    timed(
+        lambda: (opt.step(), opt.zero_grad(set_to_none=True), module.ema.update(module.unet)),
+        parts,
+        "optimizer_ema",
+    )
     parts.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu)
     return parts
 
@@ -100,20 +105,28 @@ def main(argv: list[str] | None = None) -> int:
             parts = step(module, opt, batch, chosen)
             if i >= args.warmup:
                 runs[name].append(parts)
-    result = {"command": "python bench/step_time.py " + " ".join(sys.argv[1:]),
-              "precision": chosen.value, "threads": torch.get_num_threads(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-              "variants": {}}
+    result = {
+        "command": "python bench/step_time.py " + " ".join(sys.argv[1:]),
+        "precision": chosen.value,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "variants": {},
+    }
     for name, rows in runs.items():
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         batch_size = len(built[name][2]["caption"])
-        result["variants"][name] = {"overrides": variants[name], "batch_size": batch_size,
-                                    "images_per_s": batch_size / med["wall"],
-                                    "median_s": {k: round(v, 4) for k, v in med.items()}}
+        result["variants"][name] = {
+            "overrides": variants[name],
+            "batch_size": batch_size,
+            "images_per_s": batch_size / med["wall"],
+            "median_s": {k: round(v, 4) for k, v in med.items()},
+        }
         shares = " ".join(f"{k} {v:.3f}" for k, v in med.items() if k not in ("wall", "cpu"))
-        print(f"{name:>26}: {batch_size / med['wall']:6.1f} img/s  wall {med['wall']:.3f} s "
-              f"cpu {med['cpu']:.3f} s | {shares}")
+        print(
+            f"{name:>26}: {batch_size / med['wall']:6.1f} img/s  wall {med['wall']:.3f} s "
+            f"cpu {med['cpu']:.3f} s | {shares}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,5 @@
 """Helpers shared by the command lines: config resolvers, part architectures, error reporting."""
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ def fail(message: object) -> NoReturn:
 def exit_on(*errors: type[BaseException]) -> Callable:
     """Turn the listed exceptions into `fail(...)`: they describe the user's input, so a
     traceback would only hide the message. Every command line of the project uses it."""
+
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -41,5 +43,7 @@ def exit_on(*errors: type[BaseException]) -> Callable:
                 return fn(*args, **kwargs)
             except errors as e:
                 fail(e)
+
         return run
+
     return wrap

@@ -1,4 +1,5 @@
 """`python -m ldm.convert`: the same command as `python -m ldm.checkpoints.convert`."""
+
 import sys
 
 from ldm.checkpoints.convert import main

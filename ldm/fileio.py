@@ -1,4 +1,5 @@
 """Files written so that a reader never sees half of one, and tar members written one way."""
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """One regular file in a tar, with a fixed date and mode so that shards are byte-reproducible."""
+    """One regular file in a tar, with a fixed date and mode: shards are byte-reproducible."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))

@@ -1,4 +1,5 @@
 """Text -> image without Lightning (used by `sample.py` and the training callbacks), and grids."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +11,13 @@ from PIL import Image
 from torch import nn
 
 from ldm.checkpoints import load_model
-from ldm.precision import Precision, autocast, resolve
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SamplerConfig, sample
 from ldm.diffusion.schedule import NoiseSchedule
-
+from ldm.precision import Precision, autocast, resolve
 
 log = logging.getLogger(__name__)
+
 
 def seed_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image: it draws that image's starting noise and then every noise the
@@ -24,15 +25,22 @@ def seed_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...],
-                  device: torch.device) -> torch.Tensor:
+def initial_noise(
+    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
     """(B, *shape) unit Gaussian latents, row i from generators[i]."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return (
+        ((images.float().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+    )
 
 
 def image_grid(images: torch.Tensor, ncols: int | None = None) -> Image.Image:
@@ -50,15 +58,22 @@ class Pipeline:
     """Prompts (+ negative prompts) and seeds -> images, under autocast to `precision` if given
     (else in the caller's context: the training callbacks use the trainer's)."""
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
-                 schedule: NoiseSchedule, prediction: str,
-                 precision: Precision | None = None) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        schedule: NoiseSchedule,
+        prediction: str,
+        precision: Precision | None = None,
+    ) -> None:
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.schedule, self.prediction, self.precision = schedule, prediction, precision
 
     @classmethod
-    def load(cls, ckpt: str, device: str | torch.device = "cpu", precision: str = "auto",
-             **options) -> tuple[Pipeline, dict]:
+    def load(
+        cls, ckpt: str, device: str | torch.device = "cpu", precision: str = "auto", **options
+    ) -> tuple[Pipeline, dict]:
         """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as
         a Pipeline in `ldm.precision.resolve(precision, device)`, and its model config.
         `options` go to `ldm.checkpoints.load_model` (prediction, use_ema, vae, text_encoder).
@@ -69,7 +84,9 @@ class Pipeline:
         log.info("precision: %s (%s)", chosen.value, chosen.reason)
         dtype = torch.float32 if device.type == "cpu" else None
         model = load_model(ckpt, device=device, dtype=dtype, **options)
-        pipe = cls(model.unet, model.vae, model.text_encoder, model.schedule, model.prediction, chosen)
+        pipe = cls(
+            model.unet, model.vae, model.text_encoder, model.schedule, model.prediction, chosen
+        )
         return pipe, model.config
 
     @property
@@ -80,19 +97,24 @@ class Pipeline:
         return autocast(self.precision, self.device) if self.precision else contextlib.nullcontext()
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
-                 negative_prompts: list[str] | None = None, height: int = 64,
-                 width: int = 64) -> torch.Tensor:
-        """Images as (B, H, W, 3) uint8."""
-        latents = self.latents(prompts, seeds, sampler, negative_prompts, height, width)
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        """Images (B, H, W, 3) uint8 of `latents(prompts, seeds, sampler, negative_prompts,
+        height, width)`."""
+        latents = self.latents(*args, **kwargs)
         with self.autocast():
             return to_uint8(self.vae.decode(latents))
 
     @torch.no_grad()
-    def latents(self, prompts: list[str], seeds: list[int], sampler: SamplerConfig,
-                negative_prompts: list[str] | None = None, height: int = 64,
-                width: int = 64) -> torch.Tensor:
-        """The sampled latents (B, C, height / f, width / f), in the diffusion model's (scaled) space."""
+    def latents(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        sampler: SamplerConfig,
+        negative_prompts: list[str] | None = None,
+        height: int = 64,
+        width: int = 64,
+    ) -> torch.Tensor:
+        """The sampled latents (B, C, height / f, width / f), in the diffusion model's space."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         f = self.vae.downsample_factor
@@ -102,12 +124,28 @@ class Pipeline:
         with self.autocast():
             context = self.text_encoder(list(prompts))
             uncond = self.text_encoder(list(negative)) if sampler.cfg_scale != 1.0 else None
-            denoiser = make_denoiser(self.unet, self.schedule, self.prediction, context, uncond,
-                                     sampler.cfg_scale, sampler.cfg_rescale)
+            denoiser = make_denoiser(
+                self.unet,
+                self.schedule,
+                self.prediction,
+                context,
+                uncond,
+                sampler.cfg_scale,
+                sampler.cfg_rescale,
+            )
             c = self.vae.post_quant_conv.in_channels  # latent channels
             generators = seed_generators(seeds)
             noise = initial_noise(generators, (c, height // f, width // f), self.device)
-            return sample(sampler.name, denoiser, noise, self.schedule.alphas_cumprod, sampler.steps,
-                          spacing=sampler.spacing, sigmas=sampler.sigmas, eta=sampler.eta,
-                          steps_offset=sampler.steps_offset,
-                          set_alpha_to_one=sampler.set_alpha_to_one, generator=generators)
+            return sample(
+                sampler.name,
+                denoiser,
+                noise,
+                self.schedule.alphas_cumprod,
+                sampler.steps,
+                spacing=sampler.spacing,
+                sigmas=sampler.sigmas,
+                eta=sampler.eta,
+                steps_offset=sampler.steps_offset,
+                set_alpha_to_one=sampler.set_alpha_to_one,
+                generator=generators,
+            )

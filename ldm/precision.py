@@ -8,6 +8,7 @@ there is a trap, not a saving. train.py (the Lightning trainer), sample.py, the 
 callbacks (through the trainer's precision plugin), the latent cache and the benchmarks all
 resolve their precision here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +29,7 @@ _warned: set[str] = set()
 @dataclass(frozen=True)
 class Precision:
     """A resolved precision (`value`, a Lightning precision string) and why it was chosen."""
+
     value: str
     reason: str
 
@@ -61,25 +63,35 @@ def device_type(accelerator: str | torch.device | None) -> str:
     return "cuda" if name.startswith(("cuda", "gpu")) else "cpu"
 
 
-def resolve(requested: str | int | None = AUTO, accelerator: str | torch.device | None = AUTO) -> Precision:
+def resolve(
+    requested: str | int | None = AUTO, accelerator: str | torch.device | None = AUTO
+) -> Precision:
     """The precision to run in on `accelerator`: `requested` itself, or the hardware's best for
-    "auto"/None. An explicit bf16 on a CPU without bf16 instructions is kept but warned about once."""
+    "auto"/None. An explicit bf16 on a CPU without bf16 instructions is kept, and warned about
+    once."""
     device = device_type(accelerator)
     requested = AUTO if requested is None else str(requested)
     if requested != AUTO:
         if requested in BF16 and device == "cpu" and not cpu_has_bf16():
-            _warn_once(f"precision {requested} on a CPU without bf16 instructions: PyTorch emulates "
-                       f"bfloat16 here, many times slower than float32; use precision=auto or 32-true")
+            _warn_once(
+                f"precision {requested} on a CPU without bf16 instructions: PyTorch emulates "
+                f"bfloat16 here, many times slower than float32; use precision=auto or 32-true"
+            )
         return Precision(requested, "as configured")
     if device == "cuda":
         if torch.cuda.is_bf16_supported():
             return Precision("bf16-mixed", "auto: this GPU computes in bf16")
-        return Precision("32-true", "auto: this GPU has no bf16 (16-mixed, with loss scaling, is "
-                                    "available on request)")
+        return Precision(
+            "32-true",
+            "auto: this GPU has no bf16 (16-mixed, with loss scaling, is available on request)",
+        )
     if cpu_has_bf16():
         return Precision("bf16-mixed", "auto: this CPU has bf16 instructions (AVX-512 BF16 / AMX)")
-    return Precision("32-true", "auto: this CPU has no bf16 instructions, where bf16 would be "
-                                "emulated and many times slower than float32")
+    return Precision(
+        "32-true",
+        "auto: this CPU has no bf16 instructions, where bf16 would be "
+        "emulated and many times slower than float32",
+    )
 
 
 def autocast(precision: Precision, device: str | torch.device) -> contextlib.AbstractContextManager:

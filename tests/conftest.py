@@ -1,9 +1,9 @@
 """Tiny parts shared by the tests: every model at its smallest, built from the library's classes."""
+
 import functools
 
 import pytest
 import torch
-
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -43,13 +43,22 @@ def tiny_parts():
 def tiny_module():
     unet, vae, text = tiny_parts()
     objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="v")
-    return LatentDiffusion(unet, vae, text, objective,
-                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-                           warmup_steps=2, caption_dropout=0.1, ema_decay=0.9)
+    return LatentDiffusion(
+        unet,
+        vae,
+        text,
+        objective,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        warmup_steps=2,
+        caption_dropout=0.1,
+        ema_decay=0.9,
+    )
 
 
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)
-    return {"image": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
-            "caption": ["a red circle on a blue background"] * 4}
+    return {
+        "image": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
+        "caption": ["a red circle on a blue background"] * 4,
+    }

@@ -1,4 +1,5 @@
 """Every config composes and instantiates, and the shipped shapes VAE is what its record says."""
+
 import contextlib
 
 import numpy as np
@@ -21,8 +22,9 @@ def compose_train(*overrides: str, hydra: bool = False):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.mark.parametrize("overrides", [(), ("experiment=shapes_vae",),
-                                       ("unet=tiny", "vae=tiny", "text_encoder=tiny")])
+@pytest.mark.parametrize(
+    "overrides", [(), ("experiment=shapes_vae",), ("unet=tiny", "vae=tiny", "text_encoder=tiny")]
+)
 def test_train_configs_instantiate(overrides):
     cfg = compose_train(*overrides)
     module = instantiate(cfg.model)
@@ -38,8 +40,12 @@ SAMPLERS = sorted(p.stem for p in (ROOT / "configs" / "sampler").glob("*.yaml") 
 def test_every_experiment_composes_and_builds(experiment):
     """Every recipe resolves, and its model and data module build (SD sizes on the meta device:
     no memory, no weights; `init` is the only value a user must give)."""
-    cfg = compose_train(f"experiment={experiment}", "init=weights.safetensors",
-                        "data.train_shards=shards/00000.tar", hydra=True)
+    cfg = compose_train(
+        f"experiment={experiment}",
+        "init=weights.safetensors",
+        "data.train_shards=shards/00000.tar",
+        hydra=True,
+    )
     HydraConfig.instance().set_config(cfg)  # as a run would: ${hydra:...} resolves
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node aside
     OmegaConf.to_container(plain, resolve=True)  # every interpolation resolves
@@ -73,7 +79,9 @@ def shipped_vae():
 
 def test_shipped_shapes_vae_reconstructs_at_its_recorded_quality(shipped_vae):
     images = [np.asarray(render_sample(sample_rng(7, "val", i))[0]) for i in range(64)]
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (64, 3, 64, 64)
+    x = (
+        torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    )  # (64, 3, 64, 64)
     with torch.no_grad():
         latents = shipped_vae.encode(x, sample=False)
         recon = shipped_vae.decode(latents)

@@ -1,4 +1,5 @@
 """train.py and sample.py as a user runs them: a few-step run, sampling from its file, bad input."""
+
 import json
 import subprocess
 import sys
@@ -16,23 +17,48 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin",
-           "HOME": str(cwd), "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(cwd),
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def tiny_train_overrides(tmp: Path) -> list[str]:
     shards = tmp / "shards"
-    return ["unet=tiny", "vae=tiny", "text_encoder=tiny",
-            f"data.prepare.out_dir={shards}", "data.prepare.n_train=64", "data.prepare.n_val=16",
-            "data.prepare.shard_size=32", f"data.train_shards={shards}/train/*.tar",
-            f"data.val_shards={shards}/val/*.tar", "data.batch_size=4", "data.num_workers=0",
-            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-            "trainer.log_every_n_steps=1", "callbacks.sample_grid.every_n_steps=2",
-            "callbacks.sample_grid.sampler.steps=2", "callbacks.checkpoint.every_n_train_steps=2",
-            "callbacks.adherence.n_prompts=2", "callbacks.adherence.sampler.steps=2",
-            f"hydra.run.dir={tmp / 'run'}"]
+    return [
+        "unet=tiny",
+        "vae=tiny",
+        "text_encoder=tiny",
+        f"data.prepare.out_dir={shards}",
+        "data.prepare.n_train=64",
+        "data.prepare.n_val=16",
+        "data.prepare.shard_size=32",
+        f"data.train_shards={shards}/train/*.tar",
+        f"data.val_shards={shards}/val/*.tar",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.sample_grid.every_n_steps=2",
+        "callbacks.sample_grid.sampler.steps=2",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.adherence.n_prompts=2",
+        "callbacks.adherence.sampler.steps=2",
+        f"hydra.run.dir={tmp / 'run'}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +90,45 @@ def test_sample_writes_images_with_metadata_and_a_grid(trained, tmp_path):
     prompts.write_text("a red circle on a blue background\na green square on a white background\n")
     out = tmp_path / "out"
     # a stochastic sampler: its per-step noise must follow each image's seed too
-    result = run("sample.py", f"ckpt={trained / 'model.safetensors'}", f"prompt={prompts}", "n=2",
-                 "seed=5", "sampler=euler_ancestral", "steps=2", "negative_prompt=blurry",
-                 f"out_dir={out}", cwd=tmp_path)
+    result = run(
+        "sample.py",
+        f"ckpt={trained / 'model.safetensors'}",
+        f"prompt={prompts}",
+        "n=2",
+        "seed=5",
+        "sampler=euler_ancestral",
+        "steps=2",
+        "negative_prompt=blurry",
+        f"out_dir={out}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     files = sorted(p.name for p in out.glob("*.png"))
     assert files == ["000005.png", "000006.png", "000007.png", "000008.png", "grid.png"]
     meta = Image.open(out / "000007.png").text
     assert meta["prompt"] == "a green square on a white background"
     assert meta["negative_prompt"] == "blurry" and meta["seed"] == "7"
-    assert meta["sampler"] == "euler_ancestral" and meta["steps"] == "2" and float(meta["cfg_scale"]) == 4.0
+    assert (
+        meta["sampler"] == "euler_ancestral"
+        and meta["steps"] == "2"
+        and float(meta["cfg_scale"]) == 4.0
+    )
     assert meta["precision"] == precision.resolve("auto", "cpu").value
     # The same seed gives the same image whatever else is in the batch (CPU kernels may round
     # differently for another batch size: equal up to a unit of the last 8-bit step).
     again = tmp_path / "again"
-    run("sample.py", f"ckpt={trained / 'model.safetensors'}", "prompt=a green square on a white background",
-        "n=1", "seed=7", "sampler=euler_ancestral", "sampler.steps=2", "negative_prompt=blurry",
-        f"out_dir={again}", cwd=tmp_path)
+    run(
+        "sample.py",
+        f"ckpt={trained / 'model.safetensors'}",
+        "prompt=a green square on a white background",
+        "n=1",
+        "seed=7",
+        "sampler=euler_ancestral",
+        "sampler.steps=2",
+        "negative_prompt=blurry",
+        f"out_dir={again}",
+        cwd=tmp_path,
+    )
     alone = np.asarray(Image.open(again / "000007.png"), dtype=int)
     batched = np.asarray(Image.open(out / "000007.png"), dtype=int)
     assert np.abs(alone - batched).max() <= 2
@@ -96,7 +144,9 @@ def _one_error_line(result: subprocess.CompletedProcess, *words: str) -> None:
 
 def test_missing_and_unreadable_checkpoints_are_one_clear_line(tmp_path):
     out = tmp_path / "out"
-    result = run("sample.py", "ckpt=nowhere.safetensors", "prompt=x", f"out_dir={out}", cwd=tmp_path)
+    result = run(
+        "sample.py", "ckpt=nowhere.safetensors", "prompt=x", f"out_dir={out}", cwd=tmp_path
+    )
     _one_error_line(result, "error: checkpoint", "does not exist", "ckpt=")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x07not a checkpoint")
@@ -107,29 +157,48 @@ def test_missing_and_unreadable_checkpoints_are_one_clear_line(tmp_path):
 
 def test_bad_sampler_option_is_one_clear_line(tmp_path):
     out = tmp_path / "out"
-    result = run("sample.py", "ckpt=nowhere.safetensors", "prompt=x", "sampler=euler",
-                 "sampler.sigmas=karass", f"out_dir={out}", cwd=tmp_path)
+    result = run(
+        "sample.py",
+        "ckpt=nowhere.safetensors",
+        "prompt=x",
+        "sampler=euler",
+        "sampler.sigmas=karass",
+        f"out_dir={out}",
+        cwd=tmp_path,
+    )
     _one_error_line(result, "error: unknown sigma spacing 'karass'", "karras")
     assert not out.exists()
 
 
 def test_missing_prompt_file_is_one_clear_line(trained, tmp_path):
     out = tmp_path / "out"
-    result = run("sample.py", f"ckpt={trained / 'model.safetensors'}", "prompt=missing.txt",
-                 f"out_dir={out}", cwd=tmp_path)
+    result = run(
+        "sample.py",
+        f"ckpt={trained / 'model.safetensors'}",
+        "prompt=missing.txt",
+        f"out_dir={out}",
+        cwd=tmp_path,
+    )
     _one_error_line(result, "error: prompt file", "missing.txt", "does not exist")
     assert not out.exists()
 
 
 def test_unknown_override_names_the_key_and_the_fix(tmp_path):
-    result = run("train.py", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run(
+        "train.py", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
     _one_error_line(result, "Could not override 'trainer.max_stepz'", "+trainer.max_stepz")
     assert not (tmp_path / "run").exists()
 
 
 def test_shard_pattern_that_matches_nothing_leaves_no_run_behind(tmp_path):
     run_dir = tmp_path / "run"
-    result = run("train.py", "data.prepare=null", f"data.train_shards={tmp_path}/none/*.tar",
-                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run(
+        "train.py",
+        "data.prepare=null",
+        f"data.train_shards={tmp_path}/none/*.tar",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     _one_error_line(result, "error: shard pattern", "matches no file")
     assert not run_dir.exists()

@@ -1,5 +1,6 @@
 """Pipeline and sampler selection: every sampler end to end on tiny parts, per-seed determinism,
 any resolution the VAE can decode, the sample.yaml sampler group, clear errors."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +9,8 @@ from hydra.utils import instantiate
 
 from conftest import tiny_parts
 from ldm.config import ROOT, register_resolvers
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.samplers import SAMPLERS, SamplerConfig
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.samplers import SamplerConfig
 from ldm.pipeline import Pipeline
 
 register_resolvers()
@@ -26,8 +26,14 @@ def pipe(single_thread):
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_every_sampler_makes_images_at_a_non_square_resolution(pipe, name):
-    images = pipe(["a red circle", "a blue square"], [0, 1], SamplerConfig(name=name, steps=2),
-                  ["blurry", ""], height=32, width=48)
+    images = pipe(
+        ["a red circle", "a blue square"],
+        [0, 1],
+        SamplerConfig(name=name, steps=2),
+        ["blurry", ""],
+        height=32,
+        width=48,
+    )
     assert images.shape == (2, 32, 48, 3) and images.dtype == torch.uint8
 
 
@@ -64,5 +70,7 @@ def test_each_sampler_config_reads_the_top_level_steps_and_guidance(name):
 def test_the_default_sampler_and_per_key_overrides():
     default = instantiate(compose_sample().sampler)
     assert (default.name, default.steps, default.sigmas) == ("dpmpp_2m", 20, "exponential")
-    tuned = instantiate(compose_sample("sampler=euler", "sampler.steps=9", "sampler.sigmas=karras").sampler)
+    tuned = instantiate(
+        compose_sample("sampler=euler", "sampler.steps=9", "sampler.sigmas=karras").sampler
+    )
     assert (tuned.name, tuned.steps, tuned.sigmas) == ("euler", 9, "karras")

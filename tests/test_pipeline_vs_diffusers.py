@@ -3,17 +3,18 @@ SD 2 (v) folders written by our exporter: same folder, prompt and starting noise
 against its diffusers scheduler built from the folder's scheduler_config.json (set_alpha_to_one
 false, steps_offset 1, leading spacing, as in every SD 1.x/2.x folder). Latents are compared
 before the VAE (a tiny VAE can hide latent errors) and images after it. Offline."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from sd_fixtures import sd_parts
 
 from ldm.checkpoints import layout, load_model
 from ldm.checkpoints.export import save_diffusers
 from ldm.diffusion.samplers import SamplerConfig
 from ldm.pipeline import Pipeline, initial_noise, seed_generators
+from sd_fixtures import sd_parts
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -31,17 +32,27 @@ def pipes(request, tmp_path_factory, single_thread):
     """(ours, diffusers') pipelines of one tiny folder written by our exporter."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    model = load_model(layout.save(root / "m.safetensors", sd_parts(family)),
-                       prediction="v" if family == "sd2" else None)
+    model = load_model(
+        layout.save(root / "m.safetensors", sd_parts(family)),
+        prediction="v" if family == "sd2" else None,
+    )
     folder = save_diffusers(root / "pipe", model)
     ours, _ = Pipeline.load(str(folder), "cpu", "32-true")
     assert ours.prediction == ("v" if family == "sd2" else "eps")
     ref = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True,
-        dtype=torch.float32)
+        folder,
+        safety_checker=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+        dtype=torch.float32,
+    )
     ref.set_progress_bar_config(disable=True)
     sched = ref.scheduler.config
-    assert (sched.set_alpha_to_one, sched.steps_offset, sched.timestep_spacing) == (False, 1, "leading")
+    assert (sched.set_alpha_to_one, sched.steps_offset, sched.timestep_spacing) == (
+        False,
+        1,
+        "leading",
+    )
     assert sched.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     return ours, ref
 

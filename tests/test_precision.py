@@ -1,4 +1,5 @@
 """Precision chosen for the hardware (ldm.precision), the same way by every entry point."""
+
 import json
 import logging
 
@@ -17,8 +18,10 @@ register_resolvers()
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     """Set whether the CPU 'has' bf16 instructions: cpu_bf16(True) / cpu_bf16(False)."""
+
     def set_(has: bool) -> None:
         monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has)
+
     return set_
 
 
@@ -65,14 +68,19 @@ def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_pa
     """train.py's trainer, sample.py's pipeline and the latent cache writer all choose what
     ldm.precision.resolve chooses for this (simulated) CPU."""
     from ldm.pipeline import Pipeline
-
     from ldm.training.trainer import make_trainer
 
     cpu_bf16(has)
     expected = precision.resolve("auto", "cpu").value
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer.accelerator=cpu", "trainer.devices=1",
-                                          "trainer.default_root_dir=" + str(tmp_path)])
+        cfg = compose(
+            "train",
+            overrides=[
+                "trainer.accelerator=cpu",
+                "trainer.devices=1",
+                "trainer.default_root_dir=" + str(tmp_path),
+            ],
+        )
     assert cfg.trainer.precision == "auto"
     assert make_trainer(cfg.trainer, logger=False).precision == expected
 
@@ -86,6 +94,12 @@ def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_pa
     from tests.data.test_latents import write_image_shard
 
     unet, vae, text = tiny_parts()
-    write_latent_shards([str(write_image_shard(tmp_path / "src.tar"))], tmp_path / "cache", vae,
-                        None, image_size=64, progress=False)
+    write_latent_shards(
+        [str(write_image_shard(tmp_path / "src.tar"))],
+        tmp_path / "cache",
+        vae,
+        None,
+        image_size=64,
+        progress=False,
+    )
     assert json.loads((tmp_path / "cache/_latents.json").read_text())["precision"] == expected

@@ -6,6 +6,7 @@
 Captions: metadata.jsonl / metadata.csv (`file_name` + caption column), else a sidecar .txt,
 else the file name. See ldm.data.folder and data/folder/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("in_dir", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("out_dir", type=Path, help="where NNNNN.tar shards are written")
     parser.add_argument("--shard-size", type=int, default=10000, help="images per tar")
-    parser.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl/.csv")
-    parser.add_argument("--image-format", choices=FORMATS, default="keep",
-                        help="keep the original bytes, or re-encode to this format (RGB)")
+    parser.add_argument(
+        "--caption-column", default="text", help="caption column of metadata.jsonl/.csv"
+    )
+    parser.add_argument(
+        "--image-format",
+        choices=FORMATS,
+        default="keep",
+        help="keep the original bytes, or re-encode to this format (RGB)",
+    )
     parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality when re-encoding")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -32,11 +39,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on(FolderError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    info = write_folder_shards(args.in_dir, args.out_dir, args.shard_size, args.caption_column,
-                               args.image_format, args.quality, progress=not args.quiet)
+    info = write_folder_shards(
+        args.in_dir,
+        args.out_dir,
+        args.shard_size,
+        args.caption_column,
+        args.image_format,
+        args.quality,
+        progress=not args.quiet,
+    )
     src = ", ".join(f"{k} {v}" for k, v in info["caption_from"].items())
-    print(f"wrote {info['written']} of {info['found']} images to {len(info['shards'])} shard(s) in "
-          f"{args.out_dir}; skipped {info['skipped_unreadable']} unreadable; captions from: {src}")
+    print(
+        f"wrote {info['written']} of {info['found']} images to {len(info['shards'])} shard(s) in "
+        f"{args.out_dir}; skipped {info['skipped_unreadable']} unreadable; captions from: {src}"
+    )
     for name in info["unreadable_files"][:20]:
         print(f"  unreadable: {name}")
     return 0

@@ -9,6 +9,7 @@ the VAE, text encoder, image size and crop come from the same configs as trainin
 result with `data=latents data.train_shards='OUT_DIR/*.tar'` plus the same model overrides.
 `--no-text` caches the VAE latents only, for a text encoder that trains.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,18 +31,31 @@ from ldm.data.shards import DataError, expand_shards
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="where the cached NNNNN.tar shards are written")
-    parser.add_argument("--split", choices=("train", "val"), default="train",
-                        help="encode data.train_shards or data.val_shards")
-    parser.add_argument("--flips", action="store_true",
-                        help="also cache the mirrored images (implied by data.flip=true)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "val"),
+        default="train",
+        help="encode data.train_shards or data.val_shards",
+    )
+    parser.add_argument(
+        "--flips",
+        action="store_true",
+        help="also cache the mirrored images (implied by data.flip=true)",
+    )
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="auto",
-                        help="auto (bf16 autocast where the hardware has bf16, else float32), "
-                             "32-true, bf16-mixed, 16-mixed")
-    parser.add_argument("--no-text", action="store_true",
-                        help="cache VAE latents only (the text encoder may then train)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (bf16 autocast where the hardware has bf16, else float32), "
+        "32-true, bf16-mixed, 16-mixed",
+    )
+    parser.add_argument(
+        "--no-text",
+        action="store_true",
+        help="cache VAE latents only (the text encoder may then train)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_known_args(argv)
 
@@ -86,25 +100,39 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"unknown option(s) {bad}")
     cfg = compose_config(overrides)
     if cfg.data.get("random_crop", False):
-        raise CacheError("data.random_crop=true: a cache holds one crop per image; "
-                         "set data.random_crop=false")
+        raise CacheError(
+            "data.random_crop=true: a cache holds one crop per image; set data.random_crop=false"
+        )
     vae, text_encoder = build_parts(cfg)
     urls = expand_shards(cfg.data[f"{args.split}_shards"])
-    parts = {k: architecture(OmegaConf.to_container(cfg[k], resolve=True))
-             for k in ("vae", "text_encoder")}
+    parts = {
+        k: architecture(OmegaConf.to_container(cfg[k], resolve=True))
+        for k in ("vae", "text_encoder")
+    }
     parts["data_filters"] = filter_settings(cfg.data)
     if args.no_text:
         text_encoder = None  # latents only: the text encoder runs, and may train, at training time
     else:
         require_frozen(text_encoder)  # training would refuse the cache otherwise
     counts = write_latent_shards(
-        urls, args.out_dir, vae, text_encoder,
-        image_size=cfg.data.image_size, batch_size=args.batch_size,
-        flips=args.flips or bool(cfg.data.get("flip", False)), dtype=args.dtype,
-        device=args.device, sources=parts, progress=not args.quiet, precision=args.precision,
-        keep=metadata_filter(parts["data_filters"]))
-    print(f"cached {counts['written']} samples in {len(counts['shards'])} shard(s) under "
-          f"{args.out_dir}; skipped {len(counts['skipped'])} (unreadable or filtered out)")
+        urls,
+        args.out_dir,
+        vae,
+        text_encoder,
+        image_size=cfg.data.image_size,
+        batch_size=args.batch_size,
+        flips=args.flips or bool(cfg.data.get("flip", False)),
+        dtype=args.dtype,
+        device=args.device,
+        sources=parts,
+        progress=not args.quiet,
+        precision=args.precision,
+        keep=metadata_filter(parts["data_filters"]),
+    )
+    print(
+        f"cached {counts['written']} samples in {len(counts['shards'])} shard(s) under "
+        f"{args.out_dir}; skipped {len(counts['skipped'])} (unreadable or filtered out)"
+    )
     return 0
 
 

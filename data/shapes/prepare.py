@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from ldm.data.shapes import shards_ready, write_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     out = write_shards(
-        args.out, n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
-        shard_size=args.shard_size, progress=not args.quiet, workers=args.workers,
+        args.out,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        size=args.size,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        progress=not args.quiet,
+        workers=args.workers,
     )
     seconds = time.perf_counter() - start
     total = args.n_train + args.n_val

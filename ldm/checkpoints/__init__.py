@@ -9,11 +9,22 @@ ours for the tools people use.
     diffusers.py         diffusers pipeline folders, read and written
     load.py              load_model(path or folder) -> our modules; load_weights into existing ones
     export.py            SD single files (+ inference YAML), diffusers folders, a run's weights
-    convert.py           `python -m ldm.checkpoints.convert SRC DST` (alias: `python -m ldm.convert`)
+    convert.py           `python -m ldm.checkpoints.convert SRC DST` (or `python -m ldm.convert`)
 """
+
 from ldm.checkpoints.files import CONFIG_KEY, CheckpointError, read, read_config, save_state
 from ldm.checkpoints.layout import pretrained, save
 from ldm.checkpoints.load import Loaded, load_model, load_weights
 
-__all__ = ["CONFIG_KEY", "CheckpointError", "Loaded", "load_model", "load_weights", "pretrained",
-           "read", "read_config", "save", "save_state"]
+__all__ = [
+    "CONFIG_KEY",
+    "CheckpointError",
+    "Loaded",
+    "load_model",
+    "load_weights",
+    "pretrained",
+    "read",
+    "read_config",
+    "save",
+    "save_state",
+]

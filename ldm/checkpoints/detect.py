@@ -12,6 +12,7 @@ The prediction type is not in the weights: SD 2's 768-v and 512-base files have 
 file (`NAME.yaml` with `parameterization: "v"`, as A1111 reads it); an SD 2 file whose name
 says `768` or `-v`; otherwise eps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,10 @@ from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
 
 log = logging.getLogger(__name__)
-OPEN_CLIP_NAMES = {(768, 12): "ViT-L-14", (1024, 24): "ViT-H-14"}  # (width, layers) -> open_clip name
+OPEN_CLIP_NAMES = {
+    (768, 12): "ViT-L-14",
+    (1024, 24): "ViT-H-14",
+}  # (width, layers) -> open_clip name
 
 
 def unet_config(u: dict[str, torch.Tensor]) -> dict:
@@ -49,13 +53,20 @@ def unet_config(u: dict[str, torch.Tensor]) -> dict:
     linear = proj.ndim == 2  # SD 2: Linear projections, SD 1: 1x1 convs
     depth = len({k.split(".")[3] for k in u if k.startswith("middle_block.1.transformer_blocks.")})
     config = dict(
-        _target_="ldm.models.unet.UNetModel", in_channels=conv_in.shape[1],
+        _target_="ldm.models.unet.UNetModel",
+        in_channels=conv_in.shape[1],
         out_channels=u["out.2.weight"].shape[0] if "out.2.weight" in u else conv_in.shape[1],
         model_channels=base,
-        channel_mult=[lv[0][0] // base for lv in levels], num_res_blocks=len(levels[0]),
-        attention_resolutions=sorted((2**n for n, lv in enumerate(levels) if lv[0][1]), reverse=True),
+        channel_mult=[lv[0][0] // base for lv in levels],
+        num_res_blocks=len(levels[0]),
+        attention_resolutions=sorted(
+            (2**n for n, lv in enumerate(levels) if lv[0][1]), reverse=True
+        ),
         context_dim=u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-        transformer_depth=depth, use_linear_in_transformer=linear, norm_groups=32)
+        transformer_depth=depth,
+        use_linear_in_transformer=linear,
+        norm_groups=32,
+    )
     if linear:
         config["num_head_channels"] = 64
     else:
@@ -72,15 +83,27 @@ def vae_config(v: dict[str, torch.Tensor]) -> dict:
     mult = [v[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(n_levels)]
     resolution = 256
     return dict(
-        _target_="ldm.models.autoencoder.AutoencoderKL", in_channels=v["encoder.conv_in.weight"].shape[1],
-        out_channels=v["decoder.conv_out.weight"].shape[0], ch=ch, ch_mult=mult,
+        _target_="ldm.models.autoencoder.AutoencoderKL",
+        in_channels=v["encoder.conv_in.weight"].shape[1],
+        out_channels=v["decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=mult,
         num_res_blocks=len({k.split(".")[4] for k in v if k.startswith("encoder.down.0.block.")}),
-        z_channels=v["decoder.conv_in.weight"].shape[1], embed_dim=v["post_quant_conv.weight"].shape[1],
-        attn_resolutions=[resolution // 2**i for i in range(n_levels) if f"encoder.down.{i}.attn.0.q.weight" in v],
-        resolution=resolution, norm_groups=32, scale_factor=0.18215, shift_factor=0.0)
+        z_channels=v["decoder.conv_in.weight"].shape[1],
+        embed_dim=v["post_quant_conv.weight"].shape[1],
+        attn_resolutions=[
+            resolution // 2**i for i in range(n_levels) if f"encoder.down.{i}.attn.0.q.weight" in v
+        ],
+        resolution=resolution,
+        norm_groups=32,
+        scale_factor=0.18215,
+        shift_factor=0.0,
+    )
 
 
-def text_config(t: dict[str, torch.Tensor], hf_names: bool, conventions: dict | None = None) -> dict:
+def text_config(
+    t: dict[str, torch.Tensor], hf_names: bool, conventions: dict | None = None
+) -> dict:
     """`TextEncoder` arguments from an open_clip tower state dict (`model.*` keys).
 
     `hf_names`: the file used CLIP (SD 1) names, so SD 1's conventions apply (quick GELU, last
@@ -91,19 +114,32 @@ def text_config(t: dict[str, torch.Tensor], hf_names: bool, conventions: dict | 
     vocab, width = t["model.token_embedding.weight"].shape
     layers = len({k.split(".")[3] for k in t if k.startswith("model.transformer.resblocks.")})
     has_proj = "model.text_projection" in t
-    cfg = {"context_length": t["model.positional_embedding"].shape[0], "vocab_size": vocab,
-           "width": width, "heads": max(1, width // 64), "layers": layers,
-           "mlp_ratio": t["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width}
+    cfg = {
+        "context_length": t["model.positional_embedding"].shape[0],
+        "vocab_size": vocab,
+        "width": width,
+        "heads": max(1, width // 64),
+        "layers": layers,
+        "mlp_ratio": t["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+    }
     if not has_proj:
         cfg["proj_type"] = "none"
     name = OPEN_CLIP_NAMES.get((width, layers))
     if name is not None:  # a known tower: its name says the rest
         cfg = {k: v for k, v in cfg.items() if k == "proj_type"}
-    out = dict(_target_="ldm.models.text_encoder.TextEncoder", model_name=name, text_cfg=cfg or None,
-               layer="last" if hf_names else "penultimate", frozen=True,
-               pad_with_eot=hf_names, quick_gelu=hf_names)
+    out = dict(
+        _target_="ldm.models.text_encoder.TextEncoder",
+        model_name=name,
+        text_cfg=cfg or None,
+        layer="last" if hf_names else "penultimate",
+        frozen=True,
+        pad_with_eot=hf_names,
+        quick_gelu=hf_names,
+    )
     if conventions:
-        out.update({k: conventions[k] for k in ("layer", "pad_with_eot", "quick_gelu") if k in conventions})
+        out.update(
+            {k: conventions[k] for k in ("layer", "pad_with_eot", "quick_gelu") if k in conventions}
+        )
     return out
 
 
@@ -119,7 +155,9 @@ def prediction(path: Path, meta: dict, sd2: bool, explicit: str | None = None) -
         found = re.search(r"parameterization:\s*['\"]?(\w+)['\"]?\s*$", yaml.read_text(), re.M)
         return parse_prediction(found.group(1)) if found else Prediction.EPS
     if sd2 and re.search(r"768|(^|[-_])v([-_.]|$)", path.stem.lower()):
-        log.info("%s: v-prediction assumed from the file name (override with prediction=eps)", path.name)
+        log.info(
+            "%s: v-prediction assumed from the file name (override with prediction=eps)", path.name
+        )
         return Prediction.V
     return Prediction.EPS
 
@@ -138,8 +176,10 @@ def sd_config(states: dict[str, dict], path: Path, meta: dict, explicit: str | N
     try:
         _detect_parts(states, config)
     except (KeyError, IndexError) as e:  # a part without the keys its architecture shows in
-        raise CheckpointError(f"{path.name}: cannot tell the architecture, key {e} is missing; "
-                              f"is it an SD 1.x/2.x checkpoint?") from None
+        raise CheckpointError(
+            f"{path.name}: cannot tell the architecture, key {e} is missing; "
+            f"is it an SD 1.x/2.x checkpoint?"
+        ) from None
     sd2 = bool(config.get("unet", {}).get("use_linear_in_transformer"))
     pred = prediction(path, meta, sd2, explicit)
     config["diffusion"] = {"schedule": dict(SD_SCHEDULE), "prediction": pred.value}

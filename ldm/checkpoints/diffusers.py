@@ -6,6 +6,7 @@ OpenCLIP ViT-H's 24 blocks (their output *is* the penultimate layer): read, it b
 penultimate-layer tower whose unused last block and projection are zeros (logged); written, the
 last block is left out again, so a folder round trip is exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,29 @@ import torch
 from torch import nn
 
 from ldm.checkpoints import keymaps
-from ldm.checkpoints.diffusers_configs import (DIFFUSERS_VERSION, diffusers_unet_config,
-                                               diffusers_vae_config, diffusion_from_scheduler,
-                                               hf_text_config, scheduler_config, text_config_from_hf,
-                                               unet_config_from_diffusers, vae_config_from_diffusers)
+from ldm.checkpoints.diffusers_configs import (
+    DIFFUSERS_VERSION,
+    diffusers_unet_config,
+    diffusers_vae_config,
+    diffusion_from_scheduler,
+    hf_text_config,
+    scheduler_config,
+    text_config_from_hf,
+    unet_config_from_diffusers,
+    vae_config_from_diffusers,
+)
 from ldm.checkpoints.files import CheckpointError, read, save_state
 from ldm.fileio import write_text
 
 log = logging.getLogger(__name__)
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
-                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
-                "diffusion_pytorch_model.bin", "pytorch_model.bin")
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -46,12 +59,20 @@ def _text_state(folder: Path, cfg: dict, sd2: bool) -> dict[str, torch.Tensor]:
     tower = keymaps.hf_clip_to_open_clip(_weights(folder))
     if sd2:  # the block and projection a penultimate-layer output never uses: zeros
         n, width = cfg["num_hidden_layers"], cfg["hidden_size"]
-        block = {k.replace(".0.", f".{n}.", 1): torch.zeros_like(v) for k, v in tower.items()
-                 if k.startswith("transformer.resblocks.0.")}
+        block = {
+            k.replace(".0.", f".{n}.", 1): torch.zeros_like(v)
+            for k, v in tower.items()
+            if k.startswith("transformer.resblocks.0.")
+        }
         tower.update(block)
         tower["text_projection"] = torch.zeros(width, width, dtype=tower["ln_final.weight"].dtype)
-        log.warning("%s: SD 2 CLIPTextModel (%d blocks): block %d and the projection, which the "
-                    "penultimate-layer output never uses, are set to zeros", folder, n, n)
+        log.warning(
+            "%s: SD 2 CLIPTextModel (%d blocks): block %d and the projection, which the "
+            "penultimate-layer output never uses, are set to zeros",
+            folder,
+            n,
+            n,
+        )
     return {"model." + k: v for k, v in tower.items()}
 
 
@@ -62,18 +83,28 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
         vae_cfg = vae_config_from_diffusers(_json(folder / "vae" / "config.json"))
         text_hf = _json(folder / "text_encoder" / "config.json")
         sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
-        sched = _json(folder / "scheduler" / "scheduler_config.json") if (folder / "scheduler").is_dir() else {}
+        sched = (
+            _json(folder / "scheduler" / "scheduler_config.json")
+            if (folder / "scheduler").is_dir()
+            else {}
+        )
         diffusion = diffusion_from_scheduler(sched)
     except ValueError as e:  # a feature or prediction type we have no equivalent of
         raise CheckpointError(f"{folder}: {e}") from None
-    config = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_config_from_hf(text_hf, sd2),
-              "diffusion": diffusion,
-              "image_size": (_json(folder / "unet" / "config.json").get("sample_size") or 64)
-              * 2 ** (len(vae_cfg["ch_mult"]) - 1)}
+    config = {
+        "unet": unet_cfg,
+        "vae": vae_cfg,
+        "text_encoder": text_config_from_hf(text_hf, sd2),
+        "diffusion": diffusion,
+        "image_size": (_json(folder / "unet" / "config.json").get("sample_size") or 64)
+        * 2 ** (len(vae_cfg["ch_mult"]) - 1),
+    }
     try:
-        states = {"unet": keymaps.diffusers_unet_to_sd(_weights(folder / "unet"), unet_cfg),
-                  "vae": keymaps.diffusers_vae_to_sd(_weights(folder / "vae")),
-                  "text_encoder": _text_state(folder / "text_encoder", text_hf, sd2)}
+        states = {
+            "unet": keymaps.diffusers_unet_to_sd(_weights(folder / "unet"), unet_cfg),
+            "vae": keymaps.diffusers_vae_to_sd(_weights(folder / "vae")),
+            "text_encoder": _text_state(folder / "text_encoder", text_hf, sd2),
+        }
     except KeyError as e:
         raise CheckpointError(f"{folder}: {e.args[0]}") from None
     return config, states
@@ -94,12 +125,24 @@ def write_tokenizer(folder: Path, encoder: nn.Module) -> None:
     merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     pad = "<|endoftext|>" if encoder.pad_with_eot else "!"  # "!" has id 0: open_clip's zero padding
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": pad}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": encoder.context_length,
-         "do_lower_case": True}, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                **special,
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": encoder.context_length,
+                "do_lower_case": True,
+            },
+            indent=2,
+        )
+    )
 
 
 def _save_part(folder: Path, config: dict, state: dict, weights: str) -> None:
@@ -111,26 +154,51 @@ def write_folder(folder: Path, parts: dict[str, nn.Module], config: dict) -> Pat
     """A diffusers `StableDiffusionPipeline` folder from our parts and model config."""
     unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
     ucfg = diffusers_unet_config(config["unet"])
-    ucfg.update(_class_name="UNet2DConditionModel", _diffusers_version=DIFFUSERS_VERSION,
-                sample_size=config.get("image_size", 512) // vae.downsample_factor)
-    _save_part(folder / "unet", ucfg, keymaps.sd_unet_to_diffusers(unet.state_dict(), config["unet"]),
-               "diffusion_pytorch_model.safetensors")
+    ucfg.update(
+        _class_name="UNet2DConditionModel",
+        _diffusers_version=DIFFUSERS_VERSION,
+        sample_size=config.get("image_size", 512) // vae.downsample_factor,
+    )
+    _save_part(
+        folder / "unet",
+        ucfg,
+        keymaps.sd_unet_to_diffusers(unet.state_dict(), config["unet"]),
+        "diffusion_pytorch_model.safetensors",
+    )
     vcfg = diffusers_vae_config(vae.config)
     vcfg.update(_class_name="AutoencoderKL", _diffusers_version=DIFFUSERS_VERSION)
-    _save_part(folder / "vae", vcfg, keymaps.sd_vae_to_diffusers(vae.state_dict()),
-               "diffusion_pytorch_model.safetensors")
+    _save_part(
+        folder / "vae",
+        vcfg,
+        keymaps.sd_vae_to_diffusers(vae.state_dict()),
+        "diffusion_pytorch_model.safetensors",
+    )
     layers = len(text.model.transformer.resblocks) - (1 if text.layer == "penultimate" else 0)
     tower = {k.removeprefix("model."): v for k, v in text.state_dict().items()}
     hf = keymaps.open_clip_to_hf_clip(tower, layers)
     hf.pop("text_model.embeddings.position_ids")  # not a saved buffer in transformers
     _save_part(folder / "text_encoder", hf_text_config(text, layers), hf, "model.safetensors")
     write_tokenizer(folder / "tokenizer", text)
-    write_text(folder / "scheduler" / "scheduler_config.json",
-               json.dumps(scheduler_config(config["diffusion"]), indent=2))
-    write_text(folder / "model_index.json", json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    write_text(
+        folder / "scheduler" / "scheduler_config.json",
+        json.dumps(scheduler_config(config["diffusion"]), indent=2),
+    )
+    write_text(
+        folder / "model_index.json",
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        ),
+    )
     return folder

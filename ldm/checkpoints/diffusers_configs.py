@@ -5,6 +5,7 @@ Our configs are the constructor arguments of `UNetModel`, `AutoencoderKL`, `Text
 `CLIPTextModel` and the schedulers' `scheduler_config.json` hold. Key names are renamed by
 `keymaps`, configs here; neither touches a tensor.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from ldm.diffusion.schedule import SD_SCHEDULE
 DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
 
 # ------------------------------------------------------------------------------- U-Net
+
 
 def diffusers_unet_config(config: Mapping) -> dict:
     """The diffusers `UNet2DConditionModel` arguments equivalent to a `UNetModel` config."""
@@ -33,7 +35,9 @@ def diffusers_unet_config(config: Mapping) -> dict:
         block_out_channels=channels,
         layers_per_block=config["num_res_blocks"],
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)],
+        up_block_types=[
+            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)
+        ],
         cross_attention_dim=config["context_dim"],
         attention_head_dim=heads,
         transformer_layers_per_block=config.get("transformer_depth", 1),
@@ -42,8 +46,15 @@ def diffusers_unet_config(config: Mapping) -> dict:
     )
 
 
-_UNSUPPORTED_UNET = ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "num_class_embeds",
-                     "time_embedding_type", "mid_block_only_cross_attention", "only_cross_attention")
+_UNSUPPORTED_UNET = (
+    "class_embed_type",
+    "addition_embed_type",
+    "encoder_hid_dim",
+    "num_class_embeds",
+    "time_embedding_type",
+    "mid_block_only_cross_attention",
+    "only_cross_attention",
+)
 
 
 def unet_config_from_diffusers(cfg: Mapping) -> dict:
@@ -56,10 +67,14 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
     heads = cfg.get("attention_head_dim", 8)
     out = dict(
         _target_="ldm.models.unet.UNetModel",
-        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
-        model_channels=base, channel_mult=[c // base for c in channels],
+        in_channels=cfg.get("in_channels", 4),
+        out_channels=cfg.get("out_channels", 4),
+        model_channels=base,
+        channel_mult=[c // base for c in channels],
         num_res_blocks=cfg.get("layers_per_block", 2),
-        attention_resolutions=[2**i for i, t in enumerate(cfg["down_block_types"]) if "CrossAttn" in t],
+        attention_resolutions=[
+            2**i for i, t in enumerate(cfg["down_block_types"]) if "CrossAttn" in t
+        ],
         context_dim=cfg.get("cross_attention_dim", 768),
         transformer_depth=cfg.get("transformer_layers_per_block", 1),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
@@ -81,28 +96,42 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
 def vae_config_from_diffusers(cfg: Mapping) -> dict:
     """An `AutoencoderKL` config from a diffusers `vae/config.json`."""
     channels = list(cfg["block_out_channels"])
-    return dict(_target_="ldm.models.autoencoder.AutoencoderKL",
-                in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-                ch=channels[0], ch_mult=[c // channels[0] for c in channels],
-                num_res_blocks=cfg.get("layers_per_block", 2), z_channels=cfg.get("latent_channels", 4),
-                embed_dim=cfg.get("latent_channels", 4), norm_groups=cfg.get("norm_num_groups", 32),
-                resolution=cfg.get("sample_size", 256), scale_factor=cfg.get("scaling_factor", 0.18215),
-                shift_factor=cfg.get("shift_factor") or 0.0)
+    return dict(
+        _target_="ldm.models.autoencoder.AutoencoderKL",
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        ch=channels[0],
+        ch_mult=[c // channels[0] for c in channels],
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        z_channels=cfg.get("latent_channels", 4),
+        embed_dim=cfg.get("latent_channels", 4),
+        norm_groups=cfg.get("norm_num_groups", 32),
+        resolution=cfg.get("sample_size", 256),
+        scale_factor=cfg.get("scaling_factor", 0.18215),
+        shift_factor=cfg.get("shift_factor") or 0.0,
+    )
 
 
 def diffusers_vae_config(config: Mapping) -> dict:
     """The diffusers `AutoencoderKL` arguments equivalent to an `AutoencoderKL` config."""
     ch, mult = config.get("ch", 128), list(config.get("ch_mult", (1, 2, 4, 4)))
     if config.get("z_channels", 4) != config.get("embed_dim", 4) or config.get("attn_resolutions"):
-        raise ValueError("diffusers' AutoencoderKL needs z_channels == embed_dim and no per-level attention")
-    return dict(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
-                down_block_types=["DownEncoderBlock2D"] * len(mult),
-                up_block_types=["UpDecoderBlock2D"] * len(mult),
-                block_out_channels=[ch * m for m in mult], layers_per_block=config.get("num_res_blocks", 2),
-                latent_channels=config.get("z_channels", 4), norm_num_groups=config.get("norm_groups", 32),
-                sample_size=config.get("resolution", 256),
-                scaling_factor=config.get("scale_factor", 0.18215),
-                shift_factor=config.get("shift_factor") or None)
+        raise ValueError(
+            "diffusers' AutoencoderKL needs z_channels == embed_dim and no per-level attention"
+        )
+    return dict(
+        in_channels=config.get("in_channels", 3),
+        out_channels=config.get("out_channels", 3),
+        down_block_types=["DownEncoderBlock2D"] * len(mult),
+        up_block_types=["UpDecoderBlock2D"] * len(mult),
+        block_out_channels=[ch * m for m in mult],
+        layers_per_block=config.get("num_res_blocks", 2),
+        latent_channels=config.get("z_channels", 4),
+        norm_num_groups=config.get("norm_groups", 32),
+        sample_size=config.get("resolution", 256),
+        scaling_factor=config.get("scale_factor", 0.18215),
+        shift_factor=config.get("shift_factor") or None,
+    )
 
 
 # ------------------------------------------------------------------------------- text encoder
@@ -113,28 +142,52 @@ def text_config_from_hf(cfg: Mapping, sd2: bool) -> dict:
     tower stops one block before the penultimate layer's: that block is added back)."""
     width, layers = cfg["hidden_size"], cfg["num_hidden_layers"] + (1 if sd2 else 0)
     name = OPEN_CLIP_NAMES.get((width, layers))
-    text_cfg = {} if name else {"width": width, "heads": cfg["num_attention_heads"], "layers": layers,
-                                "context_length": cfg["max_position_embeddings"],
-                                "vocab_size": cfg["vocab_size"],
-                                "mlp_ratio": cfg["intermediate_size"] / width}
+    text_cfg = (
+        {}
+        if name
+        else {
+            "width": width,
+            "heads": cfg["num_attention_heads"],
+            "layers": layers,
+            "context_length": cfg["max_position_embeddings"],
+            "vocab_size": cfg["vocab_size"],
+            "mlp_ratio": cfg["intermediate_size"] / width,
+        }
+    )
     if not sd2:
         text_cfg["proj_type"] = "none"
-    return dict(_target_="ldm.models.text_encoder.TextEncoder", model_name=name, text_cfg=text_cfg or None,
-                layer="penultimate" if sd2 else "last", frozen=True, pad_with_eot=not sd2,
-                quick_gelu=cfg.get("hidden_act") == "quick_gelu")
+    return dict(
+        _target_="ldm.models.text_encoder.TextEncoder",
+        model_name=name,
+        text_cfg=text_cfg or None,
+        layer="penultimate" if sd2 else "last",
+        frozen=True,
+        pad_with_eot=not sd2,
+        quick_gelu=cfg.get("hidden_act") == "quick_gelu",
+    )
 
 
 def hf_text_config(encoder, layers: int) -> dict:
     """A transformers `CLIPTextModel` config for our `TextEncoder` cut to `layers` blocks."""
     m = encoder.model
     width = m.width
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            "hidden_size": width, "intermediate_size": m.transformer.resblocks[0].mlp.c_fc.out_features,
-            "num_attention_heads": m.heads, "num_hidden_layers": layers,
-            "max_position_embeddings": m.context_length, "vocab_size": m.vocab_size,
-            "hidden_act": "quick_gelu" if encoder.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
-            "projection_dim": width, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 49407 if encoder.pad_with_eot else 0, "torch_dtype": "float32"}
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": width,
+        "intermediate_size": m.transformer.resblocks[0].mlp.c_fc.out_features,
+        "num_attention_heads": m.heads,
+        "num_hidden_layers": layers,
+        "max_position_embeddings": m.context_length,
+        "vocab_size": m.vocab_size,
+        "hidden_act": "quick_gelu" if encoder.quick_gelu else "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": width,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407 if encoder.pad_with_eot else 0,
+        "torch_dtype": "float32",
+    }
 
 
 # ------------------------------------------------------------------------------- scheduler
@@ -142,11 +195,14 @@ def hf_text_config(encoder, layers: int) -> dict:
 
 def diffusion_from_scheduler(sched: Mapping) -> dict:
     """Our `diffusion` config ({schedule, prediction}) from a `scheduler_config.json`."""
-    schedule = dict(SD_SCHEDULE, kind=sched.get("beta_schedule", SD_SCHEDULE["kind"]),
-                    num_steps=sched.get("num_train_timesteps", SD_SCHEDULE["num_steps"]),
-                    beta_start=sched.get("beta_start", SD_SCHEDULE["beta_start"]),
-                    beta_end=sched.get("beta_end", SD_SCHEDULE["beta_end"]),
-                    zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)))
+    schedule = dict(
+        SD_SCHEDULE,
+        kind=sched.get("beta_schedule", SD_SCHEDULE["kind"]),
+        num_steps=sched.get("num_train_timesteps", SD_SCHEDULE["num_steps"]),
+        beta_start=sched.get("beta_start", SD_SCHEDULE["beta_start"]),
+        beta_end=sched.get("beta_end", SD_SCHEDULE["beta_end"]),
+        zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
+    )
     prediction = Prediction.parse(sched.get("prediction_type", "epsilon"))
     return {"schedule": schedule, "prediction": prediction.value}
 
@@ -154,10 +210,17 @@ def diffusion_from_scheduler(sched: Mapping) -> dict:
 def scheduler_config(diffusion: Mapping) -> dict:
     """A diffusers `DDIMScheduler` config for our `diffusion` config ({schedule, prediction})."""
     sched = {**SD_SCHEDULE, **diffusion["schedule"]}
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
-            "beta_schedule": sched["kind"], "beta_start": sched["beta_start"],
-            "beta_end": sched["beta_end"], "num_train_timesteps": sched["num_steps"],
-            "prediction_type": Prediction.parse(diffusion["prediction"]).diffusers_name,
-            "rescale_betas_zero_snr": bool(sched["zero_terminal_snr"]),
-            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-            "timestep_spacing": "trailing" if sched["zero_terminal_snr"] else "leading"}
+    return {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_schedule": sched["kind"],
+        "beta_start": sched["beta_start"],
+        "beta_end": sched["beta_end"],
+        "num_train_timesteps": sched["num_steps"],
+        "prediction_type": Prediction.parse(diffusion["prediction"]).diffusers_name,
+        "rescale_betas_zero_snr": bool(sched["zero_terminal_snr"]),
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "trailing" if sched["zero_terminal_snr"] else "leading",
+    }

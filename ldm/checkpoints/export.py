@@ -5,6 +5,7 @@ The prediction type written is the model's own (`Loaded.prediction`, or the trai
 for a run), in each tool's name for it: `modelspec.prediction_type`, the LDM `parameterization`,
 the diffusers scheduler's `prediction_type`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,51 +38,104 @@ def architecture_name(config: dict) -> str:
 
 def sd_metadata(config: dict) -> dict:
     pred = Prediction.parse(config["diffusion"]["prediction"])
-    return {CONFIG_KEY: config, "format": "sd", "modelspec.architecture": architecture_name(config),
-            "modelspec.prediction_type": pred.modelspec_name}
+    return {
+        CONFIG_KEY: config,
+        "format": "sd",
+        "modelspec.architecture": architecture_name(config),
+        "modelspec.prediction_type": pred.modelspec_name,
+    }
 
 
 def inference_yaml(config: dict) -> dict:
     """The original LDM inference config of a model (what v2-inference-v.yaml says for SD 2)."""
     u, v, t = config["unet"], config["vae"], config["text_encoder"]
     sched = {**SD_SCHEDULE, **config["diffusion"]["schedule"]}
-    heads = {"num_head_channels": u["num_head_channels"]} if u.get("num_head_channels", -1) != -1 \
+    heads = (
+        {"num_head_channels": u["num_head_channels"]}
+        if u.get("num_head_channels", -1) != -1
         else {"num_heads": u["num_heads"]}
+    )
     open_clip_tower = t.get("layer") == "penultimate" or not t.get("pad_with_eot")
-    cond = ({"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-             "params": {"freeze": True, "layer": t.get("layer", "last")}} if open_clip_tower
-            else {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"})
+    cond = (
+        {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": t.get("layer", "last")},
+        }
+        if open_clip_tower
+        else {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    )
     params = {
         "parameterization": Prediction.parse(config["diffusion"]["prediction"]).ldm_name,
-        "linear_start": sched["beta_start"], "linear_end": sched["beta_end"],
-        "num_timesteps_cond": 1, "log_every_t": 200, "timesteps": sched["num_steps"],
-        "first_stage_key": "jpg", "cond_stage_key": "txt",
-        "image_size": config.get("image_size", 512) // 8, "channels": u["in_channels"],
-        "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
-        "scale_factor": v.get("scale_factor", 0.18215), "use_ema": False,
-        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-            "use_checkpoint": True, "image_size": 32, "in_channels": u["in_channels"],
-            "out_channels": u["out_channels"], "model_channels": u["model_channels"],
-            "attention_resolutions": list(u["attention_resolutions"]),
-            "num_res_blocks": u["num_res_blocks"], "channel_mult": list(u["channel_mult"]), **heads,
-            "use_spatial_transformer": True, "use_linear_in_transformer": bool(u.get("use_linear_in_transformer")),
-            "transformer_depth": u.get("transformer_depth", 1), "context_dim": u["context_dim"],
-            "legacy": False}},
-        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-            "embed_dim": v.get("embed_dim", 4), "monitor": "val/rec_loss",
-            "ddconfig": {"double_z": True, "z_channels": v.get("z_channels", 4), "resolution": 256,
-                         "in_channels": 3, "out_ch": 3, "ch": v.get("ch", 128),
-                         "ch_mult": list(v.get("ch_mult", [1, 2, 4, 4])),
-                         "num_res_blocks": v.get("num_res_blocks", 2), "attn_resolutions": [],
-                         "dropout": 0.0},
-            "lossconfig": {"target": "torch.nn.Identity"}}},
-        "cond_stage_config": cond}
-    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-                      "params": params}}
+        "linear_start": sched["beta_start"],
+        "linear_end": sched["beta_end"],
+        "num_timesteps_cond": 1,
+        "log_every_t": 200,
+        "timesteps": sched["num_steps"],
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": config.get("image_size", 512) // 8,
+        "channels": u["in_channels"],
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "monitor": "val/loss_simple_ema",
+        "scale_factor": v.get("scale_factor", 0.18215),
+        "use_ema": False,
+        "unet_config": {
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {
+                "use_checkpoint": True,
+                "image_size": 32,
+                "in_channels": u["in_channels"],
+                "out_channels": u["out_channels"],
+                "model_channels": u["model_channels"],
+                "attention_resolutions": list(u["attention_resolutions"]),
+                "num_res_blocks": u["num_res_blocks"],
+                "channel_mult": list(u["channel_mult"]),
+                **heads,
+                "use_spatial_transformer": True,
+                "use_linear_in_transformer": bool(u.get("use_linear_in_transformer")),
+                "transformer_depth": u.get("transformer_depth", 1),
+                "context_dim": u["context_dim"],
+                "legacy": False,
+            },
+        },
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": v.get("embed_dim", 4),
+                "monitor": "val/rec_loss",
+                "ddconfig": {
+                    "double_z": True,
+                    "z_channels": v.get("z_channels", 4),
+                    "resolution": 256,
+                    "in_channels": 3,
+                    "out_ch": 3,
+                    "ch": v.get("ch", 128),
+                    "ch_mult": list(v.get("ch_mult", [1, 2, 4, 4])),
+                    "num_res_blocks": v.get("num_res_blocks", 2),
+                    "attn_resolutions": [],
+                    "dropout": 0.0,
+                },
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": cond,
+    }
+    return {
+        "model": {
+            "base_learning_rate": 1.0e-4,
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": params,
+        }
+    }
 
 
-def save_sd(path: str | Path, model: Loaded, dtype: torch.dtype | None = None,
-            write_yaml: bool | None = None) -> Path:
+def save_sd(
+    path: str | Path,
+    model: Loaded,
+    dtype: torch.dtype | None = None,
+    write_yaml: bool | None = None,
+) -> Path:
     """One SD single file (+ `NAME.yaml`, which tools need to tell a v or x0 model from an eps
     one, unless `write_yaml` is False)."""
     path = Path(path)
@@ -89,7 +143,9 @@ def save_sd(path: str | Path, model: Loaded, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path.name}: SD single files are written as .safetensors")
     save(path, model.parts(), sd_metadata(model.config), dtype=dtype)
     if write_yaml or (write_yaml is None and model.prediction is not Prediction.EPS):
-        path.with_suffix(".yaml").write_text(yaml.safe_dump(inference_yaml(model.config), sort_keys=False))
+        path.with_suffix(".yaml").write_text(
+            yaml.safe_dump(inference_yaml(model.config), sort_keys=False)
+        )
     return path
 
 
@@ -106,13 +162,17 @@ def save_diffusers(folder: str | Path, model: Loaded, dtype: torch.dtype | None 
 
 def diffusion_config(objective) -> dict:
     """What a loader needs of a trained objective: its schedule and prediction type."""
-    return {"schedule": objective.schedule.config, "prediction": Prediction.parse(objective.prediction).value}
+    return {
+        "schedule": objective.schedule.config,
+        "prediction": Prediction.parse(objective.prediction).value,
+    }
 
 
 def run_metadata(cfg: DictConfig, objective) -> dict:
     """What sample.py needs to rebuild a trained model from its weights file alone: the parts'
     architectures (from the run's config), the objective's schedule and prediction type (from
     the object that trained, not the config that may have been overridden), the image size."""
+
     def resolved(key: str):  # only these nodes: the rest may name Hydra's run-time values
         return OmegaConf.to_container(cfg[key], resolve=True)
 
@@ -141,6 +201,13 @@ def export_run(cfg: DictConfig, module, path: str | Path) -> Path:
     meta = run_metadata(cfg, module.objective) if "unet" in parts else vae_metadata(cfg, module)
     dtype = getattr(torch, cfg.export_dtype) if cfg.get("export_dtype") else None
     path = save(path, parts, meta, dtype=dtype)
-    log.info("weights written to %s%s", path, "".join(
-        f"\n  {k}: {v}" for k, v in meta.items() if k in ("scale_factor", "shift_factor", "val_psnr_db")))
+    log.info(
+        "weights written to %s%s",
+        path,
+        "".join(
+            f"\n  {k}: {v}"
+            for k, v in meta.items()
+            if k in ("scale_factor", "shift_factor", "val_psnr_db")
+        ),
+    )
     return path

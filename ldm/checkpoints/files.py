@@ -1,6 +1,7 @@
 """Weight files on disk: safetensors (memory-mapped) and weights-only torch files in, safetensors
 out, written atomically. Our files carry the resolved model config under `ldm.config` in their
 safetensors metadata, which is what lets a file be loaded without any config beside it."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,14 @@ class CheckpointError(RuntimeError):
 def _existing(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass ckpt=PATH to a "
-                              f".safetensors or .ckpt file, or to a diffusers folder")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist; pass ckpt=PATH to a "
+            f".safetensors or .ckpt file, or to a diffusers folder"
+        )
     if p.suffix != ".safetensors" and p.suffix not in TORCH_SUFFIXES:
-        raise CheckpointError(f"{p.name}: expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a folder")
+        raise CheckpointError(
+            f"{p.name}: expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a folder"
+        )
     return p
 
 
@@ -37,8 +42,10 @@ def _open_safetensors(p: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], 
             meta = f.metadata() or {}
             return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
     except Exception as e:  # safetensors raises several types for a damaged header
-        raise CheckpointError(f"{p.name} is not a readable safetensors file ({e}); "
-                              f"re-export it or point ckpt= at another file") from None
+        raise CheckpointError(
+            f"{p.name} is not a readable safetensors file ({e}); "
+            f"re-export it or point ckpt= at another file"
+        ) from None
 
 
 def _read_torch(p: Path) -> dict[str, torch.Tensor]:
@@ -48,8 +55,10 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
         except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{p.name} does not load with torch.load(weights_only=True) ({e}); "
-                              f"only tensor files are read, never arbitrary pickles") from None
+        raise CheckpointError(
+            f"{p.name} does not load with torch.load(weights_only=True) ({e}); "
+            f"only tensor files are read, never arbitrary pickles"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning / LDM training checkpoints
     if not isinstance(obj, dict):
@@ -76,13 +85,19 @@ def read_config(path: str | os.PathLike) -> dict:
     """The model config stored in a file written by this project (reads the header only)."""
     meta = read_metadata(path)
     if CONFIG_KEY not in meta:
-        raise CheckpointError(f"{Path(path).name} carries no model config in its metadata; "
-                              f"it was not written by this project's train.py")
+        raise CheckpointError(
+            f"{Path(path).name} carries no model config in its metadata; "
+            f"it was not written by this project's train.py"
+        )
     return json.loads(meta[CONFIG_KEY])
 
 
-def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict | None = None,
-               dtype: torch.dtype | None = None) -> Path:
+def save_state(
+    path: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    metadata: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write a state dict as safetensors, atomically (a reader never sees half a file);
     `dtype` casts floating-point tensors (e.g. torch.float16 to halve the file)."""
     tensors = {}
@@ -96,5 +111,7 @@ def save_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata
         save_file(tensors, str(tmp), metadata=meta)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates owner-only files; weights are for sharing
+        os.chmod(
+            tmp, 0o666 & ~umask
+        )  # safetensors creates owner-only files; weights are for sharing
     return Path(path)

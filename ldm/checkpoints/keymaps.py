@@ -5,6 +5,7 @@ never copied, except where a layout really differs (CLIP's q/k/v are concatenate
 open_clip's `in_proj`). Unknown names raise KeyError naming the key, so a map can never drop
 weights silently.
 """
+
 from __future__ import annotations
 
 import re
@@ -45,9 +46,15 @@ def _unet_prefix_map(config: Mapping) -> dict[str, tuple[str, bool]]:
         first = 1 + level * (n_res + 1)
         for j in range(n_res):
             prefixes[f"down_blocks.{level}.resnets.{j}."] = (f"input_blocks.{first + j}.0.", True)
-            prefixes[f"down_blocks.{level}.attentions.{j}."] = (f"input_blocks.{first + j}.1.", False)
+            prefixes[f"down_blocks.{level}.attentions.{j}."] = (
+                f"input_blocks.{first + j}.1.",
+                False,
+            )
         if level < n_levels - 1:
-            prefixes[f"down_blocks.{level}.downsamplers.0.conv."] = (f"input_blocks.{first + n_res}.0.op.", False)
+            prefixes[f"down_blocks.{level}.downsamplers.0.conv."] = (
+                f"input_blocks.{first + n_res}.0.op.",
+                False,
+            )
     # Up path: up block i is level n_levels - 1 - i with n_res + 1 blocks; the Upsample sits
     # after the ResBlock, and after the transformer where there is one.
     for i in range(n_levels):
@@ -56,12 +63,19 @@ def _unet_prefix_map(config: Mapping) -> dict[str, tuple[str, bool]]:
             prefixes[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{first + j}.0.", True)
             prefixes[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{first + j}.1.", False)
         up_index = 2 if (n_levels - 1 - i) in attention_levels else 1
-        prefixes[f"up_blocks.{i}.upsamplers.0.conv."] = (f"output_blocks.{first + n_res}.{up_index}.conv.", False)
+        prefixes[f"up_blocks.{i}.upsamplers.0.conv."] = (
+            f"output_blocks.{first + n_res}.{up_index}.conv.",
+            False,
+        )
     return prefixes
 
 
-def _rename_by_prefix(state: Mapping[str, torch.Tensor], prefixes: dict[str, tuple[str, bool]],
-                      resnet_renames: dict[str, str], what: str) -> dict[str, torch.Tensor]:
+def _rename_by_prefix(
+    state: Mapping[str, torch.Tensor],
+    prefixes: dict[str, tuple[str, bool]],
+    resnet_renames: dict[str, str],
+    what: str,
+) -> dict[str, torch.Tensor]:
     # Longest prefix first: "input_blocks.1." must not claim "input_blocks.10.".
     ordered = sorted(prefixes, key=len, reverse=True)
     out = {}
@@ -70,7 +84,7 @@ def _rename_by_prefix(state: Mapping[str, torch.Tensor], prefixes: dict[str, tup
         if match is None:
             raise KeyError(f"no {what} name for U-Net key {key!r}")
         new_prefix, is_resnet = prefixes[match]
-        rest = key[len(match):]
+        rest = key[len(match) :]
         if is_resnet:
             module, param = _split_resnet(rest)
             if module not in resnet_renames:
@@ -86,7 +100,9 @@ def _split_resnet(rest: str) -> tuple[str, str]:
     return module, param
 
 
-def diffusers_unet_to_sd(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+def diffusers_unet_to_sd(
+    state: Mapping[str, torch.Tensor], config: Mapping
+) -> dict[str, torch.Tensor]:
     """A diffusers `UNet2DConditionModel` state dict in SD names (no `model.diffusion_model.`).
 
     `config` holds the `UNetModel` arguments `channel_mult`, `num_res_blocks` and
@@ -94,18 +110,37 @@ def diffusers_unet_to_sd(state: Mapping[str, torch.Tensor], config: Mapping) -> 
     return _rename_by_prefix(state, _unet_prefix_map(config), _RESNET_RENAMES, "SD")
 
 
-def sd_unet_to_diffusers(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+def sd_unet_to_diffusers(
+    state: Mapping[str, torch.Tensor], config: Mapping
+) -> dict[str, torch.Tensor]:
     """The inverse of `diffusers_unet_to_sd`."""
     inverse = {sd: (diff, res) for diff, (sd, res) in _unet_prefix_map(config).items()}
-    return _rename_by_prefix(state, inverse, {v: k for k, v in _RESNET_RENAMES.items()}, "diffusers")
+    return _rename_by_prefix(
+        state, inverse, {v: k for k, v in _RESNET_RENAMES.items()}, "diffusers"
+    )
 
 
 # ------------------------------------------------------------------------------- VAE
 
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-             # names used by diffusers before its attention refactor
-             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-_VAE_ATTN_BACK = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_VAE_ATTN = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    # names used by diffusers before its attention refactor
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}
+_VAE_ATTN_BACK = {
+    "norm": "group_norm",
+    "q": "to_q",
+    "k": "to_k",
+    "v": "to_v",
+    "proj_out": "to_out.0",
+}
 
 
 def diffusers_vae_to_sd(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,10 +179,16 @@ def _count_levels(state: Mapping[str, torch.Tensor], pattern: str) -> int:
 def _vae_key_to_sd(key: str, num_up: int) -> str:
     key = re.sub(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.block.\2.", key)
     key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
-    key = re.sub(r"up_blocks\.(\d+)\.resnets\.(\d+)\.",
-                 lambda m: f"up.{num_up - 1 - int(m.group(1))}.block.{m.group(2)}.", key)
-    key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.",
-                 lambda m: f"up.{num_up - 1 - int(m.group(1))}.upsample.", key)
+    key = re.sub(
+        r"up_blocks\.(\d+)\.resnets\.(\d+)\.",
+        lambda m: f"up.{num_up - 1 - int(m.group(1))}.block.{m.group(2)}.",
+        key,
+    )
+    key = re.sub(
+        r"up_blocks\.(\d+)\.upsamplers\.0\.",
+        lambda m: f"up.{num_up - 1 - int(m.group(1))}.upsample.",
+        key,
+    )
     key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", key)
     if "mid_block.attentions.0." in key:
         prefix, name = key.split("mid_block.attentions.0.")
@@ -163,10 +204,16 @@ def _vae_key_to_diffusers(key: str, num_up: int) -> str:
         raise KeyError(f"diffusers' AutoencoderKL has no per-level attention ({key!r})")
     key = re.sub(r"down\.(\d+)\.block\.(\d+)\.", r"down_blocks.\1.resnets.\2.", key)
     key = re.sub(r"down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", key)
-    key = re.sub(r"up\.(\d+)\.block\.(\d+)\.",
-                 lambda m: f"up_blocks.{num_up - 1 - int(m.group(1))}.resnets.{m.group(2)}.", key)
-    key = re.sub(r"up\.(\d+)\.upsample\.",
-                 lambda m: f"up_blocks.{num_up - 1 - int(m.group(1))}.upsamplers.0.", key)
+    key = re.sub(
+        r"up\.(\d+)\.block\.(\d+)\.",
+        lambda m: f"up_blocks.{num_up - 1 - int(m.group(1))}.resnets.{m.group(2)}.",
+        key,
+    )
+    key = re.sub(
+        r"up\.(\d+)\.upsample\.",
+        lambda m: f"up_blocks.{num_up - 1 - int(m.group(1))}.upsamplers.0.",
+        key,
+    )
     key = re.sub(r"mid\.block_(\d+)\.", lambda m: f"mid_block.resnets.{int(m.group(1)) - 1}.", key)
     if "mid.attn_1." in key:
         prefix, name = key.split("mid.attn_1.")
@@ -177,11 +224,19 @@ def _vae_key_to_diffusers(key: str, num_up: int) -> str:
 
 # ------------------------------------------------------------------------------- text encoder
 
-_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
-               "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
-_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
-             "embeddings.position_embedding.weight": "positional_embedding",
-             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
 _CLIP_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -211,11 +266,15 @@ def hf_clip_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     for (layer, param), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"CLIP layer {layer} has {param}s for {sorted(parts)} of q, k, v only")
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts[c] for c in "qkv"])
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat(
+            [parts[c] for c in "qkv"]
+        )
     return out
 
 
-def open_clip_to_hf_clip(state: Mapping[str, torch.Tensor], layers: int | None = None) -> dict[str, torch.Tensor]:
+def open_clip_to_hf_clip(
+    state: Mapping[str, torch.Tensor], layers: int | None = None
+) -> dict[str, torch.Tensor]:
     """open_clip `TextTransformer` names -> transformers `CLIPTextModel` names (`text_model.*`).
 
     Only the first `layers` blocks are written (a CLIPTextModel of a penultimate-layer encoder
@@ -233,7 +292,9 @@ def open_clip_to_hf_clip(state: Mapping[str, torch.Tensor], layers: int | None =
             if key == "positional_embedding":
                 out["text_model.embeddings.position_ids"] = torch.arange(value.shape[0])[None]
             continue
-        m = block.match(key.replace("in_proj_weight", "in_proj.weight").replace("in_proj_bias", "in_proj.bias"))
+        m = block.match(
+            key.replace("in_proj_weight", "in_proj.weight").replace("in_proj_bias", "in_proj.bias")
+        )
         if m is None:
             raise KeyError(f"no CLIP name for open_clip key {key!r}")
         layer, module, param = m.groups()

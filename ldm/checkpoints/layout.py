@@ -7,6 +7,7 @@ without (the SD 1 tower) in Hugging Face CLIP names (`cond_stage_model.transform
 as SD 1 files), so that every tool that reads SD files reads ours. LDM training files may add
 the U-Net's EMA as `model_ema.*`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,14 +38,20 @@ def sd_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         own = module.state_dict()
         if name == "text_encoder" and getattr(module.model, "text_projection", 0) is None:
             tower = {k.removeprefix("model."): v for k, v in own.items()}
-            state.update({HF_TEXT_PREFIX + k: v for k, v in keymaps.open_clip_to_hf_clip(tower).items()})
+            state.update(
+                {HF_TEXT_PREFIX + k: v for k, v in keymaps.open_clip_to_hf_clip(tower).items()}
+            )
         else:
             state.update({PREFIXES[name] + k: v for k, v in own.items()})
     return state
 
 
-def save(path: str | os.PathLike, parts: dict[str, nn.Module], metadata: dict | None = None,
-         dtype: torch.dtype | None = None) -> Path:
+def save(
+    path: str | os.PathLike,
+    parts: dict[str, nn.Module],
+    metadata: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write the parts under their SD names, atomically; `dtype` casts floating-point tensors."""
     return save_state(path, sd_state(parts), metadata, dtype)
 
@@ -58,14 +65,16 @@ def split(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     prefix = PREFIXES[name]
     if name == "text_encoder" and any(k.startswith(HF_TEXT_PREFIX) for k in state):
         if any(k.startswith(prefix + "model.") for k in state):
-            raise CheckpointError("the file holds two text encoders: cond_stage_model.model.* "
-                                  "(open_clip names) and cond_stage_model.transformer.* (CLIP names)")
-        hf = {k[len(HF_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(HF_TEXT_PREFIX)}
+            raise CheckpointError(
+                "the file holds two text encoders: cond_stage_model.model.* "
+                "(open_clip names) and cond_stage_model.transformer.* (CLIP names)"
+            )
+        hf = {k[len(HF_TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(HF_TEXT_PREFIX)}
         try:
             return {"model." + k: v for k, v in keymaps.hf_clip_to_open_clip(hf).items()}
         except KeyError as e:
             raise CheckpointError(f"text encoder: {e.args[0]}") from None
-    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if name == "text_encoder":
         part.pop("model.logit_scale", None)
     return part
@@ -74,14 +83,21 @@ def split(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
 def part_states(state: dict[str, torch.Tensor], use_ema: bool = False) -> dict[str, dict]:
     """Each part's state in our names; with `use_ema`, the U-Net from the `model_ema.*` copy."""
     parts = {name: split(state, name) for name in PARTS}
-    ema = [k for k in state if k.startswith(EMA_PREFIX)
-           and k not in (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")]
+    ema = [
+        k
+        for k in state
+        if k.startswith(EMA_PREFIX) and k not in (EMA_PREFIX + "decay", EMA_PREFIX + "num_updates")
+    ]
     if use_ema:
         if not ema:
-            raise CheckpointError("use_ema: the file holds no EMA weights (model_ema.*); load without it")
+            raise CheckpointError(
+                "use_ema: the file holds no EMA weights (model_ema.*); load without it"
+            )
         missing = [k for k in parts["unet"] if keymaps.ldm_ema_key(k) not in state]
         if missing:
-            raise CheckpointError(f"EMA weights missing for {len(missing)} U-Net keys: {missing[:8]}")
+            raise CheckpointError(
+                f"EMA weights missing for {len(missing)} U-Net keys: {missing[:8]}"
+            )
         parts["unet"] = {k: state[keymaps.ldm_ema_key(k)] for k in parts["unet"]}
     elif ema:
         log.info("the file also holds EMA weights (%d tensors); use_ema=True loads them", len(ema))
@@ -93,15 +109,21 @@ def check_fit(module: nn.Module, state: dict[str, torch.Tensor], what: str = "mo
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
+
         def show(items: list[str]) -> str:
             return ", ".join(items[:8]) + (f" ... (+{len(items) - 8})" if len(items) > 8 else "")
+
         raise CheckpointError(
             f"{what} weights do not fit the configured architecture: "
             f"{len(missing)} missing [{show(missing)}], {len(unexpected)} unexpected "
-            f"[{show(unexpected)}], {len(shapes)} shape mismatches [{show(shapes)}]")
+            f"[{show(unexpected)}], {len(shapes)} shape mismatches [{show(shapes)}]"
+        )
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str = "model") -> nn.Module:
@@ -113,7 +135,8 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str = "mo
 
 
 def pretrained(module: nn.Module, path: str, part: str | None = None) -> nn.Module:
-    """Config helper: `module` with weights from `path` (a full checkpoint's `part`, or a bare file)."""
+    """Config helper: `module` with weights from `path` (a full checkpoint's `part`, or a bare
+    file)."""
     state, _ = read(path)
     if part is not None and any(k.startswith(PREFIXES[part]) for k in state):
         state = split(state, part)

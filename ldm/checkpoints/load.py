@@ -7,6 +7,7 @@ the file's `ldm.config` metadata when we wrote it, else from its key names and s
 (`detect`). Modules are built on the meta device and take the file's tensors as they are
 (`assign=True`): memory-mapped, never copied, half precision staying half unless `dtype` says.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 class Loaded:
     """The parts of a text-to-image model. `unet(x, t, context)` with x (B, 4, h, w), t (B,),
     context (B, 77, D) = `text_encoder(prompts)`; `vae.encode(images)` / `vae.decode(latents)`."""
+
     unet: nn.Module
     vae: nn.Module
     text_encoder: nn.Module
@@ -51,8 +53,9 @@ def build(config: dict) -> nn.Module:
     return getattr(importlib.import_module(module_name), cls)(**kwargs)
 
 
-def assign(config: dict, state: dict[str, torch.Tensor], what: str,
-           dtype: torch.dtype | None = None) -> nn.Module:
+def assign(
+    config: dict, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype | None = None
+) -> nn.Module:
     """A module built on the meta device that adopts `state`'s tensors without a copy."""
     with torch.device("meta"):
         module = build(config)
@@ -86,15 +89,28 @@ def _extra_text(path: str, conventions: dict | None) -> tuple[dict, dict]:
     if any(k.startswith(PREFIXES["text_encoder"]) for k in state):
         tower = split(state, "text_encoder")
     else:
-        keep = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+        keep = (
+            "token_embedding.",
+            "positional_embedding",
+            "transformer.",
+            "ln_final.",
+            "text_projection",
+        )
         tower = {"model." + k: v for k, v in state.items() if k.startswith(keep)}
     return tower, detect.text_config(tower, hf_names=False, conventions=conventions)
 
 
-def load_model(path: str | os.PathLike, *, prediction: str | None = None, use_ema: bool = False,
-               vae: str | None = None, text_encoder: str | None = None,
-               dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               overrides: dict | None = None) -> Loaded:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    prediction: str | None = None,
+    use_ema: bool = False,
+    vae: str | None = None,
+    text_encoder: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    overrides: dict | None = None,
+) -> Loaded:
     """Load our file, an SD single file or a diffusers folder into our modules.
 
     Args:
@@ -123,13 +139,19 @@ def load_model(path: str | os.PathLike, *, prediction: str | None = None, use_em
     if vae is not None:
         states["vae"], config["vae"] = _extra_vae(vae)
     if text_encoder is not None:
-        states["text_encoder"], config["text_encoder"] = _extra_text(text_encoder, config.get("text_encoder"))
+        states["text_encoder"], config["text_encoder"] = _extra_text(
+            text_encoder, config.get("text_encoder")
+        )
     for name, entries in (overrides or {}).items():
         config[name] = {**config[name], **entries}
     parts = {}
     for name in PARTS:
         if not states.get(name) or not config.get(name):
-            flag = {"unet": "", "vae": " (pass vae=FILE)", "text_encoder": " (pass text_encoder=FILE)"}[name]
+            flag = {
+                "unet": "",
+                "vae": " (pass vae=FILE)",
+                "text_encoder": " (pass text_encoder=FILE)",
+            }[name]
             raise CheckpointError(f"{Path(path).name} holds no {name} weights{flag}")
         parts[name] = assign(config[name], states[name], name, dtype).to(device).eval()
     schedule = build(config["diffusion"]["schedule"])
@@ -138,13 +160,19 @@ def load_model(path: str | os.PathLike, *, prediction: str | None = None, use_em
         pred.check_schedule(float(schedule.alphas_cumprod[-1]))
     except ValueError as e:
         raise CheckpointError(f"{Path(path).name}: {e}") from None
-    return Loaded(parts["unet"], parts["vae"], parts["text_encoder"], schedule, pred, config, source)
+    return Loaded(
+        parts["unet"], parts["vae"], parts["text_encoder"], schedule, pred, config, source
+    )
 
 
-def load_weights(parts: dict[str, nn.Module], path: str | os.PathLike, use_ema: bool = False) -> None:
+def load_weights(
+    parts: dict[str, nn.Module], path: str | os.PathLike, use_ema: bool = False
+) -> None:
     """Copy a checkpoint's weights into existing modules (train.py's `init=`), strictly: each
     part must fit the file, else the error lists missing, unexpected and mis-shaped keys."""
-    states = read_folder(Path(path))[1] if Path(path).is_dir() else part_states(read(path)[0], use_ema)
+    states = (
+        read_folder(Path(path))[1] if Path(path).is_dir() else part_states(read(path)[0], use_ema)
+    )
     for name, module in parts.items():
         if not states.get(name):
             raise CheckpointError(f"{Path(path).name} holds no {name} weights")

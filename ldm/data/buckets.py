@@ -6,6 +6,7 @@ exact), each bucket's area is at most `image_size**2`, and the widest ratio is b
 goes to the bucket nearest its aspect ratio (in log space, so 2:1 and 1:2 are equally far from
 1:1), is scaled to cover it and cropped: little is cropped, nothing is padded.
 """
+
 from __future__ import annotations
 
 import math

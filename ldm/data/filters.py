@@ -4,23 +4,24 @@ Pure functions: a filter reads one metadata dict and returns the reason it rejec
 or None. The reasons form a fixed set, so every counter dict has the same keys on every rank
 and worker (a sum across DDP ranks then lines up, and never waits on a key one rank lacks).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 # Why a sample or a shard was skipped; `data/rejected/<reason>` in the logs.
 REASONS = (
-    "too_small",          # original width/height under the minimum
-    "low_aesthetic",      # aesthetic score under the minimum
-    "unsafe",             # punsafe over the maximum
-    "watermark",          # pwatermark over the maximum
-    "low_similarity",     # CLIP image-text similarity under the minimum
-    "missing_metadata",   # a filter is set but the sample's json lacks its field
-    "no_image",           # no image file in the sample
-    "bad_image",          # an image file that PIL cannot decode (corrupt, empty, truncated)
-    "no_caption",         # caption missing or empty
-    "shard_unreadable",   # a shard that cannot be opened or is not a tar (counted per shard)
-    "shard_truncated",    # a shard that ends mid-file (the samples before the cut are kept)
+    "too_small",  # original width/height under the minimum
+    "low_aesthetic",  # aesthetic score under the minimum
+    "unsafe",  # punsafe over the maximum
+    "watermark",  # pwatermark over the maximum
+    "low_similarity",  # CLIP image-text similarity under the minimum
+    "missing_metadata",  # a filter is set but the sample's json lacks its field
+    "no_image",  # no image file in the sample
+    "bad_image",  # an image file that PIL cannot decode (corrupt, empty, truncated)
+    "no_caption",  # caption missing or empty
+    "shard_unreadable",  # a shard that cannot be opened or is not a tar (counted per shard)
+    "shard_truncated",  # a shard that ends mid-file (the samples before the cut are kept)
 )
 
 

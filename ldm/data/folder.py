@@ -13,6 +13,7 @@ caption, width, height, original_width, original_height, status, file_name, extr
 `NNNNN_stats.json` beside each `NNNNN.tar` and `_info.json` with the totals. Shards are written to
 a temporary name and renamed when complete; the output depends only on the folder and options.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,19 +43,31 @@ class Counts:
     found: int = 0
     written: int = 0
     unreadable: list[str] = field(default_factory=list)
-    caption_from: dict[str, int] = field(default_factory=lambda: {"metadata": 0, "txt": 0, "filename": 0})
+    caption_from: dict[str, int] = field(
+        default_factory=lambda: {"metadata": 0, "txt": 0, "filename": 0}
+    )
     shards: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"found": self.found, "written": self.written, "skipped_unreadable": len(self.unreadable),
-                "unreadable_files": self.unreadable, "caption_from": self.caption_from,
-                "shards": self.shards}
+        return {
+            "found": self.found,
+            "written": self.written,
+            "skipped_unreadable": len(self.unreadable),
+            "unreadable_files": self.unreadable,
+            "caption_from": self.caption_from,
+            "shards": self.shards,
+        }
 
 
 def find_images(root: Path) -> list[Path]:
     """Every image under `root`, recursively, in a stable (sorted) order."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower().lstrip(".") in IMAGE_EXTS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _metadata_rows(path: Path) -> list[dict]:
@@ -75,10 +88,14 @@ def read_metadata(root: Path, caption_column: str) -> dict[Path, dict]:
         for meta in sorted(root.rglob(name)):
             for row in _metadata_rows(meta):
                 if "file_name" not in row:
-                    raise FolderError(f"{meta}: a row has no 'file_name' column (columns: {sorted(row)})")
+                    raise FolderError(
+                        f"{meta}: a row has no 'file_name' column (columns: {sorted(row)})"
+                    )
                 if caption_column not in row:
-                    raise FolderError(f"{meta}: no caption column {caption_column!r} (columns: "
-                                      f"{sorted(row)}); choose one with --caption-column")
+                    raise FolderError(
+                        f"{meta}: no caption column {caption_column!r} (columns: "
+                        f"{sorted(row)}); choose one with --caption-column"
+                    )
                 rows[(meta.parent / row["file_name"]).resolve()] = row
     return rows
 
@@ -95,7 +112,9 @@ def caption_for(image: Path, rows: dict[Path, dict], caption_column: str) -> tup
     return " ".join(image.stem.replace("_", " ").replace("-", " ").split()), "filename", {}
 
 
-def load_image(path: Path, image_format: str, quality: int = 95) -> tuple[bytes, str, tuple[int, int]]:
+def load_image(
+    path: Path, image_format: str, quality: int = 95
+) -> tuple[bytes, str, tuple[int, int]]:
     """(bytes to store, extension, (width, height)); raises on an unreadable image.
 
     The image is fully decoded even when its bytes are kept as they are, so a truncated or corrupt
@@ -116,7 +135,9 @@ def load_image(path: Path, image_format: str, quality: int = 95) -> tuple[bytes,
     return out.getvalue(), image_format, size
 
 
-def _sample(image: Path, root: Path, key: str, rows: dict, args: dict, counts: Counts) -> list | None:
+def _sample(
+    image: Path, root: Path, key: str, rows: dict, args: dict, counts: Counts
+) -> list | None:
     try:
         data, ext, (w, h) = load_image(image, args["image_format"], args["quality"])
     except Exception:  # any decoder error: the image is skipped and counted, never fatal
@@ -124,17 +145,36 @@ def _sample(image: Path, root: Path, key: str, rows: dict, args: dict, counts: C
         return None
     caption, source, extra = caption_for(image, rows, args["caption_column"])
     counts.caption_from[source] += 1
-    record = {"key": key, "caption": caption, "status": "success", "error_message": None,
-              "width": w, "height": h, "original_width": w, "original_height": h,
-              "file_name": image.relative_to(root).as_posix(), **extra}
-    return [(f"{key}.{ext}", data), (f"{key}.json", json.dumps(record).encode()),
-            (f"{key}.txt", caption.encode())]
+    record = {
+        "key": key,
+        "caption": caption,
+        "status": "success",
+        "error_message": None,
+        "width": w,
+        "height": h,
+        "original_width": w,
+        "original_height": h,
+        "file_name": image.relative_to(root).as_posix(),
+        **extra,
+    }
+    return [
+        (f"{key}.{ext}", data),
+        (f"{key}.json", json.dumps(record).encode()),
+        (f"{key}.txt", caption.encode()),
+    ]
 
 
 def _shard_stats(n_tried: int, n_ok: int) -> dict:
-    return {"count": n_tried, "successes": n_ok, "failed_to_download": 0,
-            "failed_to_resize": n_tried - n_ok,
-            "status_dict": {"success": n_ok, **({"unreadable": n_tried - n_ok} if n_tried > n_ok else {})}}
+    return {
+        "count": n_tried,
+        "successes": n_ok,
+        "failed_to_download": 0,
+        "failed_to_resize": n_tried - n_ok,
+        "status_dict": {
+            "success": n_ok,
+            **({"unreadable": n_tried - n_ok} if n_tried > n_ok else {}),
+        },
+    }
 
 
 class _ShardWriter:
@@ -179,9 +219,15 @@ class _ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_folder_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, shard_size: int = 10000,
-                        caption_column: str = "text", image_format: str = "keep", quality: int = 95,
-                        progress: bool = True) -> dict:
+def write_folder_shards(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int = 10000,
+    caption_column: str = "text",
+    image_format: str = "keep",
+    quality: int = 95,
+    progress: bool = True,
+) -> dict:
     """Write every image under `in_dir` with its caption into `out_dir/NNNNN.tar`; returns the
     counts (also written to `out_dir/_info.json`). Unreadable images are skipped and counted."""
     root, out = Path(in_dir), Path(out_dir)
@@ -212,7 +258,12 @@ def write_folder_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, s
     except BaseException:
         writer.abort()
         raise
-    info = {"source": "folder", "shard_size": shard_size, "image_format": image_format,
-            "caption_column": caption_column, **counts.as_dict()}
+    info = {
+        "source": "folder",
+        "shard_size": shard_size,
+        "image_format": image_format,
+        "caption_column": caption_column,
+        **counts.as_dict(),
+    }
     write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n")
     return info

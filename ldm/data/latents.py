@@ -14,6 +14,7 @@ The configured VAE's scale/shift are applied at run time, so a cache outlives a 
 scaling; a different VAE or cached text encoder, image size, a random crop, or flips not cached
 are refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,13 +34,13 @@ import webdataset as wds
 from PIL import Image
 from torch import nn
 
+from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import make_dataset
 from ldm.fileio import add_member, atomic_path, write_text
 from ldm.precision import autocast as precision_autocast
 from ldm.precision import device_type
 from ldm.precision import resolve as resolve_precision
-from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards
 
 log = logging.getLogger(__name__)
 META_FILE, EMPTY_FILE = "_latents.json", "_empty_context.npy"
@@ -80,8 +81,13 @@ def _load_npy(data: bytes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_batch(vae: nn.Module, text_encoder: nn.Module | None, images: torch.Tensor,
-                 captions: list[str], flips: bool) -> dict[str, torch.Tensor]:
+def encode_batch(
+    vae: nn.Module,
+    text_encoder: nn.Module | None,
+    images: torch.Tensor,
+    captions: list[str],
+    flips: bool,
+) -> dict[str, torch.Tensor]:
     """Images (B, 3, H, W) in [-1, 1] + captions -> posterior moments (B, C, h, w) and, with a
     text encoder, its context (B, L, D)."""
     # channels_last: oneDNN's convolutions at full image resolution run ~1.5x faster in it on CPUs
@@ -96,12 +102,17 @@ def encode_batch(vae: nn.Module, text_encoder: nn.Module | None, images: torch.T
     return out
 
 
-def _read_source(url: str, transform: ImageTransform, skipped: list[str],
-                 keep: Callable[[dict], bool] | None = None):
+def _read_source(
+    url: str,
+    transform: ImageTransform,
+    skipped: list[str],
+    keep: Callable[[dict], bool] | None = None,
+):
     """(key, image tensor, caption, json bytes) of each readable sample of one source shard
     that `keep` (a predicate on its JSON metadata) accepts."""
-    for sample in wds.DataPipeline(wds.SimpleShardList([url]),
-                                   wds.tarfile_to_samples(handler=wds.warn_and_continue)):
+    for sample in wds.DataPipeline(
+        wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue)
+    ):
         if keep is not None and not keep(_json(sample)):
             skipped.append(sample["__key__"])
             continue
@@ -135,9 +146,18 @@ def _flush(tar, vae, text_encoder, pending: list, flips: bool, dtype: str, devic
     pending.clear()
 
 
-def write_latent_shard(url: str, out_path: Path, vae, text_encoder, transform: ImageTransform,
-                       batch_size: int, flips: bool, dtype: str, device,
-                       keep: Callable[[dict], bool] | None = None) -> tuple[int, list[str]]:
+def write_latent_shard(
+    url: str,
+    out_path: Path,
+    vae,
+    text_encoder,
+    transform: ImageTransform,
+    batch_size: int,
+    flips: bool,
+    dtype: str,
+    device,
+    keep: Callable[[dict], bool] | None = None,
+) -> tuple[int, list[str]]:
     """Encode one source shard into `out_path` (renamed into place when complete)."""
     skipped, pending, n = [], [], 0
     with atomic_path(out_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -151,24 +171,42 @@ def write_latent_shard(url: str, out_path: Path, vae, text_encoder, transform: I
     return n, skipped
 
 
-def cache_metadata(vae, text_encoder, image_size: int, flips: bool, dtype: str,
-                   sources: dict | None = None) -> dict:
+def cache_metadata(
+    vae, text_encoder, image_size: int, flips: bool, dtype: str, sources: dict | None = None
+) -> dict:
     """What a cache was made with; compared with the training configuration before use."""
-    return {"format": FORMAT, "image_size": image_size, "crop": "center", "flips": flips,
-            "dtype": dtype,
-            "vae": {"config": getattr(vae, "config", None), "sha256": fingerprint(vae)},
-            "text_encoder": text_encoder and {
-                "settings": text_encoder_settings(text_encoder),
-                "sha256": fingerprint(text_encoder, text_encoder_settings(text_encoder))},
-            "config": sources or {}}
+    return {
+        "format": FORMAT,
+        "image_size": image_size,
+        "crop": "center",
+        "flips": flips,
+        "dtype": dtype,
+        "vae": {"config": getattr(vae, "config", None), "sha256": fingerprint(vae)},
+        "text_encoder": text_encoder
+        and {
+            "settings": text_encoder_settings(text_encoder),
+            "sha256": fingerprint(text_encoder, text_encoder_settings(text_encoder)),
+        },
+        "config": sources or {},
+    }
 
 
-def write_latent_shards(urls: list[str], out_dir: str | os.PathLike, vae: nn.Module,
-                        text_encoder: nn.Module | None, image_size: int, batch_size: int = 32,
-                        flips: bool = False, dtype: str = "float16", device: str = "cpu",
-                        sources: dict | None = None, progress: bool = True,
-                        keep: Callable[[dict], bool] | None = None,
-                        precision: str = "auto", replace: bool = False) -> dict:
+def write_latent_shards(
+    urls: list[str],
+    out_dir: str | os.PathLike,
+    vae: nn.Module,
+    text_encoder: nn.Module | None,
+    image_size: int,
+    batch_size: int = 32,
+    flips: bool = False,
+    dtype: str = "float16",
+    device: str = "cpu",
+    sources: dict | None = None,
+    progress: bool = True,
+    keep: Callable[[dict], bool] | None = None,
+    precision: str = "auto",
+    replace: bool = False,
+) -> dict:
     """Encode source shards `urls` into `out_dir/NNNNN.tar` (one per source, same order);
     samples whose JSON metadata `keep` rejects, and unreadable ones, are skipped and counted.
     Without a text encoder the cache holds latents only.
@@ -186,8 +224,10 @@ def write_latent_shards(urls: list[str], out_dir: str | os.PathLike, vae: nn.Mod
     old = out / META_FILE
     if old.is_file() and _identity(json.loads(old.read_text())) != _identity(meta):
         if not replace:
-            raise CacheError(f"{out} holds a cache made with other models or settings; "
-                             f"remove it or choose another folder")
+            raise CacheError(
+                f"{out} holds a cache made with other models or settings; "
+                f"remove it or choose another folder"
+            )
         log.warning("%s holds a cache of other models or settings: rebuilding it", out)
         remove_cache(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,8 +245,9 @@ def write_latent_shards(urls: list[str], out_dir: str | os.PathLike, vae: nn.Mod
         for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
             path = out / f"{i:05d}.tar"
             if not path.is_file():
-                n, skipped = write_latent_shard(url, path, vae, text_encoder, transform, batch_size,
-                                                flips, dtype, device, keep)
+                n, skipped = write_latent_shard(
+                    url, path, vae, text_encoder, transform, batch_size, flips, dtype, device, keep
+                )
                 counts["written"] += n
                 counts["skipped"] += [f"{url}:{k}" for k in skipped]
             counts["shards"].append({"shard": path.name, "source": url})
@@ -223,8 +264,11 @@ def remove_cache(out: Path) -> None:
 def _identity(meta: dict) -> dict:
     keys = ("format", "image_size", "crop", "flips", "dtype")
     text = meta.get("text_encoder")
-    return {**{k: meta.get(k) for k in keys}, "vae": meta["vae"]["sha256"],
-            "text": text and text["sha256"]}
+    return {
+        **{k: meta.get(k) for k in keys},
+        "vae": meta["vae"]["sha256"],
+        "text": text and text["sha256"],
+    }
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -238,17 +282,23 @@ def _write_json(path: Path, obj: dict) -> None:
 def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor | None]:
     """(metadata, empty-prompt context (1, L, D) or None for a latents-only cache) of the cache
     the local shards `urls` belong to."""
-    dirs = sorted({str(Path(u).parent) for u in urls if "://" not in u and not u.startswith("pipe:")})
+    dirs = sorted(
+        {str(Path(u).parent) for u in urls if "://" not in u and not u.startswith("pipe:")}
+    )
     if len(dirs) != 1:
         raise CacheError(f"cached shards must come from one cache folder, got {dirs or urls}")
     root = Path(dirs[0])
     if not (root / META_FILE).is_file():
-        raise CacheError(f"{root} has no {META_FILE}: these are not cached-latent shards; make them "
-                         f"with python data/latents/prepare.py")
+        raise CacheError(
+            f"{root} has no {META_FILE}: these are not cached-latent shards; make them "
+            f"with python data/latents/prepare.py"
+        )
     meta = json.loads((root / META_FILE).read_text())
     if meta.get("format") != FORMAT or not meta.get("complete"):
-        raise CacheError(f"{root / META_FILE}: an incomplete cache or another format "
-                         f"({meta.get('format')}); rerun data/latents/prepare.py to finish it")
+        raise CacheError(
+            f"{root / META_FILE}: an incomplete cache or another format "
+            f"({meta.get('format')}); rerun data/latents/prepare.py to finish it"
+        )
     if not meta.get("text_encoder"):
         return meta, None
     return meta, _load_npy((root / EMPTY_FILE).read_bytes()).unsqueeze(0)
@@ -257,36 +307,48 @@ def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor | None]:
 def check_data_settings(meta: dict, image_size: int, random_crop: bool, flip: bool) -> None:
     """Refuse data settings a cache cannot honour (it holds one centre crop per image)."""
     if random_crop:
-        raise CacheError("random_crop cannot be used with cached latents: the cache holds one "
-                         "centre crop per image; set data.random_crop=false or train on images")
+        raise CacheError(
+            "random_crop cannot be used with cached latents: the cache holds one "
+            "centre crop per image; set data.random_crop=false or train on images"
+        )
     if flip and not meta["flips"]:
-        raise CacheError("flip=true but the cache holds no mirrored latents; set data.flip=false "
-                         "or rebuild the cache with flips (data/latents/prepare.py --flips)")
+        raise CacheError(
+            "flip=true but the cache holds no mirrored latents; set data.flip=false "
+            "or rebuild the cache with flips (data/latents/prepare.py --flips)"
+        )
     if image_size != meta["image_size"]:
-        raise CacheError(f"the cache was made at image_size {meta['image_size']}, the config asks "
-                         f"for {image_size}; set data.image_size={meta['image_size']} or rebuild it")
+        raise CacheError(
+            f"the cache was made at image_size {meta['image_size']}, the config asks "
+            f"for {image_size}; set data.image_size={meta['image_size']} or rebuild it"
+        )
 
 
 def require_frozen(text_encoder: nn.Module) -> None:
     """Cached text embeddings never change, so a text encoder that trains cannot use them."""
     if any(p.requires_grad for p in text_encoder.parameters()):
-        raise CacheError("the text encoder is trainable, but cached text embeddings never change; "
-                         "freeze it (text_encoder.frozen=true) or train on images")
+        raise CacheError(
+            "the text encoder is trainable, but cached text embeddings never change; "
+            "freeze it (text_encoder.frozen=true) or train on images"
+        )
 
 
 def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
     """Refuse a VAE other than the one the cache was made with and, where the cache holds text
     embeddings, another text encoder or one that trains (its cached output would never change)."""
     if fingerprint(vae) != meta["vae"]["sha256"]:
-        raise CacheError("the configured VAE is not the one the cache was made with (its weights "
-                         "differ); use that VAE or rebuild the cache")
+        raise CacheError(
+            "the configured VAE is not the one the cache was made with (its weights "
+            "differ); use that VAE or rebuild the cache"
+        )
     if not meta.get("text_encoder"):
         return  # latents only: the text encoder runs, and may train, on the captions
     require_frozen(text_encoder)
     settings = text_encoder_settings(text_encoder)
     if fingerprint(text_encoder, settings) != meta["text_encoder"]["sha256"]:
-        raise CacheError("the configured text encoder is not the one the cache was made with "
-                         "(weights or layer/padding/context length differ); use it or rebuild the cache")
+        raise CacheError(
+            "the configured text encoder is not the one the cache was made with "
+            "(weights or layer/padding/context length differ); use it or rebuild the cache"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,8 +359,10 @@ def decode_cached(sample: dict, flip: bool, with_context: bool = True) -> dict |
     """One cached sample -> tensors; with `flip`, the mirrored posterior half of the time."""
     suffix = "_flip" if flip and random.random() < 0.5 else ""
     try:
-        out = {"latent_mean": _load_npy(sample[f"mean{suffix}.npy"]),
-               "latent_std": _load_npy(sample[f"std{suffix}.npy"])}
+        out = {
+            "latent_mean": _load_npy(sample[f"mean{suffix}.npy"]),
+            "latent_std": _load_npy(sample[f"std{suffix}.npy"]),
+        }
         if with_context:
             out["context"] = _load_npy(sample["context.npy"])
     except (KeyError, ValueError) as e:
@@ -316,9 +380,15 @@ def collate_cached(samples: list[dict], empty_context: torch.Tensor | None) -> d
     return {**batch, "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
 
 
-def make_latent_dataset(urls: list[str], empty_context: torch.Tensor | None, batch_size: int, train: bool,
-                        flip: bool = False, shuffle_buffer: int = 1000,
-                        batches_per_epoch: int | None = None) -> wds.DataPipeline:
+def make_latent_dataset(
+    urls: list[str],
+    empty_context: torch.Tensor | None,
+    batch_size: int,
+    train: bool,
+    flip: bool = False,
+    shuffle_buffer: int = 1000,
+    batches_per_epoch: int | None = None,
+) -> wds.DataPipeline:
     """Batches of cached samples; the same streaming as the image pipeline (resampled shards and
     a shuffle buffer for training, each shard once, split over ranks and workers, otherwise)."""
     stages = [wds.ResampledShards(urls) if train else wds.SimpleShardList(urls)]
@@ -327,9 +397,13 @@ def make_latent_dataset(urls: list[str], empty_context: torch.Tensor | None, bat
     stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
     if train:
         stages += [wds.shuffle(shuffle_buffer)]
-    stages += [wds.map(lambda s: decode_cached(s, flip and train, empty_context is not None)), wds.select(lambda s: s is not None),
-               wds.batched(batch_size, collation_fn=lambda b: collate_cached(b, empty_context),
-                           partial=not train)]
+    stages += [
+        wds.map(lambda s: decode_cached(s, flip and train, empty_context is not None)),
+        wds.select(lambda s: s is not None),
+        wds.batched(
+            batch_size, collation_fn=lambda b: collate_cached(b, empty_context), partial=not train
+        ),
+    ]
     pipeline = wds.DataPipeline(*stages)
     return pipeline.with_epoch(batches_per_epoch) if batches_per_epoch else pipeline
 
@@ -347,18 +421,32 @@ class LatentDataModule(L.LightningDataModule):
     validation step encodes them): point `val_shards` at image shards.
     """
 
-    def __init__(self, train_shards: str | list[str], val_shards: str | list[str] | None = None,
-                 batch_size: int = 64, image_size: int = 256, num_workers: int = 1,
-                 batches_per_epoch: int = 1000, random_crop: bool = False, flip: bool = False,
-                 shuffle_buffer: int = 1000, source_shards: str | list[str] | None = None,
-                 cache_text: bool = False, cache_dtype: str = "float16",
-                 prepare: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 64,
+        image_size: int = 256,
+        num_workers: int = 1,
+        batches_per_epoch: int = 1000,
+        random_crop: bool = False,
+        flip: bool = False,
+        shuffle_buffer: int = 1000,
+        source_shards: str | list[str] | None = None,
+        cache_text: bool = False,
+        cache_dtype: str = "float16",
+        prepare: Callable[[], object] | None = None,
+    ) -> None:
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
         self.random_crop, self.flip = random_crop, flip
-        self.source_shards, self.cache_text, self.cache_dtype = source_shards, cache_text, cache_dtype
+        self.source_shards, self.cache_text, self.cache_dtype = (
+            source_shards,
+            cache_text,
+            cache_dtype,
+        )
         self.prepare, self.encoders = prepare, None
         self._meta: tuple[dict, torch.Tensor | None] | None = None
 
@@ -370,8 +458,10 @@ class LatentDataModule(L.LightningDataModule):
             self.prepare()  # e.g. renders the shapes set the cache is made from
         if self.source_shards is not None:
             if self.encoders is None:
-                raise CacheError("building a latent cache needs the model's encoders: call "
-                                 "use_encoders(vae, text_encoder) first")
+                raise CacheError(
+                    "building a latent cache needs the model's encoders: call "
+                    "use_encoders(vae, text_encoder) first"
+                )
             self.build(*self.encoders)
 
     def setup(self, stage: str) -> None:
@@ -388,9 +478,11 @@ class LatentDataModule(L.LightningDataModule):
 
     def cache_dir(self) -> Path:
         if not isinstance(self.train_shards, str) or not self.train_shards.endswith("/*.tar"):
-            raise CacheError(f"to build a cache from source_shards, train_shards must be "
-                             f"'FOLDER/*.tar', got {self.train_shards!r}")
-        return Path(self.train_shards[:-len("/*.tar")])
+            raise CacheError(
+                f"to build a cache from source_shards, train_shards must be "
+                f"'FOLDER/*.tar', got {self.train_shards!r}"
+            )
+        return Path(self.train_shards[: -len("/*.tar")])
 
     def build(self, vae: nn.Module, text_encoder: nn.Module) -> None:
         out, text = self.cache_dir(), text_encoder if self.cache_text else None
@@ -398,18 +490,35 @@ class LatentDataModule(L.LightningDataModule):
             require_frozen(text)
         meta = out / META_FILE
         if meta.is_file():
-            wanted = _identity(cache_metadata(vae, text, self.image_size, self.flip, self.cache_dtype))
+            wanted = _identity(
+                cache_metadata(vae, text, self.image_size, self.flip, self.cache_dtype)
+            )
             old = json.loads(meta.read_text())
             if old.get("complete") and _identity(old) == wanted:
                 return
         if self.random_crop:
-            raise CacheError("random_crop cannot be cached: a cache holds one centre crop per image")
-        log.info("caching VAE latents%s of %s in %s", " and text embeddings" if text else "",
-                 self.source_shards, out)
+            raise CacheError(
+                "random_crop cannot be cached: a cache holds one centre crop per image"
+            )
+        log.info(
+            "caching VAE latents%s of %s in %s",
+            " and text embeddings" if text else "",
+            self.source_shards,
+            out,
+        )
         device = next(vae.parameters()).device
-        write_latent_shards(expand_shards(self.source_shards), out, vae, text, self.image_size,
-                            batch_size=self.batch_size, flips=self.flip, dtype=self.cache_dtype,
-                            device=device_type("auto"), replace=True)
+        write_latent_shards(
+            expand_shards(self.source_shards),
+            out,
+            vae,
+            text,
+            self.image_size,
+            batch_size=self.batch_size,
+            flips=self.flip,
+            dtype=self.cache_dtype,
+            device=device_type("auto"),
+            replace=True,
+        )
         for part in (vae, text):  # back where the model keeps them
             if part is not None:
                 part.to(device)
@@ -418,10 +527,21 @@ class LatentDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         meta, empty = self.cache()
         per_worker = max(1, self.batches_per_epoch // max(1, self.num_workers))
-        ds = make_latent_dataset(expand_shards(self.train_shards), empty, self.batch_size, True,
-                                 self.flip, self.shuffle_buffer, per_worker)
-        return wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0)
+        ds = make_latent_dataset(
+            expand_shards(self.train_shards),
+            empty,
+            self.batch_size,
+            True,
+            self.flip,
+            self.shuffle_buffer,
+            per_worker,
+        )
+        return wds.WebLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> wds.WebLoader | list:
         if not self.val_shards:

@@ -392,8 +392,13 @@ def shards_ready(
         info = json.loads((out / INFO_FILE).read_text())
     except (OSError, ValueError):
         return False
-    expected = {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val,
-                "size": size, "seed": seed}
+    expected = {
+        "format_version": FORMAT_VERSION,
+        "n_train": n_train,
+        "n_val": n_val,
+        "size": size,
+        "seed": seed,
+    }
     if any(info.get(name) != value for name, value in expected.items()):
         return False
     shards = info.get("shards", {})
@@ -407,8 +412,14 @@ def shard_paths(out_dir: str | os.PathLike, split: str) -> list[Path]:
     return [out / split / name for name in info["shards"][split]]
 
 
-def ensure_shards(out_dir: str | os.PathLike, n_train: int = 20000, n_val: int = 512, size: int = 64,
-                  seed: int = 0, shard_size: int = 2000) -> Path:
+def ensure_shards(
+    out_dir: str | os.PathLike,
+    n_train: int = 20000,
+    n_val: int = 512,
+    size: int = 64,
+    seed: int = 0,
+    shard_size: int = 2000,
+) -> Path:
     """Render the shard set unless an identical one is already there (the data module's
     `prepare` step, so `python train.py` works on a fresh checkout)."""
     if not shards_ready(out_dir, n_train, n_val, size, seed):

@@ -4,6 +4,7 @@ A shard source is a pattern (brace pattern, glob, local path, fsspec URL such as
 or `gs://b/*.tar`, `http(s)://...`, or `pipe:<command>`), a list of them, or a list of
 `{urls: ..., weight: ...}` sources mixed by weight.
 """
+
 from __future__ import annotations
 
 import glob
@@ -49,8 +50,10 @@ def expand_shards(pattern) -> list[str]:
         else:
             expanded += sorted(glob.glob(url)) if wild else ([url] if Path(url).is_file() else [])
     if not expanded:
-        raise DataError(f"shard pattern {patterns} matches no file; check the path, or "
-                        f"build shards first (e.g. python data/folder/prepare.py)")
+        raise DataError(
+            f"shard pattern {patterns} matches no file; check the path, or "
+            f"build shards first (e.g. python data/folder/prepare.py)"
+        )
     return expanded
 
 
@@ -112,8 +115,10 @@ def read_shard(url: str, count: Callable[[str], None]) -> Iterator[dict]:
     shard counts `shard_unreadable`, a truncated one `shard_truncated` after its whole samples."""
     sample, n = None, 0
     try:
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*",
-                                                             tarinfo=_StrictHeader) as tar:
+        with (
+            open_shard(url) as stream,
+            tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictHeader) as tar,
+        ):
             for member in tar:
                 if not member.isfile():
                     continue
@@ -164,8 +169,9 @@ def resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
         yield urls[rng.randrange(len(urls))]
 
 
-def exact_assignment(n: int, epoch: int, seed: int, slot: int, n_slots: int,
-                     drop_remainder: bool = False) -> list[int]:
+def exact_assignment(
+    n: int, epoch: int, seed: int, slot: int, n_slots: int, drop_remainder: bool = False
+) -> list[int]:
     """Indices (into a fixed sample list) that `slot` (= rank * workers + worker) reads this epoch.
 
     A per-epoch seeded permutation is dealt round-robin to the `n_slots` readers, so each sample
@@ -176,5 +182,5 @@ def exact_assignment(n: int, epoch: int, seed: int, slot: int, n_slots: int,
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     per_slot = n // n_slots if drop_remainder else math.ceil(n / n_slots)
-    order = (order * (1 + per_slot * n_slots // max(n, 1)))[:per_slot * n_slots]
+    order = (order * (1 + per_slot * n_slots // max(n, 1)))[: per_slot * n_slots]
     return order[slot::n_slots]

@@ -1,5 +1,6 @@
 """Image transforms for training: resize to cover the target (the shorter side for a square),
 crop, optional flip, scale to [-1, 1]."""
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageTransform:
-    """PIL image -> (3, H, W) float tensor in [-1, 1]: (size, size), or a bucket's (width, height)."""
+    """PIL image -> (3, H, W) float tensor in [-1, 1]: (size, size), or a bucket's (W, H)."""
 
-    def __init__(self, size: int = 64, random_crop: bool = False, flip: bool = False,
-                 draft: bool = True) -> None:
+    def __init__(
+        self, size: int = 64, random_crop: bool = False, flip: bool = False, draft: bool = True
+    ) -> None:
         self.size, self.random_crop, self.flip, self.draft = size, random_crop, flip, draft
 
     def __call__(self, image: Image.Image, target: tuple[int, int] | None = None) -> torch.Tensor:
@@ -43,8 +45,11 @@ class ImageTransform:
             scale = max(tw / w, th / h)
         image = to_rgb(image)
         if scale != 1:
-            image = image.resize((max(tw, round(w * scale)), max(th, round(h * scale))),
-                                 Image.BICUBIC, reducing_gap=3.0)
+            image = image.resize(
+                (max(tw, round(w * scale)), max(th, round(h * scale))),
+                Image.BICUBIC,
+                reducing_gap=3.0,
+            )
         w, h = image.size
         if self.random_crop:
             left, top = random.randint(0, w - tw), random.randint(0, h - th)

@@ -15,6 +15,7 @@ Modes (every rank gets the same number of batches in both, so DDP never waits on
   dropped). Needs a key index (one pass over the tar headers at start): for small sets.
 Validation reads each shard once, shards split across ranks and workers.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.buckets import bucket_batches, make_buckets, nearest_bucket
 from ldm.data.filters import MetadataFilter, add_counts, new_counts, rejection_reason
-from ldm.data.shards import (IMAGE_EXTS, DataError, exact_assignment, parse_sources,
-                             read_shard, read_stats_count, resampled)
+from ldm.data.shards import (
+    IMAGE_EXTS,
+    DataError,
+    exact_assignment,
+    parse_sources,
+    read_shard,
+    read_stats_count,
+    resampled,
+)
 from ldm.data.transforms import ImageTransform
 
 __all__ = ["make_dataset", "ImageTextDataModule"]
@@ -66,8 +74,9 @@ def read_meta(sample: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def precheck(sample: dict, filters: MetadataFilter, caption_key: str,
-             skip_empty_captions: bool) -> tuple[str | None, str, str | None]:
+def precheck(
+    sample: dict, filters: MetadataFilter, caption_key: str, skip_empty_captions: bool
+) -> tuple[str | None, str, str | None]:
     """(rejection reason or None, caption, image extension): every check short of decoding."""
     meta = read_meta(sample)
     reason = rejection_reason(meta, filters) if filters.active else None
@@ -83,19 +92,33 @@ def precheck(sample: dict, filters: MetadataFilter, caption_key: str,
 class ImageTextStream(IterableDataset):
     """The reader run in each dataloader worker; yields collated batches (see module doc)."""
 
-    def __init__(self, sources: list[list[str]], weights: list[float], transform: ImageTransform,
-                 batch_size: int, mode: str = "stream", batches_per_worker: int | None = None,
-                 shuffle_buffer: int = 1000, filters: MetadataFilter = MetadataFilter(),
-                 caption_key: str = "txt", skip_empty_captions: bool = True,
-                 buckets: list[tuple[int, int]] | None = None, seed: int = 0,
-                 drop_remainder: bool = False, index: list[tuple[str, str]] | None = None,
-                 index_counts: dict[str, int] | None = None, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        sources: list[list[str]],
+        weights: list[float],
+        transform: ImageTransform,
+        batch_size: int,
+        mode: str = "stream",
+        batches_per_worker: int | None = None,
+        shuffle_buffer: int = 1000,
+        filters: MetadataFilter = MetadataFilter(),
+        caption_key: str = "txt",
+        skip_empty_captions: bool = True,
+        buckets: list[tuple[int, int]] | None = None,
+        seed: int = 0,
+        drop_remainder: bool = False,
+        index: list[tuple[str, str]] | None = None,
+        index_counts: dict[str, int] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if mode not in ("stream", "exact", "once"):
             raise DataError(f"data mode {mode!r}: use 'stream' or 'exact' ('once' for validation)")
         if mode == "exact" and buckets:
-            raise DataError("aspect-ratio bucketing gives batch counts that depend on the shapes "
-                            "met, so it runs in mode='stream' (set batches_per_epoch) only")
+            raise DataError(
+                "aspect-ratio bucketing gives batch counts that depend on the shapes "
+                "met, so it runs in mode='stream' (set batches_per_epoch) only"
+            )
         self.sources, self.weights, self.transform = sources, weights, transform
         self.batch_size, self.mode, self.batches_per_worker = batch_size, mode, batches_per_worker
         self.shuffle_buffer, self.filters, self.caption_key = shuffle_buffer, filters, caption_key
@@ -120,8 +143,9 @@ class ImageTextStream(IterableDataset):
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, sample: dict) -> dict | None:
         key = sample["__key__"]
-        reason, caption, ext = precheck(sample, self.filters, self.caption_key,
-                                        self.skip_empty_captions)
+        reason, caption, ext = precheck(
+            sample, self.filters, self.caption_key, self.skip_empty_captions
+        )
         if reason is not None:
             self.count(reason)
             # broken input is news; a metadata filter at work is not
@@ -141,15 +165,19 @@ class ImageTextStream(IterableDataset):
 
     def collate(self, samples: list[dict]) -> dict:
         counts, self.counts = self.counts, new_counts()
-        return {"image": torch.stack([s["image"] for s in samples]),
-                "caption": [s["caption"] for s in samples],
-                "key": [s["key"] for s in samples], "counts": counts}
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "caption": [s["caption"] for s in samples],
+            "key": [s["key"] for s in samples],
+            "counts": counts,
+        }
 
     # -- sample streams -----------------------------------------------------------------------
     def _rng(self) -> random.Random:
         slot, _ = self.slot()
-        return random.Random(f"{self.seed}/{slot}/{self.epoch}/{self._iterations}/"
-                             f"{torch.initial_seed()}")
+        return random.Random(
+            f"{self.seed}/{slot}/{self.epoch}/{self._iterations}/{torch.initial_seed()}"
+        )
 
     def _read(self, urls) -> Iterator[dict]:
         failures = 0
@@ -160,8 +188,10 @@ class ImageTextStream(IterableDataset):
                 yield sample
             failures = 0 if got else failures + 1
             if failures >= max(50, 10 * sum(map(len, self.sources))):
-                raise DataError(f"{failures} shards in a row gave no sample (last: {url}); "
-                                f"check the shard URLs and credentials")
+                raise DataError(
+                    f"{failures} shards in a row gave no sample (last: {url}); "
+                    f"check the shard URLs and credentials"
+                )
 
     def _mixed(self, rng: random.Random) -> Iterator[dict]:
         streams = [self._read(resampled(urls, rng)) for urls in self.sources]
@@ -171,8 +201,9 @@ class ImageTextStream(IterableDataset):
 
     def _exact(self, rng: random.Random) -> Iterator[dict]:
         slot, n_slots = self.slot()
-        mine = exact_assignment(len(self.index), self.epoch, self.seed, slot, n_slots,
-                                self.drop_remainder)
+        mine = exact_assignment(
+            len(self.index), self.epoch, self.seed, slot, n_slots, self.drop_remainder
+        )
         wanted: dict[tuple[str, str], int] = {}
         for i in mine:  # a padding repeat may land on the reader that has the original
             wanted[self.index[i]] = wanted.get(self.index[i], 0) + 1
@@ -216,9 +247,11 @@ class ImageTextStream(IterableDataset):
                 continue
             rejected += 1
             if rejected >= MAX_REJECTED_IN_A_ROW:
-                raise DataError(f"{rejected} samples in a row rejected "
-                                f"({ {k: v for k, v in self.counts.items() if v} }); "
-                                f"check the filters and caption_key against the shards' json")
+                raise DataError(
+                    f"{rejected} samples in a row rejected "
+                    f"({ {k: v for k, v in self.counts.items() if v} }); "
+                    f"check the filters and caption_key against the shards' json"
+                )
 
     def _batches(self, decoded: Iterator[dict]) -> Iterator[dict]:
         partial = self.mode != "stream"
@@ -239,8 +272,10 @@ class ImageTextStream(IterableDataset):
                 return
         if self.mode == "exact" and n_out < limit:  # images that failed to decode: same count
             if last is None:
-                raise DataError("every sample of this reader failed to decode; nothing to pad "
-                                "the epoch with (see the bad_image warnings)")
+                raise DataError(
+                    "every sample of this reader failed to decode; nothing to pad "
+                    "the epoch with (see the bad_image warnings)"
+                )
             log.warning("padding %d batches with repeats of decoded samples", limit - n_out)
             for _ in range(limit - n_out):
                 yield self.collate(last)
@@ -257,8 +292,12 @@ def _fixed_batches(samples: Iterator[dict], batch_size: int, partial: bool):
         yield batch
 
 
-def build_index(urls: list[str], filters: MetadataFilter, caption_key: str = "txt",
-                skip_empty_captions: bool = True) -> tuple[list[tuple[str, str]], dict[str, int]]:
+def build_index(
+    urls: list[str],
+    filters: MetadataFilter,
+    caption_key: str = "txt",
+    skip_empty_captions: bool = True,
+) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """(url, key) of every sample that passes the checks short of decoding, and the counts of
     those that do not: what an exact epoch deals out. One read of every shard."""
     index, counts = [], new_counts()
@@ -276,18 +315,30 @@ def build_index(urls: list[str], filters: MetadataFilter, caption_key: str = "tx
     rejected = {k: v for k, v in counts.items() if v}
     if not index:
         raise DataError(f"no usable sample in {len(urls)} shards (rejected: {rejected})")
-    log.info("exact epochs over %d samples in %d shards (rejected: %s)", len(index), len(urls),
-             rejected)
+    log.info(
+        "exact epochs over %d samples in %d shards (rejected: %s)", len(index), len(urls), rejected
+    )
     return index, counts
 
 
-def make_dataset(urls, transform: ImageTransform, batch_size: int, train: bool,
-                 shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
-                 mode: str = "stream", filters: MetadataFilter | None = None,
-                 caption_key: str = "txt", skip_empty_captions: bool = True,
-                 buckets: list[tuple[int, int]] | None = None, seed: int = 0,
-                 drop_remainder: bool = False, rank: int | None = None,
-                 world_size: int | None = None, num_workers: int = 1) -> ImageTextStream:
+def make_dataset(
+    urls,
+    transform: ImageTransform,
+    batch_size: int,
+    train: bool,
+    shuffle_buffer: int = 1000,
+    batches_per_epoch: int | None = None,
+    mode: str = "stream",
+    filters: MetadataFilter | None = None,
+    caption_key: str = "txt",
+    skip_empty_captions: bool = True,
+    buckets: list[tuple[int, int]] | None = None,
+    seed: int = 0,
+    drop_remainder: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 1,
+) -> ImageTextStream:
     """The batch stream over `urls` (a shard list, patterns, or `{urls, weight}` sources).
 
     Training streams (`batches_per_epoch` batches per worker) or reads exact epochs (`mode`);
@@ -300,16 +351,39 @@ def make_dataset(urls, transform: ImageTransform, batch_size: int, train: bool,
     mode = mode if train else "once"
     index, index_counts = None, None
     if mode == "exact":
-        index, index_counts = build_index([u for s in sources for u in s], filters, caption_key,
-                                          skip_empty_captions)
-    ds = ImageTextStream(sources, weights, transform, batch_size, mode, batches_per_epoch,
-                         shuffle_buffer, filters, caption_key, skip_empty_captions, buckets, seed,
-                         drop_remainder, index, index_counts, rank, world_size)
+        index, index_counts = build_index(
+            [u for s in sources for u in s], filters, caption_key, skip_empty_captions
+        )
+    ds = ImageTextStream(
+        sources,
+        weights,
+        transform,
+        batch_size,
+        mode,
+        batches_per_epoch,
+        shuffle_buffer,
+        filters,
+        caption_key,
+        skip_empty_captions,
+        buckets,
+        seed,
+        drop_remainder,
+        index,
+        index_counts,
+        rank,
+        world_size,
+    )
     n_shards, readers = sum(map(len, sources)), ds.world_size * max(1, num_workers)
     if mode != "exact" and n_shards < readers:
-        log.warning("%d shards for %d ranks x %d workers: %s", n_shards, ds.world_size,
-                    max(1, num_workers), "readers share shards (each in its own order)" if train
-                    else "some readers get no validation shard and idle")
+        log.warning(
+            "%d shards for %d ranks x %d workers: %s",
+            n_shards,
+            ds.world_size,
+            max(1, num_workers),
+            "readers share shards (each in its own order)"
+            if train
+            else "some readers get no validation shard and idle",
+        )
     return ds
 
 
@@ -318,10 +392,19 @@ class EpochLoader(DataLoader):
     with it), so an exact epoch reshuffles; the epoch comes from `epoch_fn` (the trainer's, so
     a resumed run continues the sequence) or counts passes."""
 
-    def __init__(self, dataset, num_workers: int, epoch_fn: Callable[[], int | None] = lambda: None,
-                 persistent_workers: bool = False) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=num_workers,
-                         persistent_workers=persistent_workers and num_workers > 0)
+    def __init__(
+        self,
+        dataset,
+        num_workers: int,
+        epoch_fn: Callable[[], int | None] = lambda: None,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=persistent_workers and num_workers > 0,
+        )
         self.epoch_fn, self.passes = epoch_fn, 0
 
     def __iter__(self):
@@ -346,14 +429,28 @@ class ImageTextDataModule(L.LightningDataModule):
         prepare: optional callable run once before loading (e.g. renders the shapes shards).
     """
 
-    def __init__(self, train_shards, val_shards=None, batch_size: int = 64, image_size: int = 64,
-                 num_workers: int = 1, batches_per_epoch: int | None = 1000,
-                 random_crop: bool = False, flip: bool = False, shuffle_buffer: int = 1000,
-                 prepare: Callable[[], object] | None = None, mode: str = "stream",
-                 filters: MetadataFilter | dict | None = None, caption_key: str = "txt",
-                 skip_empty_captions: bool = True, bucketing: bool = False,
-                 bucket_step: int = 64, bucket_max_ratio: float = 2.0, seed: int = 0,
-                 drop_remainder: bool = False) -> None:
+    def __init__(
+        self,
+        train_shards,
+        val_shards=None,
+        batch_size: int = 64,
+        image_size: int = 64,
+        num_workers: int = 1,
+        batches_per_epoch: int | None = 1000,
+        random_crop: bool = False,
+        flip: bool = False,
+        shuffle_buffer: int = 1000,
+        prepare: Callable[[], object] | None = None,
+        mode: str = "stream",
+        filters: MetadataFilter | dict | None = None,
+        caption_key: str = "txt",
+        skip_empty_captions: bool = True,
+        bucketing: bool = False,
+        bucket_step: int = 64,
+        bucket_max_ratio: float = 2.0,
+        seed: int = 0,
+        drop_remainder: bool = False,
+    ) -> None:
         super().__init__()
         self.train_shards, self.val_shards, self.prepare = train_shards, val_shards, prepare
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
@@ -361,10 +458,14 @@ class ImageTextDataModule(L.LightningDataModule):
         self.transform = ImageTransform(image_size, random_crop=random_crop, flip=flip)
         filters = filters or MetadataFilter()
         self.options = dict(
-            mode=mode, caption_key=caption_key, skip_empty_captions=skip_empty_captions,
+            mode=mode,
+            caption_key=caption_key,
+            skip_empty_captions=skip_empty_captions,
             filters=filters if isinstance(filters, MetadataFilter) else MetadataFilter(**filters),
             buckets=make_buckets(image_size, bucket_step, bucket_max_ratio) if bucketing else None,
-            seed=seed, drop_remainder=drop_remainder)
+            seed=seed,
+            drop_remainder=drop_remainder,
+        )
 
     def prepare_data(self) -> None:
         if self.prepare is not None:
@@ -376,8 +477,10 @@ class ImageTextDataModule(L.LightningDataModule):
             urls = [u for s in parse_sources(self.train_shards)[0] for u in s]
             n = read_stats_count(urls)
             if n is None:
-                raise DataError("batches_per_epoch is null but the shards have no img2dataset "
-                                "_stats.json beside them: set data.batches_per_epoch")
+                raise DataError(
+                    "batches_per_epoch is null but the shards have no img2dataset "
+                    "_stats.json beside them: set data.batches_per_epoch"
+                )
             per_rank = max(1, n // (self.batch_size * rank_and_world()[1]))
             log.info("epoch sized from _stats.json: %d samples -> %d batches per rank", n, per_rank)
         return max(1, per_rank // max(1, self.num_workers))
@@ -387,15 +490,28 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         stream = self.options["mode"] == "stream"
-        ds = make_dataset(self.train_shards, self.transform, self.batch_size, True,
-                          self.shuffle_buffer, self._batches_per_worker() if stream else None,
-                          num_workers=self.num_workers, **self.options)
+        ds = make_dataset(
+            self.train_shards,
+            self.transform,
+            self.batch_size,
+            True,
+            self.shuffle_buffer,
+            self._batches_per_worker() if stream else None,
+            num_workers=self.num_workers,
+            **self.options,
+        )
         return EpochLoader(ds, self.num_workers, self._epoch, persistent_workers=stream)
 
     def val_dataloader(self) -> EpochLoader | list:
         if not self.val_shards:
             return []
         options = {**self.options, "buckets": None}  # validation losses compare at one shape
-        ds = make_dataset(self.val_shards, self.transform, self.batch_size, False,
-                          num_workers=self.num_workers, **options)
+        ds = make_dataset(
+            self.val_shards,
+            self.transform,
+            self.batch_size,
+            False,
+            num_workers=self.num_workers,
+            **options,
+        )
         return EpochLoader(ds, self.num_workers)

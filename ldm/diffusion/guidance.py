@@ -5,6 +5,7 @@ consumes. t is the network's (float) timestep, alpha_bar the noise level x_t is 
 gives both because a Karras-spaced sigma sits between training steps. Conditional and
 unconditional branches go through the network in one batched call.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -18,8 +19,11 @@ from ldm.diffusion.schedule import NoiseSchedule
 Denoiser = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
-    """uncond + scale (cond - uncond), optionally rescaled toward cond's std (Lin et al., 2023, Eq. 15)."""
+def guide(
+    cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float = 0.0
+) -> torch.Tensor:
+    """uncond + scale (cond - uncond), optionally rescaled toward cond's std (Lin et al., 2023,
+    Eq. 15)."""
     guided = uncond + scale * (cond - uncond)
     if rescale:
         dims = tuple(range(1, cond.ndim))
@@ -28,9 +32,15 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float
     return guided
 
 
-def make_denoiser(model: ModelFn, schedule: NoiseSchedule, prediction: str | Prediction,
-                  context: torch.Tensor, uncond_context: torch.Tensor | None = None,
-                  cfg_scale: float = 1.0, cfg_rescale: float = 0.0) -> Denoiser:
+def make_denoiser(
+    model: ModelFn,
+    schedule: NoiseSchedule,
+    prediction: str | Prediction,
+    context: torch.Tensor,
+    uncond_context: torch.Tensor | None = None,
+    cfg_scale: float = 1.0,
+    cfg_rescale: float = 0.0,
+) -> Denoiser:
     """Wrap `model(x, t, context)` into a guided denoiser `denoiser(x_t, t, alpha_bar=None)`.
 
     t may be fractional (the network gets float timesteps); alpha_bar defaults to the schedule's

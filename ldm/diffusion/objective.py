@@ -1,5 +1,6 @@
 """The denoising training objective: a weighted MSE at random timesteps, in the space of the
 network's `Prediction` (eps, v or x0; see `prediction.py`)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -19,8 +20,9 @@ def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> to
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def sample_noise(x0: torch.Tensor, offset_noise: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_noise(
+    x0: torch.Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Gaussian noise, plus a per-(sample, channel) constant when `offset_noise` > 0.
 
     The constant part lets the model change an image's mean colour, which plain noise at
@@ -29,15 +31,22 @@ def sample_noise(x0: torch.Tensor, offset_noise: float = 0.0,
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if offset_noise:
         b, c = x0.shape[:2]
-        shift = torch.randn((b, c) + (1,) * (x0.ndim - 2), generator=generator,
-                            device=x0.device, dtype=x0.dtype)
+        shift = torch.randn(
+            (b, c) + (1,) * (x0.ndim - 2), generator=generator, device=x0.device, dtype=x0.dtype
+        )
         eps = eps + offset_noise * shift
     return eps
 
 
-def sample_timesteps(n: int, num_steps: int, kind: str = "uniform", mean: float = 0.0,
-                     std: float = 1.0, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_timesteps(
+    n: int,
+    num_steps: int,
+    kind: str = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Training timesteps: uniform, or logit-normal (Esser et al., 2024, Sec. 3.1), which puts
     more of the batch at middle noise levels, where an image's layout is decided."""
     if kind == "uniform":
@@ -62,33 +71,59 @@ class DiffusionObjective:
     training time inputs as imperfect as its own predictions make them at sampling time.
     """
 
-    def __init__(self, schedule: NoiseSchedule, prediction: str | Prediction = "eps",
-                 offset_noise: float = 0.0, timestep_sampling: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, weighting: str = "uniform",
-                 min_snr_gamma: float = 5.0, input_perturbation: float = 0.0) -> None:
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction: str | Prediction = "eps",
+        offset_noise: float = 0.0,
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        input_perturbation: float = 0.0,
+    ) -> None:
         prediction = Prediction.parse(prediction)
         sample_timesteps(1, schedule.num_steps, timestep_sampling)  # reject unknown kinds now
         prediction.check_schedule(float(schedule.alphas_cumprod[-1]))
         self.schedule, self.prediction, self.offset_noise = schedule, prediction, offset_noise
-        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
+        self.timestep_sampling, self.logit_mean, self.logit_std = (
+            timestep_sampling,
+            logit_mean,
+            logit_std,
+        )
         self.weighting, self.weight_fn = weighting, get_weighting(weighting)
         self.min_snr_gamma, self.input_perturbation = min_snr_gamma, input_perturbation
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) weight of each sample's MSE at timesteps t."""
-        return self.weight_fn(snr_from_alpha_bar(self.schedule.alpha_bar(t)), self.prediction,
-                              self.min_snr_gamma)
+        return self.weight_fn(
+            snr_from_alpha_bar(self.schedule.alpha_bar(t)), self.prediction, self.min_snr_gamma
+        )
 
-    def __call__(self, model: ModelFn, x0: torch.Tensor, context: torch.Tensor,
-                 t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        model: ModelFn,
+        x0: torch.Tensor,
+        context: torch.Tensor,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Training loss for a batch of clean latents x0 (B, C, h, w) and text context (B, L, D).
 
         `t` and `eps` may be given to evaluate at fixed points; otherwise drawn.
         """
         if t is None:
-            t = sample_timesteps(x0.shape[0], self.schedule.num_steps, self.timestep_sampling,
-                                 self.logit_mean, self.logit_std, generator, x0.device)
+            t = sample_timesteps(
+                x0.shape[0],
+                self.schedule.num_steps,
+                self.timestep_sampling,
+                self.logit_mean,
+                self.logit_std,
+                generator,
+                x0.device,
+            )
         if eps is None:
             eps = sample_noise(x0, self.offset_noise, generator)
         noise_in = eps
@@ -101,8 +136,14 @@ class DiffusionObjective:
         return (self.loss_weight(t).to(out.device) * per_sample_mse(out, target)).mean()
 
     @torch.no_grad()
-    def evaluate(self, model: ModelFn, x0: torch.Tensor, context: torch.Tensor,
-                 t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self,
+        model: ModelFn,
+        x0: torch.Tensor,
+        context: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Validation losses at fixed (t, eps), without input perturbation.
 
         `loss` is the training loss, in this run's own space and weighting: it cannot compare
@@ -117,7 +158,9 @@ class DiffusionObjective:
         own = per_sample_mse(out, self.prediction.target(x0, eps, alpha_bar))
         x0_hat, eps_hat = self.prediction.to_x0_eps(out, x_t, alpha_bar)
         min_snr5 = self.prediction.min_snr_weight(snr_from_alpha_bar(alpha_bar), 5.0)
-        return {"loss": (self.loss_weight(t).to(own.device) * own).mean(),
-                "mse_eps": per_sample_mse(eps_hat, eps).mean(),
-                "mse_x0": per_sample_mse(x0_hat, x0).mean(),
-                "loss_min_snr": (min_snr5.to(own.device) * own).mean()}
+        return {
+            "loss": (self.loss_weight(t).to(own.device) * own).mean(),
+            "mse_eps": per_sample_mse(eps_hat, eps).mean(),
+            "mse_x0": per_sample_mse(x0_hat, x0).mean(),
+            "loss_min_snr": (min_snr5.to(own.device) * own).mean(),
+        }

@@ -7,6 +7,7 @@ own space, its names in other tools (diffusers' `prediction_type`, the LDM confi
 `parameterization`, the model spec's `prediction_type`) and whether a schedule can be sampled
 with it. Outside names are parsed into it once, where they enter (`Prediction.parse`).
 """
+
 from __future__ import annotations
 
 import enum
@@ -21,6 +22,7 @@ def broadcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class Prediction(str, enum.Enum):
     """A str enum: configs, JSON metadata and comparisons see "eps", "v" or "x0"."""
+
     EPS = "eps"
     V = "v"
     X0 = "x0"
@@ -33,8 +35,10 @@ class Prediction(str, enum.Enum):
         """Our name or any outside one (epsilon, v_prediction, sample, ...), case-insensitive."""
         key = str(name.value if isinstance(name, Prediction) else name).lower()
         if key not in _ALIASES:
-            raise ValueError(f"unknown prediction type {name!r}; choose eps, v or x0 "
-                             f"(or diffusers' epsilon, v_prediction, sample)")
+            raise ValueError(
+                f"unknown prediction type {name!r}; choose eps, v or x0 "
+                f"(or diffusers' epsilon, v_prediction, sample)"
+            )
         return _ALIASES[key]
 
     @property
@@ -61,8 +65,9 @@ class Prediction(str, enum.Enum):
         a = broadcast(alpha_bar, x0)
         return a.sqrt() * eps - (1 - a).sqrt() * x0
 
-    def to_x0_eps(self, out: torch.Tensor, x_t: torch.Tensor,
-                  alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_x0_eps(
+        self, out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) implied by a network output `out` at x_t."""
         a = broadcast(alpha_bar, x_t)
         sa, s1a = a.sqrt(), (1 - a).sqrt()
@@ -90,12 +95,21 @@ class Prediction(str, enum.Enum):
         """Refuse a schedule this prediction cannot be sampled on."""
         if self is Prediction.EPS and final_alpha_bar == 0.0:
             # At SNR 0 the input is pure noise, so predicting the noise says nothing about x0:
-            # every sampler's first step would divide by sqrt(alpha_bar) = 0 (Lin et al., 2023, Sec. 3.2).
-            raise ValueError("eps prediction cannot be sampled on a zero-terminal-SNR schedule; "
-                             "use diffusion.prediction=v (or x0), or set "
-                             "diffusion.schedule.zero_terminal_snr=false")
+            # every sampler's first step would divide by sqrt(alpha_bar) = 0 (Lin et al., 2023,
+            # Sec. 3.2).
+            raise ValueError(
+                "eps prediction cannot be sampled on a zero-terminal-SNR schedule; "
+                "use diffusion.prediction=v (or x0), or set "
+                "diffusion.schedule.zero_terminal_snr=false"
+            )
 
 
-_ALIASES = {"eps": Prediction.EPS, "epsilon": Prediction.EPS, "v": Prediction.V,
-            "v_prediction": Prediction.V, "v-prediction": Prediction.V, "x0": Prediction.X0,
-            "sample": Prediction.X0}
+_ALIASES = {
+    "eps": Prediction.EPS,
+    "epsilon": Prediction.EPS,
+    "v": Prediction.V,
+    "v_prediction": Prediction.V,
+    "v-prediction": Prediction.V,
+    "x0": Prediction.X0,
+    "sample": Prediction.X0,
+}

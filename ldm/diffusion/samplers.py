@@ -13,6 +13,7 @@ Each is checked step by step against its diffusers scheduler (tests/diffusion). 
 from `generator`: one generator, or a list with one per batch row so that each image's noise
 depends on its own seed only. `sample` runs any of them by name from unit Gaussian noise.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,26 +35,39 @@ def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
-        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype)
-                           for g in generator])
+        noise = torch.cat(
+            [
+                torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype)
+                for g in generator
+            ]
+        )
     else:
         device = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
     return noise.to(x.device)
 
 
-def denoise_at_sigma(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor,
-                     t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) for x = x0 + sigma eps: the network sees x / sqrt(1 + sigma^2), alpha_bar = 1 / (1 + sigma^2)."""
+def denoise_at_sigma(
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) for x = x0 + sigma eps: the network sees x / sqrt(1 + sigma^2), at
+    alpha_bar = 1 / (1 + sigma^2)."""
     return denoiser(x / (sigma**2 + 1) ** 0.5, t, 1 / (sigma**2 + 1))
 
 
 # ---- alpha_bar space: x_t over integer timesteps ------------------------------------------------
 
+
 @torch.no_grad()
-def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int],
-                alphas_cumprod: torch.Tensor, *, generator: Generators = None,
-                callback: Callback | None = None) -> torch.Tensor:
+def sample_ddpm(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: list[int],
+    alphas_cumprod: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al., 2020, Eqs. 6-7),
     with its "fixed small" variance, between any two visited timesteps."""
     ab = alphas_cumprod.to(x.device, torch.float32)
@@ -63,7 +77,9 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int],
         x0, _ = denoiser(x, t, ab_t)
         alpha = ab_t / ab_prev  # of the jump t -> prev
         beta = 1 - alpha
-        mean = (ab_prev**0.5 * beta / (1 - ab_t)) * x0 + (alpha**0.5 * (1 - ab_prev) / (1 - ab_t)) * x
+        mean = (ab_prev**0.5 * beta / (1 - ab_t)) * x0 + (
+            alpha**0.5 * (1 - ab_prev) / (1 - ab_t)
+        ) * x
         if t > 0:  # diffusers adds no noise only when landing past training step 0
             variance = ((1 - ab_prev) / (1 - ab_t) * beta).clamp(min=1e-20)
             mean = mean + variance**0.5 * randn_like(x, generator)
@@ -74,11 +90,17 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int],
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int],
-                alphas_cumprod: torch.Tensor, *, eta: float = 0.0,
-                final_alpha_cumprod: float | torch.Tensor = 1.0,
-                generator: Generators = None,
-                callback: Callback | None = None) -> torch.Tensor:
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: list[int],
+    alphas_cumprod: torch.Tensor,
+    *,
+    eta: float = 0.0,
+    final_alpha_cumprod: float | torch.Tensor = 1.0,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DDIM (Song et al., 2021, Eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
 
     The last step lands on alpha_bar = `final_alpha_cumprod`: 1 (x0 itself; diffusers'
@@ -109,10 +131,19 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int],
 def _slope(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (x - x0) / sigma
 
+
 @torch.no_grad()
-def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
-                 *, generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
-    """Euler steps on the probability-flow ODE (Karras et al., 2022, Alg. 1 without the Heun correction)."""
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Euler steps on the probability-flow ODE (Karras et al., 2022, Alg. 1 without the Heun
+    correction)."""
     for i, t in enumerate(timesteps):
         x0, _ = denoise_at_sigma(denoiser, x, sigmas[i], t)
         x = x + (sigmas[i + 1] - sigmas[i]) * _slope(x, x0, sigmas[i])
@@ -122,10 +153,17 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, time
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                           timesteps: torch.Tensor, *, generator: Generators = None,
-                           callback: Callback | None = None) -> torch.Tensor:
-    """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's `get_ancestral_step`):
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion's
+    `get_ancestral_step`):
     the step's total variance matches the ancestral (DDPM) transition."""
     for i, t in enumerate(timesteps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -141,8 +179,15 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
 
 
 @torch.no_grad()
-def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
-                *, generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al., 2022, Alg. 1): two network calls per step, except
     the last, which lands on sigma = 0 where the trapezoid's second slope is undefined (Euler)."""
     for i, t in enumerate(timesteps):
@@ -160,9 +205,15 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, times
     return x
 
 
-def _dpmpp_2m_steps(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                    timesteps: torch.Tensor, sde: bool, generator: Generators,
-                    callback: Callback | None) -> torch.Tensor:
+def _dpmpp_2m_steps(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    sde: bool,
+    generator: Generators,
+    callback: Callback | None,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al., 2022, Alg. 2), and its SDE variant (Sec. 5; diffusers'
     "sde-dpmsolver++", midpoint), in lambda = -log sigma. The first step is first order; the
     last lands on sigma = 0, where both reduce to x = x0."""
@@ -177,8 +228,11 @@ def _dpmpp_2m_steps(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
             # x0 extrapolated to the step's midpoint in lambda from the last two estimates
             d = x0 if x0_prev is None else x0 + (0.5 * h / h_prev) * (x0 - x0_prev)
             if sde:
-                x = (sigma_next / sigma * (-h).exp()) * x - (-2 * h).expm1() * d \
+                x = (
+                    (sigma_next / sigma * (-h).exp()) * x
+                    - (-2 * h).expm1() * d
                     + sigma_next * (-(-2 * h).expm1()).sqrt() * randn_like(x, generator)
+                )
             else:
                 x = (sigma_next / sigma) * x - (-h).expm1() * d
             h_prev = h
@@ -189,30 +243,60 @@ def _dpmpp_2m_steps(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
-                    *, generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DPM-Solver++(2M): a second-order multistep ODE solver, one network call per step."""
     return _dpmpp_2m_steps(denoiser, x, sigmas, timesteps, False, generator, callback)
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                        timesteps: torch.Tensor, *, generator: Generators = None,
-                        callback: Callback | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE: the same multistep update on the reverse SDE, with fresh noise each step."""
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE: the same multistep update on the reverse SDE, with fresh noise each
+    step."""
     return _dpmpp_2m_steps(denoiser, x, sigmas, timesteps, True, generator, callback)
 
 
 ALPHA_BAR_SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
-SIGMA_SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral,
-                  "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde}
+SIGMA_SAMPLERS = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+}
 SAMPLERS = {**ALPHA_BAR_SAMPLERS, **SIGMA_SAMPLERS}
 
 
-def sample(name: str, denoiser: Denoiser, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-           steps: int, *, spacing: str = "trailing", sigmas: str | None = None, eta: float = 0.0,
-           steps_offset: int = 0, set_alpha_to_one: bool = True,
-           generator: Generators = None, callback: Callback | None = None) -> torch.Tensor:
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    *,
+    spacing: str = "trailing",
+    sigmas: str | None = None,
+    eta: float = 0.0,
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Clean latents from unit Gaussian `noise` (B, ...) with the sampler called `name`.
 
     Sigma-space samplers start from noise * sqrt(1 + sigma_max^2): the same point x_T = noise
@@ -226,8 +310,9 @@ def sample(name: str, denoiser: Denoiser, noise: torch.Tensor, alphas_cumprod: t
         ts = sampling_timesteps(len(alphas_cumprod), steps, spacing, steps_offset)
         final = 1.0 if set_alpha_to_one else alphas_cumprod[0]
         extra = {"eta": eta, "final_alpha_cumprod": final} if name == "ddim" else {}
-        return SAMPLERS[name](denoiser, noise, ts, alphas_cumprod, generator=generator,
-                              callback=callback, **extra)
+        return SAMPLERS[name](
+            denoiser, noise, ts, alphas_cumprod, generator=generator, callback=callback, **extra
+        )
     make_schedule = dpm_solver_schedule if name.startswith("dpmpp") else sigma_schedule
     sig, ts = make_schedule(alphas_cumprod, steps, spacing, sigmas, steps_offset)
     sig, ts = sig.to(noise.device), ts.to(noise.device)
@@ -242,10 +327,14 @@ def check_options(name: str, sigmas: str | None = None, eta: float = 0.0) -> Non
     if eta and name != "ddim":
         raise ValueError(f"eta={eta} applies to ddim only, not {name}")
     if sigmas is not None and sigmas not in SIGMA_SPACINGS:
-        raise ValueError(f"unknown sigma spacing {sigmas!r}; choose {', '.join(SIGMA_SPACINGS)} or null")
+        raise ValueError(
+            f"unknown sigma spacing {sigmas!r}; choose {', '.join(SIGMA_SPACINGS)} or null"
+        )
     if sigmas is not None and name not in SIGMA_SAMPLERS:
-        raise ValueError(f"sigmas={sigmas!r} applies to the sigma-space samplers "
-                         f"({', '.join(SIGMA_SAMPLERS)}), not {name}")
+        raise ValueError(
+            f"sigmas={sigmas!r} applies to the sigma-space samplers "
+            f"({', '.join(SIGMA_SAMPLERS)}), not {name}"
+        )
 
 
 @dataclass
@@ -256,6 +345,7 @@ class SamplerConfig:
     20 steps, exponential sigmas) is `configs/sampler/dpmpp_2m.yaml`, sample.py's default.
     `steps_offset` (leading spacing only) and `set_alpha_to_one` (DDIM's last step) default to
     Stable Diffusion's scheduler_config.json values, which diffusers' pipelines use."""
+
     name: str = "dpmpp_2m"
     steps: int = 20
     cfg_scale: float = 4.0

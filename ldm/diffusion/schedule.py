@@ -4,11 +4,11 @@ One `NoiseSchedule` object is shared by the training objective and the samplers,
 agree on alpha_bar. Values are computed in float32 the way diffusers does, so that schedules and
 samplers can be compared with it to the last bit.
 """
+
 from __future__ import annotations
 
-import math
-
 import inspect
+import math
 
 import torch
 
@@ -20,16 +20,21 @@ def make_betas(kind: str, num_steps: int, beta_start: float, beta_end: float) ->
     if kind == "scaled_linear":  # Stable Diffusion: linear in sqrt(beta)
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float32) ** 2
     if kind == "cosine":  # Nichol & Dhariwal (2021), "squaredcos_cap_v2"
+
         def alpha_bar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999)
-                 for i in range(num_steps)]
+
+        betas = [
+            min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999)
+            for i in range(num_steps)
+        ]
         return torch.tensor(betas, dtype=torch.float32)
     raise ValueError(f"unknown beta schedule {kind!r}; choose linear, scaled_linear or cosine")
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Shift and scale sqrt(alpha_bar) so the last step has SNR exactly 0 (Lin et al., 2023, Alg. 1).
+    """Shift and scale sqrt(alpha_bar) so the last step has SNR exactly 0 (Lin et al., 2023,
+    Alg. 1).
 
     Without it the last training step still leaks the latent's mean (which carries the colours),
     so a model learns to take colours from the seed instead of from the prompt.
@@ -48,9 +53,14 @@ class NoiseSchedule:
     The defaults are Stable Diffusion's schedule (1.x and 2.x alike): `SD_SCHEDULE` below.
     """
 
-    def __init__(self, kind: str = "scaled_linear", num_steps: int = 1000,
-                 beta_start: float = 0.00085, beta_end: float = 0.012,
-                 zero_terminal_snr: bool = False) -> None:
+    def __init__(
+        self,
+        kind: str = "scaled_linear",
+        num_steps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        zero_terminal_snr: bool = False,
+    ) -> None:
         betas = make_betas(kind, num_steps, beta_start, beta_end)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -62,26 +72,36 @@ class NoiseSchedule:
     @property
     def config(self) -> dict:
         """The config that rebuilds this schedule (`_target_` and arguments)."""
-        return {"_target_": f"{__name__}.NoiseSchedule", "kind": self.kind,
-                "num_steps": self.num_steps, "beta_start": self.beta_start,
-                "beta_end": self.beta_end, "zero_terminal_snr": self.zero_terminal_snr}
+        return {
+            "_target_": f"{__name__}.NoiseSchedule",
+            "kind": self.kind,
+            "num_steps": self.num_steps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "zero_terminal_snr": self.zero_terminal_snr,
+        }
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar at integer timesteps t (any shape), on t's device."""
         return self.alphas_cumprod.to(t.device)[t.long()]
 
     def __repr__(self) -> str:
-        return (f"NoiseSchedule(kind={self.kind!r}, num_steps={self.num_steps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr})")
+        return (
+            f"NoiseSchedule(kind={self.kind!r}, num_steps={self.num_steps}, "
+            f"zero_terminal_snr={self.zero_terminal_snr})"
+        )
 
 
 # Stable Diffusion's schedule as a config: NoiseSchedule's own defaults, said once.
-SD_SCHEDULE = {"_target_": f"{__name__}.NoiseSchedule",
-               **{k: p.default for k, p in inspect.signature(NoiseSchedule).parameters.items()}}
+SD_SCHEDULE = {
+    "_target_": f"{__name__}.NoiseSchedule",
+    **{k: p.default for k, p in inspect.signature(NoiseSchedule).parameters.items()},
+}
 
 
-def sampling_timesteps(num_train_steps: int, steps: int, spacing: str = "trailing",
-                       steps_offset: int = 0) -> list[int]:
+def sampling_timesteps(
+    num_train_steps: int, steps: int, spacing: str = "trailing", steps_offset: int = 0
+) -> list[int]:
     """Descending training timesteps visited by an `steps`-step sampler (diffusers' spacings).
 
     `trailing` starts at the last training step, which zero-terminal-SNR models need
@@ -96,7 +116,14 @@ def sampling_timesteps(num_train_steps: int, steps: int, spacing: str = "trailin
         ratio = num_train_steps / steps
         ts = [int(round(num_train_steps - i * ratio)) - 1 for i in range(steps)][::-1]
     elif spacing == "linspace":
-        ts = torch.linspace(0, num_train_steps - 1, steps, dtype=torch.float64).round().long().tolist()
+        ts = (
+            torch.linspace(0, num_train_steps - 1, steps, dtype=torch.float64)
+            .round()
+            .long()
+            .tolist()
+        )
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose leading, trailing or linspace")
+        raise ValueError(
+            f"unknown timestep spacing {spacing!r}; choose leading, trailing or linspace"
+        )
     return sorted(ts, reverse=True)

@@ -9,6 +9,7 @@ timestep of each; with Karras or exponential spacing that timestep falls between
 Two families of spacing exist because diffusers has two: `sigma_schedule` is that of its Euler,
 Euler-ancestral and Heun schedulers, `dpm_solver_schedule` that of DPMSolverMultistepScheduler.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,12 +70,21 @@ def _respace(kind: str | None, sigma_min: float, sigma_max: float, n: int) -> to
     raise ValueError(f"unknown sigma spacing {kind!r}; choose karras, exponential or null")
 
 
-def _with_final_zero(sigmas: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat([sigmas.double(), sigmas.new_zeros(1, dtype=torch.float64)]).float(), timesteps.float()
+def _with_final_zero(
+    sigmas: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat(
+        [sigmas.double(), sigmas.new_zeros(1, dtype=torch.float64)]
+    ).float(), timesteps.float()
 
 
-def sigma_schedule(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "trailing",
-                   sigmas: str | None = None, steps_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sigma_schedule(
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    spacing: str = "trailing",
+    sigmas: str | None = None,
+    steps_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas (steps+1,) ending in 0, timesteps (steps,)) as diffusers' Euler/Heun schedulers
     build them, both float32 on the CPU.
 
@@ -94,8 +104,9 @@ def sigma_schedule(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "tra
     return _with_final_zero(sig, ts)
 
 
-def dpm_solver_timesteps(num_train_steps: int, steps: int, spacing: str = "trailing",
-                         steps_offset: int = 0) -> list[int]:
+def dpm_solver_timesteps(
+    num_train_steps: int, steps: int, spacing: str = "trailing", steps_offset: int = 0
+) -> list[int]:
     """DPMSolverMultistepScheduler's own spacings: `linspace` and `leading` split the range into
     steps+1 parts and drop the last point (t=0) instead of landing on it."""
     if not 1 <= steps <= num_train_steps:
@@ -109,15 +120,22 @@ def dpm_solver_timesteps(num_train_steps: int, steps: int, spacing: str = "trail
     return sampling_timesteps(num_train_steps, steps, spacing, steps_offset)
 
 
-def dpm_solver_schedule(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "trailing",
-                        sigmas: str | None = None, steps_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def dpm_solver_schedule(
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    spacing: str = "trailing",
+    sigmas: str | None = None,
+    steps_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas (steps+1,) ending in 0, timesteps (steps,)) as DPMSolverMultistepScheduler builds
     them: integer timesteps always (Karras rounds, exponential truncates, as diffusers does), and
     Karras/exponential sigmas span the whole training range."""
     T = len(alphas_cumprod)
     table = discrete_sigmas(alphas_cumprod)
     if sigmas is None:
-        ts = torch.tensor(dpm_solver_timesteps(T, steps, spacing, steps_offset), dtype=torch.float64)
+        ts = torch.tensor(
+            dpm_solver_timesteps(T, steps, spacing, steps_offset), dtype=torch.float64
+        )
         return _with_final_zero(interp_sigmas(ts, table), ts)
     sig = _respace(sigmas, table[0].item(), table[-1].item(), steps)
     ts = sigma_to_t(sig, table.log())

@@ -1,12 +1,15 @@
-"""Per-sample loss weights as functions of the signal-to-noise ratio SNR = alpha_bar / (1 - alpha_bar).
+"""Per-sample loss weights as functions of the signal-to-noise ratio
+SNR = alpha_bar / (1 - alpha_bar).
 
 A weighting is `weight(snr, prediction, gamma) -> (B,)` tensor, multiplying each sample's mean
-squared error in the space the network predicts in (`prediction` is a `Prediction`). To add one, write such a function and
+squared error in the space the network predicts in (`prediction` is a `Prediction`). To add
+one, write such a function and
 decorate it with `@register("name")`; it is then selectable as `diffusion.weighting=name`.
 
 Every weight here is finite for SNR in [0, inf), so zero-terminal-SNR schedules (SNR = 0 at the
 last step) never produce NaN.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -23,6 +26,7 @@ def register(name: str) -> Callable[[WeightFn], WeightFn]:
     def add(fn: WeightFn) -> WeightFn:
         WEIGHTINGS[name] = fn
         return fn
+
     return add
 
 
@@ -46,6 +50,8 @@ def min_snr(snr: torch.Tensor, prediction: Prediction, gamma: float = 5.0) -> to
 
 def get_weighting(name: str) -> WeightFn:
     if name not in WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {name!r}; choose one of {sorted(WEIGHTINGS)} "
-                         "or add one with ldm.diffusion.weighting.register")
+        raise ValueError(
+            f"unknown loss weighting {name!r}; choose one of {sorted(WEIGHTINGS)} "
+            "or add one with ldm.diffusion.weighting.register"
+        )
     return WEIGHTINGS[name]

@@ -105,7 +105,7 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     out = np.zeros_like(mask)
     for dy in range(3):
         for dx in range(3):
-            out |= padded[dy:dy + h, dx:dx + w]
+            out |= padded[dy : dy + h, dx : dx + w]
     return out
 
 
@@ -153,10 +153,14 @@ def _main_blob(mask: np.ndarray) -> np.ndarray:
 def _background(image: np.ndarray) -> np.ndarray:
     """Median colour of a thin border ring; the shape never covers most of it."""
     width = max(1, min(image.shape[:2]) // 32)
-    border = np.concatenate([
-        image[:width].reshape(-1, 3), image[-width:].reshape(-1, 3),
-        image[:, :width].reshape(-1, 3), image[:, -width:].reshape(-1, 3),
-    ])
+    border = np.concatenate(
+        [
+            image[:width].reshape(-1, 3),
+            image[-width:].reshape(-1, 3),
+            image[:, :width].reshape(-1, 3),
+            image[:, -width:].reshape(-1, 3),
+        ]
+    )
     return np.median(border, axis=0)
 
 
@@ -223,8 +227,8 @@ def _template_fit(coverage: np.ndarray, shape: str, area: float, centre: np.ndar
     outer = inner if sides is None else inner / np.cos(np.pi / sides)
     x0, y0 = (np.floor(centre - outer - 2).astype(int)).clip(0)
     x1, y1 = np.ceil(centre + outer + 2).astype(int)
-    window = coverage[y0:min(y1, h), x0:min(x1, w)]
-    ys, xs = np.mgrid[y0:y0 + window.shape[0], x0:x0 + window.shape[1]]
+    window = coverage[y0 : min(y1, h), x0 : min(x1, w)]
+    ys, xs = np.mgrid[y0 : y0 + window.shape[0], x0 : x0 + window.shape[1]]
     px = (xs + 0.5 - centre[0]).ravel()
     py = (ys + 0.5 - centre[1]).ravel()
     if sides is None:
@@ -339,8 +343,10 @@ def _load_dir(directory: Path) -> tuple[list[np.ndarray], list[str], list[str]]:
             prompts.append(prompt)
             images.append(np.asarray(image.convert("RGB")))
     if not images:
-        raise ValueError(f"no PNG in {directory} has a 'prompt' text chunk or a .txt sidecar "
-                         f"(checked: {', '.join(skipped[:5])})")
+        raise ValueError(
+            f"no PNG in {directory} has a 'prompt' text chunk or a .txt sidecar "
+            f"(checked: {', '.join(skipped[:5])})"
+        )
     return images, prompts, skipped
 
 
@@ -363,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     images, prompts, skipped = _load_dir(args.directory)
     result = score(images, prompts)
     if skipped:
-        print(f"skipped {len(skipped)} PNG(s) without a prompt: {', '.join(skipped[:5])}",
-              file=sys.stderr)
+        print(
+            f"skipped {len(skipped)} PNG(s) without a prompt: {', '.join(skipped[:5])}",
+            file=sys.stderr,
+        )
     print(format_table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -375,4 +375,3 @@ class AutoencoderKL(nn.Module):
         posterior = self.posterior(x)
         z = posterior.sample() if sample else posterior.mode()
         return self.decode_unscaled(z), posterior
-

@@ -1,4 +1,5 @@
 """Layers shared by the U-Net, its attention blocks and the VAE (Stable Diffusion's own forms)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ The tower is open_clip's own `TextTransformer`, kept as `self.model`, so its par
 open_clip's (`model.token_embedding`, `model.transformer.resblocks.*`, `model.ln_final`) and a
 Stable Diffusion 2 `cond_stage_model.model.*` checkpoint maps onto it by prefix alone.
 """
+
 from __future__ import annotations
 
 import open_clip
@@ -19,9 +20,14 @@ def _tower_config(model_name: str | None, text_cfg: dict | None) -> tuple[int, d
     if model_name is not None:
         full = open_clip.get_model_config(model_name)
         if full is None:
-            raise ValueError(f"open_clip knows no model named {model_name!r}; "
-                             f"see open_clip.list_models()")
-        embed_dim, cfg, quick_gelu = full["embed_dim"], dict(full["text_cfg"]), full.get("quick_gelu", False)
+            raise ValueError(
+                f"open_clip knows no model named {model_name!r}; see open_clip.list_models()"
+            )
+        embed_dim, cfg, quick_gelu = (
+            full["embed_dim"],
+            dict(full["text_cfg"]),
+            full.get("quick_gelu", False),
+        )
     cfg.update(text_cfg or {})
     return embed_dim or cfg.get("width", 512), cfg, quick_gelu
 
@@ -40,9 +46,16 @@ class TextEncoder(nn.Module):
         pad_with_eot: pad with the end-of-text token (SD 1.x) instead of zeros (open_clip).
     """
 
-    def __init__(self, model_name: str | None = None, text_cfg: dict | None = None,
-                 layer: str = "last", frozen: bool = True, train_token_embedding: bool = True,
-                 pad_with_eot: bool = False, quick_gelu: bool | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str | None = None,
+        text_cfg: dict | None = None,
+        layer: str = "last",
+        frozen: bool = True,
+        train_token_embedding: bool = True,
+        pad_with_eot: bool = False,
+        quick_gelu: bool | None = None,
+    ) -> None:
         super().__init__()
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
@@ -81,7 +94,11 @@ class TextEncoder(nn.Module):
         """Token ids (B, L) -> embeddings (B, L, width)."""
         m = self.model
         x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, L, D)
-        mask = m.attn_mask[: ids.shape[1], : ids.shape[1]].to(x.dtype) if m.attn_mask is not None else None
+        mask = (
+            m.attn_mask[: ids.shape[1], : ids.shape[1]].to(x.dtype)
+            if m.attn_mask is not None
+            else None
+        )
         blocks = m.transformer.resblocks
         depth = len(blocks) - (1 if self.layer == "penultimate" else 0)
         for block in blocks[:depth]:

@@ -39,7 +39,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     ``exp(-log(max_period) * arange(half) / half)``. Returns (B, dim) float32.
     """
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    exponent = (
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
+    )
     freqs = torch.exp(exponent)  # (half,)
     args = timesteps[:, None].float() * freqs[None]  # (B, half)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
@@ -107,7 +111,9 @@ class Downsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Sequential that hands each layer the inputs it needs (emb, context or neither)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -165,7 +171,9 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.attention_resolutions = tuple(attention_resolutions)
-        self._block_kwargs = dict(dropout=dropout, norm_groups=norm_groups, use_checkpoint=use_checkpoint)
+        self._block_kwargs = dict(
+            dropout=dropout, norm_groups=norm_groups, use_checkpoint=use_checkpoint
+        )
         self._transformer_kwargs = dict(
             depth=transformer_depth,
             context_dim=context_dim,

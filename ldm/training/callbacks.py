@@ -1,5 +1,6 @@
 """Lightning callbacks: sample grids, throughput, validation metrics to CSV, shapes adherence,
 data counts."""
+
 from __future__ import annotations
 
 import csv
@@ -16,12 +17,24 @@ from ldm.pipeline import Pipeline, image_grid
 
 
 @torch.no_grad()
-def sample_ema(trainer: L.Trainer, pl_module, prompts: list[str], seeds: list[int],
-               sampler: SamplerConfig, height: int, width: int) -> torch.Tensor:
+def sample_ema(
+    trainer: L.Trainer,
+    pl_module,
+    prompts: list[str],
+    seeds: list[int],
+    sampler: SamplerConfig,
+    height: int,
+    width: int,
+) -> torch.Tensor:
     """Images (B, H, W, 3) uint8 from the EMA U-Net, in the trainer's precision (callbacks run
     outside its autocast), the text encoder in eval mode meanwhile."""
-    pipe = Pipeline(pl_module.ema.shadow, pl_module.vae, pl_module.text_encoder,
-                    pl_module.objective.schedule, pl_module.objective.prediction)
+    pipe = Pipeline(
+        pl_module.ema.shadow,
+        pl_module.vae,
+        pl_module.text_encoder,
+        pl_module.objective.schedule,
+        pl_module.objective.prediction,
+    )
     was_training = pl_module.text_encoder.training
     pl_module.text_encoder.eval()
     try:
@@ -35,9 +48,16 @@ class SampleGrid(L.Callback):
     """Every `every_n_steps` (and at the end) sample fixed prompts with fixed seeds from the EMA
     U-Net; write the grid to `<run dir>/samples/step_XXXXXX.png` and log it to W&B."""
 
-    def __init__(self, prompts: list[str], every_n_steps: int = 500, seed: int = 0,
-                 sampler: SamplerConfig | None = None, height: int = 64, width: int = 64,
-                 out_dir: str = "samples") -> None:
+    def __init__(
+        self,
+        prompts: list[str],
+        every_n_steps: int = 500,
+        seed: int = 0,
+        sampler: SamplerConfig | None = None,
+        height: int = 64,
+        width: int = 64,
+        out_dir: str = "samples",
+    ) -> None:
         self.prompts, self.every_n_steps, self.seed = list(prompts), every_n_steps, seed
         self.sampler = sampler or SamplerConfig(steps=25)
         self.height, self.width, self.out_dir = height, width, out_dir
@@ -58,8 +78,9 @@ class SampleGrid(L.Callback):
             return None
         self._last_step = step
         seeds = [self.seed + i for i in range(len(self.prompts))]
-        images = sample_ema(trainer, pl_module, self.prompts, seeds, self.sampler, self.height,
-                            self.width)
+        images = sample_ema(
+            trainer, pl_module, self.prompts, seeds, self.sampler, self.height, self.width
+        )
         grid = image_grid(images)
         path = Path(trainer.default_root_dir) / self.out_dir / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +122,13 @@ class MetricsCSV(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         row = {"step": trainer.global_step}
-        row.update({k: float(v) for k, v in sorted(trainer.callback_metrics.items())
-                    if k.startswith("val/") or k == "train/loss"})
+        row.update(
+            {
+                k: float(v)
+                for k, v in sorted(trainer.callback_metrics.items())
+                if k.startswith("val/") or k == "train/loss"
+            }
+        )
         self.rows.append(row)
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
         path = Path(trainer.default_root_dir) / self.filename
@@ -120,9 +146,17 @@ class ShapesAdherence(L.Callback):
     Only meaningful for models trained on the shapes set: the judge reads back shapes captions.
     """
 
-    def __init__(self, n_prompts: int = 32, prompt_seed: int = 0, seed: int = 0,
-                 sampler: SamplerConfig | None = None, height: int = 64, width: int = 64) -> None:
+    def __init__(
+        self,
+        n_prompts: int = 32,
+        prompt_seed: int = 0,
+        seed: int = 0,
+        sampler: SamplerConfig | None = None,
+        height: int = 64,
+        width: int = 64,
+    ) -> None:
         from ldm.data.shapes import random_prompts
+
         self.prompts = random_prompts(n_prompts, prompt_seed)
         self.seeds = [seed + i for i in range(n_prompts)]
         self.sampler = sampler or SamplerConfig(name="ddim", steps=20)
@@ -131,8 +165,10 @@ class ShapesAdherence(L.Callback):
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         from ldm.evaluation.shapes import score
-        images = sample_ema(trainer, pl_module, self.prompts, self.seeds, self.sampler, self.height,
-                            self.width)
+
+        images = sample_ema(
+            trainer, pl_module, self.prompts, self.seeds, self.sampler, self.height, self.width
+        )
         result = score(list(images.numpy()), self.prompts)
         return {k: float(v) for k, v in result.items() if k != "n"}
 

@@ -1,4 +1,5 @@
 """Exponential moving average of a model's weights, used for sampling and export."""
+
 from __future__ import annotations
 
 import copy

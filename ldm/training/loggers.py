@@ -1,4 +1,5 @@
 """Weights & Biases logger that falls back to offline mode when there is no login or no network."""
+
 from __future__ import annotations
 
 import logging
@@ -12,17 +13,20 @@ log = logging.getLogger(__name__)
 
 
 def _has_api_key() -> bool:
-    """A key in the environment, in wandb's settings, or in ~/.netrc (where `wandb login` puts it)."""
+    """A key in the environment, in wandb's settings, or in ~/.netrc (`wandb login` puts it
+    there)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
         import netrc
+
         if netrc.netrc().authenticators("api.wandb.ai"):
             return True
     except (OSError, netrc.NetrcParseError):
         pass
     try:
         import wandb
+
         return bool(wandb.setup().settings.api_key)
     except Exception:
         return False
@@ -48,12 +52,19 @@ def resolve_mode(mode: str = "auto") -> tuple[str, str | None]:
     return "online", None
 
 
-def wandb_logger(project: str = "ldm", name: str | None = None, group: str | None = None,
-                 save_dir: str = ".", mode: str = "auto", **kwargs) -> WandbLogger:
+def wandb_logger(
+    project: str = "ldm",
+    name: str | None = None,
+    group: str | None = None,
+    save_dir: str = ".",
+    mode: str = "auto",
+    **kwargs,
+) -> WandbLogger:
     mode, reason = resolve_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(project=project, name=name, group=group, save_dir=save_dir,
-                         mode=mode, **kwargs)
+    logger = WandbLogger(
+        project=project, name=name, group=group, save_dir=save_dir, mode=mode, **kwargs
+    )
     if reason:
         run_dir = Path(logger.experiment.dir).parent  # starts the run, so the path is final
         log.warning("W&B offline: %s; upload this run later with `wandb sync %s`", reason, run_dir)

@@ -1,4 +1,5 @@
-"""`LatentDiffusion`: the Lightning module that trains a U-Net in the latent space of a frozen VAE."""
+"""`LatentDiffusion`: the Lightning module training a U-Net in the latent space of a frozen VAE."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -8,8 +9,8 @@ import torch
 from torch import nn
 
 from ldm.diffusion.objective import DiffusionObjective
-from ldm.training.ema import EMA
 from ldm.models.text_encoder import TextEncoder
+from ldm.training.ema import EMA
 
 
 def keep_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -31,9 +32,17 @@ class LatentDiffusion(L.LightningModule):
     with the (frozen) text encoder, {"context": (B, L, D), "empty_context": (1, L, D)}.
     """
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: TextEncoder,
-                 objective: DiffusionObjective, optimizer: Callable, warmup_steps: int = 100,
-                 caption_dropout: float = 0.1, ema_decay: float = 0.999) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: TextEncoder,
+        objective: DiffusionObjective,
+        optimizer: Callable,
+        warmup_steps: int = 100,
+        caption_dropout: float = 0.1,
+        ema_decay: float = 0.999,
+    ) -> None:
         super().__init__()
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.vae = vae.requires_grad_(False).eval()  # frozen: no grad, no optimizer state
@@ -51,7 +60,10 @@ class LatentDiffusion(L.LightningModule):
         """(B, C, h, w) scaled latents z ~ q(z|x) of the batch's images or cached posteriors."""
         if "latent_mean" not in batch:
             return self.vae.encode(batch["image"]).float()
-        mean, std = batch["latent_mean"], batch["latent_std"]  # the draw DiagonalGaussian.sample makes
+        mean, std = (
+            batch["latent_mean"],
+            batch["latent_std"],
+        )  # the draw DiagonalGaussian.sample makes
         z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         return self.vae.scale_latents(z).float()
 
@@ -61,15 +73,19 @@ class LatentDiffusion(L.LightningModule):
         keep = keep_mask(len(batch["caption"]), self.caption_dropout)
         if "context" in batch:
             if any(p.requires_grad for p in self.text_encoder.parameters()):
-                raise ValueError("cached text embeddings cannot train the text encoder; freeze it "
-                                 "(text_encoder.frozen=true) or cache latents only")
+                raise ValueError(
+                    "cached text embeddings cannot train the text encoder; freeze it "
+                    "(text_encoder.frozen=true) or cache latents only"
+                )
             context = batch["context"]
             keep = keep.to(context.device)[:, None, None]
             return torch.where(keep, context, batch["empty_context"].to(context)).float()
         return self.text_encoder([c if k else "" for c, k in zip(batch["caption"], keep.tolist())])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.latents(batch)  # drawn first, then the dropout mask: one order for every batch kind
+        latents = self.latents(
+            batch
+        )  # drawn first, then the dropout mask: one order for every batch kind
         loss = self.objective(self.unet, latents, self.condition(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
@@ -85,7 +101,7 @@ class LatentDiffusion(L.LightningModule):
         val/loss_min_snr are in a common space, so they also compare eps with v runs."""
         images = batch["image"]
         g = torch.Generator(device=images.device).manual_seed(batch_idx)
-        # The posterior sample too comes from g, not the global RNG whose state a run's history sets.
+        # The posterior sample too comes from g, not the global RNG (which a run's history sets).
         latents = self.vae.encode(images, generator=g).float()
         n, T = latents.shape[0], self.objective.schedule.num_steps
         t = (torch.arange(n, device=latents.device) * T // n).clamp(max=T - 1)

@@ -1,5 +1,6 @@
 """The Lightning trainer of a run, built from its config with the precision this hardware
 should compute in (`ldm.precision`: `trainer.precision=auto` by default)."""
+
 from __future__ import annotations
 
 import logging

@@ -2,6 +2,7 @@
 files read back by diffusers' own conversion functions, exact round trips, the CLI.
 
 Models are small with SD's exact structure (tests/sd_fixtures.py) and random weights."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,7 @@ import json
 import pytest
 import torch
 
-from ldm.checkpoints import convert, export, files, layout
-from ldm.checkpoints import load_model
+from ldm.checkpoints import convert, export, files, layout, load_model
 from ldm.diffusion.prediction import Prediction
 from sd_fixtures import TEXT, UNET, VAE, randomize_
 
@@ -26,26 +26,37 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _clip_config(family: str) -> dict:
     cfg = TEXT[family]["text_cfg"]
     layers = cfg["layers"] - (1 if family == "sd2" else 0)  # SD 2 folders stop one block early
-    return dict(vocab_size=49408, hidden_size=cfg["width"], intermediate_size=4 * cfg["width"],
-                num_hidden_layers=layers, num_attention_heads=cfg["heads"],
-                max_position_embeddings=cfg["context_length"],
-                hidden_act="quick_gelu" if family == "sd1" else "gelu",
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if family == "sd1" else 0)
+    return dict(
+        vocab_size=49408,
+        hidden_size=cfg["width"],
+        intermediate_size=4 * cfg["width"],
+        num_hidden_layers=layers,
+        num_attention_heads=cfg["heads"],
+        max_position_embeddings=cfg["context_length"],
+        hidden_act="quick_gelu" if family == "sd1" else "gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407 if family == "sd1" else 0,
+    )
 
 
 def make_diffusers_folder(root, family: str, prediction: str = "eps"):
     """A pipeline folder written by diffusers/transformers `save_pretrained`, random weights."""
     torch.manual_seed(0)
-    unet = randomize_(diffusers.UNet2DConditionModel(**diffusers_unet_config(UNET[family])), 1).eval()
+    unet = randomize_(
+        diffusers.UNet2DConditionModel(**diffusers_unet_config(UNET[family])), 1
+    ).eval()
     vae = randomize_(diffusers.AutoencoderKL(**diffusers_vae_config(VAE)), 2).eval()
-    text = randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**_clip_config(family))), 3,
-                      0.02).eval()
+    text = randomize_(
+        transformers.CLIPTextModel(transformers.CLIPTextConfig(**_clip_config(family))), 3, 0.02
+    ).eval()
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
     text.save_pretrained(root / "text_encoder")
     pred = "v_prediction" if prediction == "v" else "epsilon"
-    diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                            prediction_type=pred).save_pretrained(root / "scheduler")
+    diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=pred
+    ).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return unet, vae, text
 
@@ -58,14 +69,19 @@ def _no_text_model_prefix(state: dict) -> dict:
 
 def unet_inputs(context_dim: int):
     g = torch.Generator().manual_seed(5)
-    return (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 900]),
-            torch.randn(2, 7, context_dim, generator=g))
+    return (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.tensor([10, 900]),
+        torch.randn(2, 7, context_dim, generator=g),
+    )
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def family_folder(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    refs = make_diffusers_folder(root / "pipe", request.param, "v" if request.param == "sd2" else "eps")
+    refs = make_diffusers_folder(
+        root / "pipe", request.param, "v" if request.param == "sd2" else "eps"
+    )
     return request.param, root, refs
 
 
@@ -80,8 +96,9 @@ def test_diffusers_folder_loads_with_parity(family_folder):
         expected = unet(x, t, encoder_hidden_states=context).sample
         assert (model.unet(x, t, context) - expected).abs().max() <= 1e-5 * expected.abs().max()
         image = torch.rand(1, 3, 32, 32) * 2 - 1
-        torch.testing.assert_close(model.vae.posterior(image).mean, vae.encode(image).latent_dist.mean,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            model.vae.posterior(image).mean, vae.encode(image).latent_dist.mean, rtol=0, atol=1e-5
+        )
         hidden = text(input_ids=ids).last_hidden_state
         torch.testing.assert_close(model.text_encoder.encode_tokens(ids), hidden, rtol=0, atol=1e-5)
 
@@ -89,8 +106,11 @@ def test_diffusers_folder_loads_with_parity(family_folder):
 def test_diffusers_round_trip_is_exact_and_from_pretrained_loads(family_folder):
     family, root, (unet, _, _) = family_folder
     out = export.save_diffusers(root / "again", load_model(root / "pipe"))
-    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                       ("text_encoder", "model")):
+    for part, name in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
         a, _ = files.read(root / "pipe" / part / f"{name}.safetensors")
         b, _ = files.read(out / part / f"{name}.safetensors")
         a, b = _no_text_model_prefix(a), _no_text_model_prefix(b)
@@ -103,19 +123,32 @@ def test_diffusers_round_trip_is_exact_and_from_pretrained_loads(family_folder):
     ours = load_model(out)
     assert ours.config["image_size"] == load_model(root / "pipe").config["image_size"]
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(x, t, encoder_hidden_states=context).sample,
-                                   ours.unet(x, t, context), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            reloaded(x, t, encoder_hidden_states=context).sample,
+            ours.unet(x, t, context),
+            rtol=0,
+            atol=1e-5,
+        )
     # The tokenizer we write from open_clip's vocabulary is transformers' CLIPTokenizer.
     tok = transformers.CLIPTokenizer.from_pretrained(out / "tokenizer")
     # (no "!": SD 2's tokenizer pads with "!", which makes transformers split a literal "!" off as
     # the pad token, id 0, where CLIP's BPE says "!</w>"; the published SD 2 tokenizers do the same)
     prompts = ["a photograph of an astronaut riding a horse", "Hello, World."]
-    ids = tok(prompts, padding="max_length", max_length=ours.text_encoder.context_length,
-              truncation=True, return_tensors="pt").input_ids
+    ids = tok(
+        prompts,
+        padding="max_length",
+        max_length=ours.text_encoder.context_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     assert torch.equal(ids, ours.text_encoder.tokenize(prompts))
     with torch.no_grad():
-        torch.testing.assert_close(text(input_ids=ids).last_hidden_state,
-                                   ours.text_encoder.encode_tokens(ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            text(input_ids=ids).last_hidden_state,
+            ours.text_encoder.encode_tokens(ids),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_single_file_reads_back_exactly_through_diffusers_converters(family_folder, tmp_path):
@@ -125,15 +158,20 @@ def test_single_file_reads_back_exactly_through_diffusers_converters(family_fold
     assert meta["modelspec.prediction_type"] == ("v" if family == "sd2" else "epsilon")
     assert (tmp_path / "model.yaml").is_file() == (family == "sd2")  # v models: YAML beside
     expected = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text": text.state_dict()}
-    got = {"unet": sfu.convert_ldm_unet_checkpoint(state, unet.config),
-           "vae": sfu.convert_ldm_vae_checkpoint(state, vae.config)}
+    got = {
+        "unet": sfu.convert_ldm_unet_checkpoint(state, unet.config),
+        "vae": sfu.convert_ldm_vae_checkpoint(state, vae.config),
+    }
     if family == "sd1":
         assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in state)
         got["text"] = sfu.convert_ldm_clip_checkpoint(state)
     else:
         assert any(k.startswith("cond_stage_model.model.transformer.") for k in state)
         got["text"] = sfu.convert_open_clip_checkpoint(text, state)
-    got["text"], expected["text"] = _no_text_model_prefix(got["text"]), _no_text_model_prefix(expected["text"])
+    got["text"], expected["text"] = (
+        _no_text_model_prefix(got["text"]),
+        _no_text_model_prefix(expected["text"]),
+    )
     for part in expected:
         exp, conv = expected[part], got[part]
         missing = set(exp) - set(conv)
@@ -150,21 +188,37 @@ def test_diffusers_from_single_file_loads_our_export(family, tmp_path, monkeypat
     from sd_fixtures import sd_parts
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = load_model(layout.save(tmp_path / "m.safetensors", sd_parts(family)),
-                       prediction="v" if family == "sd2" else None)
+    model = load_model(
+        layout.save(tmp_path / "m.safetensors", sd_parts(family)),
+        prediction="v" if family == "sd2" else None,
+    )
     export.save_diffusers(tmp_path / "pipe", model)
     path = export.save_sd(tmp_path / "out.safetensors", model, write_yaml=True)
     pipe = diffusers.StableDiffusionPipeline.from_single_file(
-        str(path), config=str(tmp_path / "pipe"), original_config=str(tmp_path / "out.yaml"),
-        local_files_only=True, safety_checker=None)
+        str(path),
+        config=str(tmp_path / "pipe"),
+        original_config=str(tmp_path / "out.yaml"),
+        local_files_only=True,
+        safety_checker=None,
+    )
     x, t, context = unet_inputs(UNET[family]["context_dim"])
     ids = model.text_encoder.tokenize(["an astronaut riding a horse"])
     with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample,
-                                   model.unet(x, t, context), rtol=0, atol=1e-5)
-        torch.testing.assert_close(pipe.text_encoder(ids).last_hidden_state,
-                                   model.text_encoder.encode_tokens(ids), rtol=0, atol=1e-5)
-    assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+        torch.testing.assert_close(
+            pipe.unet(x, t, encoder_hidden_states=context).sample,
+            model.unet(x, t, context),
+            rtol=0,
+            atol=1e-5,
+        )
+        torch.testing.assert_close(
+            pipe.text_encoder(ids).last_hidden_state,
+            model.text_encoder.encode_tokens(ids),
+            rtol=0,
+            atol=1e-5,
+        )
+    assert pipe.scheduler.config.prediction_type == (
+        "v_prediction" if family == "sd2" else "epsilon"
+    )
 
 
 def _original_layout(parts: dict, family: str) -> dict[str, torch.Tensor]:
@@ -212,19 +266,23 @@ def test_fp16_file_stays_half_unless_asked(tmp_path):
     path = layout.save(tmp_path / "h.safetensors", sd_parts("sd1"), dtype=torch.float16)
     model = load_model(path)
     assert model.unet.input_blocks[0][0].weight.dtype == torch.float16
-    assert load_model(path, dtype=torch.float32).unet.input_blocks[0][0].weight.dtype == torch.float32
+    assert (
+        load_model(path, dtype=torch.float32).unet.input_blocks[0][0].weight.dtype == torch.float32
+    )
 
 
 @pytest.mark.parametrize("source", ["sd_file", "diffusers"])
 def test_sample_py_loads_every_format(source, family_folder, tmp_path):
+    from ldm.diffusion.samplers import SamplerConfig
     from ldm.pipeline import Pipeline
     from sd_fixtures import sd_parts
 
-    from ldm.diffusion.samplers import SamplerConfig
-
     family, root, _ = family_folder
-    ckpt = root / "pipe" if source == "diffusers" else layout.save(tmp_path / "m.ckpt.safetensors",
-                                                                        sd_parts(family))
+    ckpt = (
+        root / "pipe"
+        if source == "diffusers"
+        else layout.save(tmp_path / "m.ckpt.safetensors", sd_parts(family))
+    )
     pipe, config = Pipeline.load(str(ckpt), torch.device("cpu"))
     assert pipe.prediction == ("v" if family == "sd2" and source == "diffusers" else "eps")
     images = pipe(["a red circle"], [0], SamplerConfig(name="ddim", steps=2), None, 32, 32)
@@ -252,8 +310,9 @@ def test_separate_vae_in_diffusers_names(family_folder, tmp_path):
     model = load_model(path, vae=str(root / "pipe" / "vae" / "diffusion_pytorch_model.safetensors"))
     image = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(model.vae.posterior(image).mean, vae.encode(image).latent_dist.mean,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            model.vae.posterior(image).mean, vae.encode(image).latent_dist.mean, rtol=0, atol=1e-5
+        )
 
 
 def test_open_clip_text_encoder_file(tmp_path):
@@ -296,7 +355,12 @@ def test_cli(tmp_path, capsys):
 
     src = layout.save(tmp_path / "m.safetensors", sd_parts("sd1"))
     assert convert.main([str(src), str(tmp_path / "pipe"), "--to", "diffusers"]) == 0
-    assert convert.main([str(tmp_path / "pipe"), str(tmp_path / "back.safetensors"), "--dtype", "fp16"]) == 0
+    assert (
+        convert.main(
+            [str(tmp_path / "pipe"), str(tmp_path / "back.safetensors"), "--dtype", "fp16"]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     back, meta = files.read(tmp_path / "back.safetensors")
     assert meta["modelspec.architecture"] == "ldm-custom"
@@ -318,12 +382,24 @@ def test_train_initialised_from_an_sd_file_trains_and_its_export_loads(tmp_path)
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         cfg = compose("train", overrides=["unet=tiny", "vae=tiny", "text_encoder=tiny"])
-    parts = {k: randomize_(instantiate(cfg[k]), i) for i, k in enumerate(("unet", "vae", "text_encoder"))}
+    parts = {
+        k: randomize_(instantiate(cfg[k]), i) for i, k in enumerate(("unet", "vae", "text_encoder"))
+    }
     init = tmp_path / "init.ckpt"
     torch.save({"state_dict": _original_layout(parts, "sd2")}, init)
-    overrides = [o for o in tiny_train_overrides(tmp_path) if not o.startswith(("trainer.max_steps", "callbacks"))]
-    result = run("train.py", *overrides, f"init={init}", "trainer.max_steps=2", "callbacks.sample_grid=null",
-                 cwd=tmp_path)
+    overrides = [
+        o
+        for o in tiny_train_overrides(tmp_path)
+        if not o.startswith(("trainer.max_steps", "callbacks"))
+    ]
+    result = run(
+        "train.py",
+        *overrides,
+        f"init={init}",
+        "trainer.max_steps=2",
+        "callbacks.sample_grid=null",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "initialised unet, vae, text_encoder" in result.stdout + result.stderr
     model = load_model(tmp_path / "run" / "model.safetensors")
@@ -336,7 +412,9 @@ def test_train_initialised_from_an_sd_file_trains_and_its_export_loads(tmp_path)
     assert result.returncode != 0 and "unet (init.ckpt) weights do not fit" in result.stderr
 
 
-@pytest.mark.parametrize("experiment, params", [("sd15_finetune", 859_520_964), ("sd21_768", 865_910_724)])
+@pytest.mark.parametrize(
+    "experiment, params", [("sd15_finetune", 859_520_964), ("sd21_768", 865_910_724)]
+)
 def test_sd_configs_are_what_detection_reads_from_their_weights(experiment, params):
     """The shipped SD configs, built on the meta device (no memory), and the architecture that
     `ldm.checkpoints.detect` reads back from their state dicts' names and shapes agree."""
@@ -376,7 +454,10 @@ def test_x0_prediction_survives_every_round_trip(tmp_path):
     assert "parameterization: x0" in (tmp_path / "x0.yaml").read_text()
     assert load_model(single).prediction is Prediction.X0
     folder = export.save_diffusers(tmp_path / "pipe", model)
-    assert json.loads((folder / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "sample"
+    assert (
+        json.loads((folder / "scheduler/scheduler_config.json").read_text())["prediction_type"]
+        == "sample"
+    )
     assert load_model(folder).prediction is Prediction.X0
     state, _ = files.read(single)  # no config of ours: the model spec alone decides
     files.save_state(tmp_path / "spec.safetensors", state, {"modelspec.prediction_type": "sample"})
@@ -400,5 +481,7 @@ def test_a_run_exports_the_prediction_its_objective_trained_with(tmp_path):
     assert meta[files.CONFIG_KEY]["diffusion"]["prediction"] == "x0"
     assert meta[files.CONFIG_KEY]["diffusion"]["schedule"]["zero_terminal_snr"] is True
     unet, vae, text = tiny_parts()
-    path = layout.save(tmp_path / "run.safetensors", {"unet": unet, "vae": vae, "text_encoder": text}, meta)
+    path = layout.save(
+        tmp_path / "run.safetensors", {"unet": unet, "vae": vae, "text_encoder": text}, meta
+    )
     assert load_model(path).prediction is Prediction.X0

@@ -1,15 +1,17 @@
 import pytest
 import torch
 
-from ldm.checkpoints import files, layout
-from ldm.checkpoints import CheckpointError
+from ldm.checkpoints import CheckpointError, files, layout
 from tests.conftest import tiny_parts
 
 
 def test_save_uses_sd_prefixes_and_round_trips_bit_exactly(tmp_path):
     unet, vae, text = tiny_parts()
-    path = layout.save(tmp_path / "m.safetensors", {"unet": unet, "vae": vae, "text_encoder": text},
-                           {"ldm.config": {"a": 1}})
+    path = layout.save(
+        tmp_path / "m.safetensors",
+        {"unet": unet, "vae": vae, "text_encoder": text},
+        {"ldm.config": {"a": 1}},
+    )
     state, meta = files.read(path)
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in state)
     assert any(k.startswith("first_stage_model.encoder.") for k in state)
@@ -56,11 +58,18 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
 def test_sd1_style_tower_is_written_in_clip_names_and_split_back():
     from ldm.models.text_encoder import TextEncoder
 
-    text = TextEncoder(text_cfg=dict(width=32, heads=2, layers=2, context_length=16, proj_type="none"),
-                       pad_with_eot=True, quick_gelu=True)
+    text = TextEncoder(
+        text_cfg=dict(width=32, heads=2, layers=2, context_length=16, proj_type="none"),
+        pad_with_eot=True,
+        quick_gelu=True,
+    )
     state = layout.sd_state({"text_encoder": text})
-    assert "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight" in state
-    assert state["cond_stage_model.transformer.text_model.embeddings.position_ids"].tolist() == [list(range(16))]
+    assert (
+        "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight" in state
+    )
+    assert state["cond_stage_model.transformer.text_model.embeddings.position_ids"].tolist() == [
+        list(range(16))
+    ]
     back = layout.split(state, "text_encoder")
     own = text.state_dict()
     assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)

@@ -1,4 +1,5 @@
 """Shards written by the tests, in img2dataset's layout, with every kind of broken input."""
+
 import io
 import json
 import tarfile
@@ -24,8 +25,15 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path
     return path
 
 
-def sample(key: str, size=(80, 64), colour=(200, 10, 10), mode="RGB", fmt="PNG",
-           caption: str | None = None, **meta) -> tuple[str, dict[str, bytes]]:
+def sample(
+    key: str,
+    size=(80, 64),
+    colour=(200, 10, 10),
+    mode="RGB",
+    fmt="PNG",
+    caption: str | None = None,
+    **meta,
+) -> tuple[str, dict[str, bytes]]:
     """One img2dataset sample: KEY.<fmt>, KEY.txt, KEY.json with `meta` fields."""
     if mode == "I;16":
         image = Image.fromarray(np.full(size[::-1], 40000, dtype=np.uint16))
@@ -33,8 +41,11 @@ def sample(key: str, size=(80, 64), colour=(200, 10, 10), mode="RGB", fmt="PNG",
         image = Image.new("RGB", size, colour).convert(mode)
     ext = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}[fmt]
     meta = {"key": key, "width": size[0], "height": size[1], **meta}
-    return key, {ext: image_bytes(image, fmt), "txt": (caption or f"caption {key}").encode(),
-                 "json": json.dumps(meta).encode()}
+    return key, {
+        ext: image_bytes(image, fmt),
+        "txt": (caption or f"caption {key}").encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def write_keyed_shards(root: Path, sizes: list[int], prefix: str = "") -> list[str]:

@@ -22,7 +22,7 @@ def test_buckets_are_64_px_multiples_of_near_equal_area_both_orientations():
 def test_images_go_to_the_bucket_of_nearest_aspect_ratio():
     buckets = make_buckets(512)
     assert nearest_bucket(1000, 1000, buckets) == (512, 512)
-    assert nearest_bucket(1600, 900, buckets) == (640, 384)   # 16:9 -> 5:3
+    assert nearest_bucket(1600, 900, buckets) == (640, 384)  # 16:9 -> 5:3
     assert nearest_bucket(900, 1600, buckets) == (384, 640)
     assert nearest_bucket(1300, 1000, buckets) == (576, 448)
 
@@ -31,8 +31,10 @@ def test_each_batch_comes_from_one_bucket_and_a_bucket_leaves_when_full():
     shapes = [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 2)]
     batches = list(bucket_batches(({"bucket": s, "i": i} for i, s in enumerate(shapes)), 2, True))
     assert [[s["i"] for s in b] for b in batches] == [[0, 2], [1, 3], [4], [5]]
-    assert [[s["i"] for s in b] for b in bucket_batches(
-        ({"bucket": s, "i": i} for i, s in enumerate(shapes)), 2, False)] == [[0, 2], [1, 3]]
+    assert [
+        [s["i"] for s in b]
+        for b in bucket_batches(({"bucket": s, "i": i} for i, s in enumerate(shapes)), 2, False)
+    ] == [[0, 2], [1, 3]]
 
 
 def test_transform_covers_and_crops_to_a_bucket():

@@ -1,4 +1,5 @@
 import pytest
+
 """The data configs compose, instantiate and read shards, mixing lists included."""
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -20,11 +21,17 @@ def compose_data(*overrides: str):
 def test_mixed_sources_from_the_command_line_read_through_the_config(tmp_path):
     write_keyed_shards(tmp_path, [4, 4], prefix="a")
     write_keyed_shards(tmp_path, [4], prefix="b")
-    cfg = compose_data("data=webdataset", "data.num_workers=0", "data.batch_size=2",
-                       "data.image_size=8", "data.batches_per_epoch=3",
-                       "data.filters.min_width=24", "data.filters.min_height=20",
-                       f"data.train_shards=[{{urls: '{tmp_path}/a*.tar', weight: 0.7}},"
-                       f"{{urls: '{tmp_path}/b*.tar', weight: 0.3}}]")
+    cfg = compose_data(
+        "data=webdataset",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "data.image_size=8",
+        "data.batches_per_epoch=3",
+        "data.filters.min_width=24",
+        "data.filters.min_height=20",
+        f"data.train_shards=[{{urls: '{tmp_path}/a*.tar', weight: 0.7}},"
+        f"{{urls: '{tmp_path}/b*.tar', weight: 0.3}}]",
+    )
     dm = instantiate(cfg)
     assert dm.options["filters"] == MetadataFilter(min_width=24, min_height=20)
     batches = list(dm.train_dataloader())
@@ -35,7 +42,12 @@ def test_mixed_sources_from_the_command_line_read_through_the_config(tmp_path):
 
 def test_exact_config_reads_every_sample_once(tmp_path):
     keys = write_keyed_shards(tmp_path, [5, 2])
-    cfg = compose_data("data=webdataset_exact", "data.num_workers=0", "data.batch_size=3",
-                       "data.image_size=8", f"data.train_shards={tmp_path}/*.tar")
+    cfg = compose_data(
+        "data=webdataset_exact",
+        "data.num_workers=0",
+        "data.batch_size=3",
+        "data.image_size=8",
+        f"data.train_shards={tmp_path}/*.tar",
+    )
     batches = list(instantiate(cfg).train_dataloader())
     assert sorted(k for b in batches for k in b["key"]) == sorted(keys) and len(batches) == 3

@@ -3,6 +3,7 @@
 The fast tests run real dataloader workers and simulate ranks by passing rank/world_size (what
 torch.distributed would give); the slow one runs 2 gloo ranks x 2 workers for real.
 """
+
 import collections
 import logging
 import os
@@ -23,8 +24,18 @@ UNEVEN = [7, 3, 12, 1, 5]  # 28 samples in 5 shards of very different sizes
 
 
 def rank_batches(root, rank, world, mode, epochs=1, workers=2, **kw):
-    ds = make_dataset(str(root / "*.tar"), ImageTransform(8), 3, True, shuffle_buffer=4,
-                      mode=mode, rank=rank, world_size=world, num_workers=workers, **kw)
+    ds = make_dataset(
+        str(root / "*.tar"),
+        ImageTransform(8),
+        3,
+        True,
+        shuffle_buffer=4,
+        mode=mode,
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        **kw,
+    )
     loader = EpochLoader(ds, workers)
     return [list(loader) for _ in range(epochs)]
 
@@ -57,8 +68,10 @@ def test_exact_epoch_remainder_is_padded_so_ranks_stay_equal(tmp_path):
 
 def test_streaming_gives_every_rank_the_same_batch_count_on_uneven_shards(tmp_path):
     write_keyed_shards(tmp_path, UNEVEN)
-    counts = [[len(b["key"]) for b in rank_batches(tmp_path, r, 2, "stream",
-                                                   batches_per_epoch=5)[0]] for r in range(2)]
+    counts = [
+        [len(b["key"]) for b in rank_batches(tmp_path, r, 2, "stream", batches_per_epoch=5)[0]]
+        for r in range(2)
+    ]
     assert counts == [[3] * 10, [3] * 10]  # 2 workers x 5 full batches on each rank
 
 
@@ -73,8 +86,13 @@ def test_fewer_shards_than_readers_warns_and_still_works(tmp_path, caplog):
     assert seen == set(keys) and len({len(b) for b in exact}) == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        val = ImageTextDataModule(str(tmp_path / "*.tar"), str(tmp_path / "*.tar"), batch_size=2,
-                                  image_size=8, num_workers=2).val_dataloader()
+        val = ImageTextDataModule(
+            str(tmp_path / "*.tar"),
+            str(tmp_path / "*.tar"),
+            batch_size=2,
+            image_size=8,
+            num_workers=2,
+        ).val_dataloader()
     assert "some readers get no validation shard" in caplog.text
     assert sorted(k for b in val for k in b["key"]) == sorted(keys)  # one worker idles
 
@@ -83,8 +101,15 @@ def _ddp_worker(rank, world, root, port, out, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    dm = ImageTextDataModule(str(root / "*.tar"), batch_size=3, image_size=8, num_workers=2,
-                             batches_per_epoch=8, mode=mode, shuffle_buffer=4)
+    dm = ImageTextDataModule(
+        str(root / "*.tar"),
+        batch_size=3,
+        image_size=8,
+        num_workers=2,
+        batches_per_epoch=8,
+        mode=mode,
+        shuffle_buffer=4,
+    )
     result = []
     for epoch in range(2):
         loader = dm.train_dataloader()
@@ -104,8 +129,13 @@ def _ddp_worker(rank, world, root, port, out, mode):
 def test_two_gloo_ranks_with_two_workers_each(tmp_path, mode):
     keys = write_keyed_shards(tmp_path, UNEVEN + [1])  # 29 samples: exact pads 3
     out, deadline = tmp_path / "out.pt", time.time() + 300  # ~100 s on 2 busy cores, mostly imports
-    ctx = mp.start_processes(_ddp_worker, args=(2, tmp_path, 29500 + os.getpid() % 1000, out, mode),
-                             nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _ddp_worker,
+        args=(2, tmp_path, 29500 + os.getpid() % 1000, out, mode),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     while not ctx.join(timeout=5):
         if time.time() > deadline:  # a hang fails the test instead of blocking the suite
             for p in ctx.processes:

@@ -4,21 +4,44 @@ import pytest
 
 from ldm.data.filters import REASONS, MetadataFilter, add_counts, new_counts, rejection_reason
 
-LAION = {"original_width": 640, "original_height": 480, "width": 256, "height": 256,
-         "aesthetic": 5.5, "punsafe": 0.05, "pwatermark": 0.2, "similarity": 0.31}
+LAION = {
+    "original_width": 640,
+    "original_height": 480,
+    "width": 256,
+    "height": 256,
+    "aesthetic": 5.5,
+    "punsafe": 0.05,
+    "pwatermark": 0.2,
+    "similarity": 0.31,
+}
 
 
-@pytest.mark.parametrize("f, reason", [
-    (MetadataFilter(), None),
-    (MetadataFilter(min_width=640, min_height=480, min_aesthetic=5.5, max_punsafe=0.05,
-                    max_pwatermark=0.2, min_similarity=0.31), None),  # thresholds are inclusive
-    (MetadataFilter(min_width=641), "too_small"),
-    (MetadataFilter(min_height=512), "too_small"),  # the original size counts, not the stored 256
-    (MetadataFilter(min_aesthetic=6.0), "low_aesthetic"),
-    (MetadataFilter(max_punsafe=0.01), "unsafe"),
-    (MetadataFilter(max_pwatermark=0.1), "watermark"),
-    (MetadataFilter(min_similarity=0.32), "low_similarity"),
-])
+@pytest.mark.parametrize(
+    "f, reason",
+    [
+        (MetadataFilter(), None),
+        (
+            MetadataFilter(
+                min_width=640,
+                min_height=480,
+                min_aesthetic=5.5,
+                max_punsafe=0.05,
+                max_pwatermark=0.2,
+                min_similarity=0.31,
+            ),
+            None,
+        ),  # thresholds are inclusive
+        (MetadataFilter(min_width=641), "too_small"),
+        (
+            MetadataFilter(min_height=512),
+            "too_small",
+        ),  # the original size counts, not the stored 256
+        (MetadataFilter(min_aesthetic=6.0), "low_aesthetic"),
+        (MetadataFilter(max_punsafe=0.01), "unsafe"),
+        (MetadataFilter(max_pwatermark=0.1), "watermark"),
+        (MetadataFilter(min_similarity=0.32), "low_similarity"),
+    ],
+)
 def test_each_threshold_rejects_with_its_reason(f, reason):
     assert rejection_reason(LAION, f) == reason
 

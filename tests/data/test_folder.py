@@ -42,15 +42,22 @@ def by_file(samples: dict) -> dict[str, dict]:
 def folder(tmp_path) -> tuple[Path, dict[str, bytes]]:
     """Images with captions from each source, in nested folders, plus two unreadable files."""
     root = tmp_path / "in"
-    files = {"meta/a.png": image_bytes("PNG", seed=1), "meta/b.jpg": image_bytes("JPEG", (33, 17), 2),
-             "csv/c.webp": image_bytes("WEBP", seed=3), "side/d.jpg": image_bytes("JPEG", seed=4),
-             "a_red_cat.png": image_bytes("PNG", seed=5),
-             "broken.jpg": b"\xff\xd8\xff not a jpeg", "side/truncated.png": image_bytes("PNG")[:60]}
+    files = {
+        "meta/a.png": image_bytes("PNG", seed=1),
+        "meta/b.jpg": image_bytes("JPEG", (33, 17), 2),
+        "csv/c.webp": image_bytes("WEBP", seed=3),
+        "side/d.jpg": image_bytes("JPEG", seed=4),
+        "a_red_cat.png": image_bytes("PNG", seed=5),
+        "broken.jpg": b"\xff\xd8\xff not a jpeg",
+        "side/truncated.png": image_bytes("PNG")[:60],
+    }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
-    rows = [{"file_name": "a.png", "text": "an apple", "aesthetic": 6.5},
-            {"file_name": "b.jpg", "text": "a bee", "aesthetic": 4.0}]
+    rows = [
+        {"file_name": "a.png", "text": "an apple", "aesthetic": 6.5},
+        {"file_name": "b.jpg", "text": "a bee", "aesthetic": 4.0},
+    ]
     (root / "meta/metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with (root / "csv/metadata.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ["file_name", "text", "punsafe"])
@@ -72,8 +79,13 @@ def test_shards_read_back_identically_from_every_caption_source(folder, tmp_path
     assert sum(s["successes"] for s in stats) == 5
 
     samples = by_file(read_shards(tmp_path / "out"))
-    captions = {"meta/a.png": "an apple", "meta/b.jpg": "a bee", "csv/c.webp": "a cloud, with a comma",
-                "side/d.jpg": "a dog", "a_red_cat.png": "a red cat"}
+    captions = {
+        "meta/a.png": "an apple",
+        "meta/b.jpg": "a bee",
+        "csv/c.webp": "a cloud, with a comma",
+        "side/d.jpg": "a dog",
+        "a_red_cat.png": "a red cat",
+    }
     assert set(samples) == set(captions)
     for name, caption in captions.items():
         s, ext = samples[name], {"png": "png", "jpg": "jpg", "webp": "webp"}[name.rsplit(".", 1)[1]]
@@ -81,7 +93,12 @@ def test_shards_read_back_identically_from_every_caption_source(folder, tmp_path
         assert s["txt"].decode() == caption
         meta = json.loads(s["json"])
         w, h = Image.open(io.BytesIO(files[name])).size
-        assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (w, h, w, h)
+        assert (meta["width"], meta["height"], meta["original_width"], meta["original_height"]) == (
+            w,
+            h,
+            w,
+            h,
+        )
         assert meta["caption"] == caption and meta["status"] == "success"
     assert json.loads(samples["meta/a.png"]["json"])["aesthetic"] == 6.5  # extra columns kept
     assert json.loads(samples["csv/c.webp"]["json"])["punsafe"] == "0.01"
@@ -105,11 +122,18 @@ def test_reads_back_through_the_training_data_module(folder, tmp_path):
 
     root, _ = folder
     write_folder_shards(root, tmp_path / "out", shard_size=10, progress=False)
-    dm = ImageTextDataModule(str(tmp_path / "out/*.tar"), str(tmp_path / "out/*.tar"),
-                             batch_size=8, image_size=8, num_workers=0)
+    dm = ImageTextDataModule(
+        str(tmp_path / "out/*.tar"),
+        str(tmp_path / "out/*.tar"),
+        batch_size=8,
+        image_size=8,
+        num_workers=0,
+    )
     batch = next(iter(dm.val_dataloader()))
     assert batch["image"].shape == (5, 3, 8, 8)
-    assert sorted(batch["caption"]) == sorted(["an apple", "a bee", "a cloud, with a comma", "a dog", "a red cat"])
+    assert sorted(batch["caption"]) == sorted(
+        ["an apple", "a bee", "a cloud, with a comma", "a dog", "a red cat"]
+    )
 
 
 def test_bad_inputs_are_refused_with_a_clear_message(folder, tmp_path):
@@ -130,11 +154,33 @@ def test_bad_inputs_are_refused_with_a_clear_message(folder, tmp_path):
 
 def test_command_line_reports_counts(folder, tmp_path):
     root, _ = folder
-    run = subprocess.run([sys.executable, str(REPO / "data/folder/prepare.py"), str(root),
-                          str(tmp_path / "out"), "--shard-size", "4", "--quiet"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "data/folder/prepare.py"),
+            str(root),
+            str(tmp_path / "out"),
+            "--shard-size",
+            "4",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
-    assert "wrote 5 of 7 images to 2 shard(s)" in run.stdout and "skipped 2 unreadable" in run.stdout
-    bad = subprocess.run([sys.executable, str(REPO / "data/folder/prepare.py"), str(tmp_path / "x"),
-                          str(tmp_path / "y")], capture_output=True, text=True, timeout=60)
+    assert (
+        "wrote 5 of 7 images to 2 shard(s)" in run.stdout and "skipped 2 unreadable" in run.stdout
+    )
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "data/folder/prepare.py"),
+            str(tmp_path / "x"),
+            str(tmp_path / "y"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr

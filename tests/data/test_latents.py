@@ -9,8 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.latents import (CacheError, LatentDataModule, make_latent_dataset,
-                              read_cache_metadata, write_latent_shards)
+from ldm.data.latents import (
+    CacheError,
+    LatentDataModule,
+    make_latent_dataset,
+    read_cache_metadata,
+    write_latent_shards,
+)
 from ldm.data.transforms import ImageTransform
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
@@ -24,15 +29,24 @@ CAPTIONS = ["a red circle", "a blue square", "a green star on white", "", "a cat
 
 def frozen_text(**kw) -> TextEncoder:
     torch.manual_seed(1)
-    return TextEncoder(text_cfg=dict(width=32, heads=2, layers=1, context_length=16), frozen=True, **kw)
+    return TextEncoder(
+        text_cfg=dict(width=32, heads=2, layers=1, context_length=16), frozen=True, **kw
+    )
 
 
 def make_module(caption_dropout=0.5, text=None) -> LatentDiffusion:
     unet, vae, _ = tiny_parts()
     objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="v")
-    return LatentDiffusion(unet, vae, text or frozen_text(), objective,
-                           optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-                           warmup_steps=2, caption_dropout=caption_dropout, ema_decay=0.9)
+    return LatentDiffusion(
+        unet,
+        vae,
+        text or frozen_text(),
+        objective,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        warmup_steps=2,
+        caption_dropout=caption_dropout,
+        ema_decay=0.9,
+    )
 
 
 def images() -> list[Image.Image]:
@@ -46,9 +60,20 @@ def write_image_shard(path: Path) -> Path:
         for i, (im, caption) in enumerate(zip(images(), CAPTIONS)):
             buf = io.BytesIO()
             im.save(buf, format="PNG")
-            for ext, data in (("png", buf.getvalue()), ("txt", caption.encode()),
-                              ("json", json.dumps({"key": f"{i:09d}", "original_width": im.width,
-                                                   "original_height": im.height}).encode())):
+            for ext, data in (
+                ("png", buf.getvalue()),
+                ("txt", caption.encode()),
+                (
+                    "json",
+                    json.dumps(
+                        {
+                            "key": f"{i:09d}",
+                            "original_width": im.width,
+                            "original_height": im.height,
+                        }
+                    ).encode(),
+                ),
+            ):
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -60,13 +85,21 @@ def write_image_shard(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, single_thread):
-    """A float32 cache with flips of one image shard, made with the tiny VAE and a frozen text encoder."""
+    """A float32 cache with flips of one image shard (the tiny VAE, a frozen text encoder)."""
     root = tmp_path_factory.mktemp("latents")
     src = write_image_shard(root / "src.tar")
     module = make_module()
-    counts = write_latent_shards([str(src)], root / "cache", module.vae, module.text_encoder,
-                                 image_size=SIZE, batch_size=4, flips=True, dtype="float32",
-                                 progress=False)
+    counts = write_latent_shards(
+        [str(src)],
+        root / "cache",
+        module.vae,
+        module.text_encoder,
+        image_size=SIZE,
+        batch_size=4,
+        flips=True,
+        dtype="float32",
+        progress=False,
+    )
     return root, counts
 
 
@@ -85,7 +118,12 @@ def test_cache_holds_posterior_context_and_metadata(cache):
     root, counts = cache
     assert counts["written"] == 6 and len(counts["skipped"]) == 1
     meta = json.loads((root / "cache/_latents.json").read_text())
-    assert meta["complete"] and meta["image_size"] == SIZE and meta["flips"] and meta["crop"] == "center"
+    assert (
+        meta["complete"]
+        and meta["image_size"] == SIZE
+        and meta["flips"]
+        and meta["crop"] == "center"
+    )
     assert meta["vae"]["config"]["ch"] == 8 and len(meta["vae"]["sha256"]) == 64
     module, batch = make_module(), cached_batch(root)
     with torch.no_grad():
@@ -95,7 +133,9 @@ def test_cache_holds_posterior_context_and_metadata(cache):
     torch.testing.assert_close(batch["latent_mean"], post.mean)
     torch.testing.assert_close(batch["latent_std"], post.std)
     torch.testing.assert_close(batch["context"], context, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(batch["empty_context"], module.text_encoder([""]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        batch["empty_context"], module.text_encoder([""]), atol=1e-5, rtol=1e-5
+    )
     assert batch["caption"] == CAPTIONS and batch["latent_mean"].shape == (6, 4, 8, 8)
     with tarfile.open(root / "cache/00000.tar") as tar:  # mirrored posterior cached too
         data = tar.extractfile("000000000.mean_flip.npy").read()
@@ -111,8 +151,13 @@ def test_same_loss_as_on_the_fly_encoding_at_fixed_t_and_eps(cache):
         latents = module.vae.encode(image_batch()["image"], sample=False)
         context = module.text_encoder(CAPTIONS)
         direct = module.objective(module.unet, latents, context, t=t, eps=eps)
-        from_cache = module.objective(module.unet, module.vae.scale_latents(cached["latent_mean"]),
-                                      cached["context"], t=t, eps=eps)
+        from_cache = module.objective(
+            module.unet,
+            module.vae.scale_latents(cached["latent_mean"]),
+            cached["context"],
+            t=t,
+            eps=eps,
+        )
     torch.testing.assert_close(from_cache, direct, atol=1e-6, rtol=1e-5)
 
 
@@ -133,8 +178,16 @@ def test_training_step_gives_the_same_loss_from_the_same_seed(cache):
 def test_float16_cache_is_close(cache, tmp_path):
     root, _ = cache
     module = make_module()
-    write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, module.text_encoder,
-                        image_size=SIZE, batch_size=8, dtype="float16", progress=False)
+    write_latent_shards(
+        [str(root / "src.tar")],
+        tmp_path,
+        module.vae,
+        module.text_encoder,
+        image_size=SIZE,
+        batch_size=8,
+        dtype="float16",
+        progress=False,
+    )
     meta, empty = read_cache_metadata([str(tmp_path / "00000.tar")])
     half = next(iter(make_latent_dataset([str(tmp_path / "00000.tar")], empty, 16, train=False)))
     full = cached_batch(root)
@@ -146,18 +199,34 @@ def test_data_module_streams_flips_and_trains_with_lightning(cache, tmp_path):
     import lightning as L
 
     root, _ = cache
-    dm = LatentDataModule(str(root / "cache/*.tar"), batch_size=4, image_size=SIZE, num_workers=0,
-                          batches_per_epoch=3, flip=True, shuffle_buffer=4)
+    dm = LatentDataModule(
+        str(root / "cache/*.tar"),
+        batch_size=4,
+        image_size=SIZE,
+        num_workers=0,
+        batches_per_epoch=3,
+        flip=True,
+        shuffle_buffer=4,
+    )
     means = torch.cat([b["latent_mean"] for b in dm.train_dataloader()])
     full = cached_batch(root)
     with tarfile.open(root / "cache/00000.tar") as tar:
-        flipped = [np.load(io.BytesIO(tar.extractfile(f"{i:09d}.mean_flip.npy").read())) for i in range(6)]
+        flipped = [
+            np.load(io.BytesIO(tar.extractfile(f"{i:09d}.mean_flip.npy").read())) for i in range(6)
+        ]
     known = [*full["latent_mean"], *map(torch.from_numpy, flipped)]
     assert means.shape == (12, 4, 8, 8)
     assert all(any(torch.equal(m, k) for k in known) for m in means)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, accelerator="cpu",
-                        enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     module = make_module()
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
@@ -177,13 +246,29 @@ def test_refuses_settings_the_cache_cannot_honour(cache):
 def test_refuses_flips_that_were_not_cached(cache, tmp_path):
     root, _ = cache
     module = make_module()
-    write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, module.text_encoder,
-                        image_size=SIZE, batch_size=8, progress=False)
+    write_latent_shards(
+        [str(root / "src.tar")],
+        tmp_path,
+        module.vae,
+        module.text_encoder,
+        image_size=SIZE,
+        batch_size=8,
+        progress=False,
+    )
     with pytest.raises(CacheError, match="no mirrored latents"):
         LatentDataModule(str(tmp_path / "*.tar"), image_size=SIZE, flip=True).cache()
-    with pytest.raises(CacheError, match="other models or settings"):  # no silent mixing in one folder
-        write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, module.text_encoder,
-                            image_size=SIZE, flips=True, progress=False)
+    with pytest.raises(
+        CacheError, match="other models or settings"
+    ):  # no silent mixing in one folder
+        write_latent_shards(
+            [str(root / "src.tar")],
+            tmp_path,
+            module.vae,
+            module.text_encoder,
+            image_size=SIZE,
+            flips=True,
+            progress=False,
+        )
 
 
 def check(pattern: str, module: LatentDiffusion) -> LatentDataModule:
@@ -212,8 +297,15 @@ def test_refuses_other_models_and_a_trainable_text_encoder(cache, tmp_path):
         check(pattern, trainable)
     with pytest.raises(ValueError, match="cannot train the text encoder"):
         trainable.training_step(cached_batch(root), 0)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, accelerator="cpu",
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     dm = LatentDataModule(pattern, image_size=SIZE, num_workers=0)
     dm.use_encoders(other_vae.vae, other_vae.text_encoder)
     with pytest.raises(CacheError, match="VAE is not the one"):  # checked when training starts
@@ -240,8 +332,17 @@ def load_prepare():
 
 
 def prepare_args(root: Path) -> list[str]:
-    return ["data=webdataset", f"data.train_shards={root / 'src.tar'}", f"data.image_size={SIZE}",
-            "vae=tiny", "text_encoder=tiny", "text_encoder.frozen=true", "--device", "cpu", "--quiet"]
+    return [
+        "data=webdataset",
+        f"data.train_shards={root / 'src.tar'}",
+        f"data.image_size={SIZE}",
+        "vae=tiny",
+        "text_encoder=tiny",
+        "text_encoder.frozen=true",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
 
 
 def test_prepare_command_builds_parts_as_train_py_does(cache, tmp_path):
@@ -257,9 +358,16 @@ def test_prepare_command_builds_parts_as_train_py_does(cache, tmp_path):
     meta, _ = read_cache_metadata([str(tmp_path / "out/00000.tar")])
     assert meta["config"]["vae"]["_target_"] == "ldm.models.autoencoder.AutoencoderKL"
     assert meta["text_encoder"]["settings"]["context_length"] == 16 and not meta["flips"]
-    cfg = prepare.compose_config(["data=latents", f"data.train_shards={tmp_path / 'out/*.tar'}",
-                                  f"data.image_size={SIZE}", "vae=tiny", "text_encoder=tiny",
-                                  "text_encoder.frozen=true"])
+    cfg = prepare.compose_config(
+        [
+            "data=latents",
+            f"data.train_shards={tmp_path / 'out/*.tar'}",
+            f"data.image_size={SIZE}",
+            "vae=tiny",
+            "text_encoder=tiny",
+            "text_encoder.frozen=true",
+        ]
+    )
     L.seed_everything(cfg.seed)
     dm, module = instantiate(cfg.data), instantiate(cfg.model)
     dm.use_encoders(module.vae, module.text_encoder)
@@ -300,8 +408,16 @@ def test_latents_only_cache_trains_the_text_encoder_with_the_same_loss(cache, tm
     on the cached captions, and a step draws the same numbers as on-the-fly encoding."""
     root, _ = cache
     module = make_module(caption_dropout=0.5, text=tiny_parts()[2])  # trainable
-    write_latent_shards([str(root / "src.tar")], tmp_path, module.vae, None, image_size=SIZE,
-                        batch_size=4, dtype="float32", progress=False)
+    write_latent_shards(
+        [str(root / "src.tar")],
+        tmp_path,
+        module.vae,
+        None,
+        image_size=SIZE,
+        batch_size=4,
+        dtype="float32",
+        progress=False,
+    )
     meta, empty = read_cache_metadata([str(tmp_path / "00000.tar")])
     assert meta["text_encoder"] is None and empty is None
     cached = next(iter(make_latent_dataset([str(tmp_path / "00000.tar")], None, 16, train=False)))
@@ -320,8 +436,14 @@ def test_latents_only_cache_trains_the_text_encoder_with_the_same_loss(cache, tm
 def test_data_module_builds_its_cache_once_and_rebuilds_it_for_another_vae(cache, tmp_path):
     root, _ = cache
     module = make_module(text=tiny_parts()[2])
-    dm = LatentDataModule(str(tmp_path / "latents/*.tar"), image_size=SIZE, num_workers=0,
-                          batch_size=4, source_shards=str(root / "src.tar"), cache_dtype="float32")
+    dm = LatentDataModule(
+        str(tmp_path / "latents/*.tar"),
+        image_size=SIZE,
+        num_workers=0,
+        batch_size=4,
+        source_shards=str(root / "src.tar"),
+        cache_dtype="float32",
+    )
     with pytest.raises(CacheError, match="use_encoders"):
         dm.prepare_data()
     dm.use_encoders(module.vae, module.text_encoder)

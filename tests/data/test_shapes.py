@@ -183,10 +183,14 @@ def test_shard_layout(shard_dir):
     files = sorted(str(p.relative_to(shard_dir)) for p in shard_dir.rglob("*") if p.is_file())
     assert files == [
         "_info.json",
-        "train/00000.tar", "train/00000_stats.json",
-        "train/00001.tar", "train/00001_stats.json",
-        "train/00002.tar", "train/00002_stats.json",
-        "val/00000.tar", "val/00000_stats.json",
+        "train/00000.tar",
+        "train/00000_stats.json",
+        "train/00001.tar",
+        "train/00001_stats.json",
+        "train/00002.tar",
+        "train/00002_stats.json",
+        "val/00000.tar",
+        "val/00000_stats.json",
     ]
     stats = json.loads((shard_dir / "train" / "00002_stats.json").read_text())
     assert stats["count"] == stats["successes"] == 5
@@ -264,8 +268,19 @@ def test_prepare_cli(tmp_path, capsys):
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
     assert prepare.DEFAULT_OUT == REPO_ROOT / "data" / "shapes" / "shards"
-    argv = ["--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2", "--size", "32",
-            "--workers", "1", "--quiet"]
+    argv = [
+        "--out",
+        str(tmp_path / "s"),
+        "--n-train",
+        "3",
+        "--n-val",
+        "2",
+        "--size",
+        "32",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     assert prepare.main(argv) == 0
     assert shards_ready(tmp_path / "s", 3, 2, 32, 0)
     assert prepare.main(argv) == 0

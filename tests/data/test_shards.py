@@ -4,8 +4,15 @@ import logging
 import fsspec
 import pytest
 
-from ldm.data.shards import (DataError, exact_assignment, expand_shards, parse_sources,
-                             read_shard, read_stats_count, split_key)
+from ldm.data.shards import (
+    DataError,
+    exact_assignment,
+    expand_shards,
+    parse_sources,
+    read_shard,
+    read_stats_count,
+    split_key,
+)
 from tests.data.shard_helpers import sample, write_keyed_shards, write_shard
 
 
@@ -25,7 +32,9 @@ def test_exact_assignment_deals_each_sample_once_with_equal_counts(n, slots):
 
 def test_exact_assignment_reshuffles_each_epoch_and_is_seeded():
     a, b = exact_assignment(50, 0, 0, 1, 2), exact_assignment(50, 1, 0, 1, 2)
-    assert a != b and a == exact_assignment(50, 0, 0, 1, 2) and a != exact_assignment(50, 0, 1, 1, 2)
+    assert (
+        a != b and a == exact_assignment(50, 0, 0, 1, 2) and a != exact_assignment(50, 0, 1, 1, 2)
+    )
 
 
 def test_keys_follow_webdataset_naming():
@@ -33,19 +42,27 @@ def test_keys_follow_webdataset_naming():
     assert split_key("dir/a.b.JSON") == ("dir/a", "b.json")
 
 
-@pytest.mark.parametrize("cut_at, whole", [(19000, ["b0", "b1"]),  # inside b2.txt's header
-                                           (21500, ["b0", "b1", "b2"])])  # inside b3.png's data
+@pytest.mark.parametrize(
+    "cut_at, whole",
+    [
+        (19000, ["b0", "b1"]),  # inside b2.txt's header
+        (21500, ["b0", "b1", "b2"]),
+    ],
+)  # inside b3.png's data
 def test_truncated_and_unreadable_shards_are_skipped_and_counted(tmp_path, caplog, cut_at, whole):
     good = write_shard(tmp_path / "00000.tar", [sample(f"{i:09d}") for i in range(6)])
-    big = write_shard(tmp_path / "big.tar", [(f"b{i}", {"png": bytes(5000), "txt": b"x"})
-                                             for i in range(6)])
+    big = write_shard(
+        tmp_path / "big.tar", [(f"b{i}", {"png": bytes(5000), "txt": b"x"}) for i in range(6)]
+    )
     cut = tmp_path / "00001.tar"
     cut.write_bytes(big.read_bytes()[:cut_at])  # 6656 bytes a sample: 512 + 5120 + 512 + 512
     junk = tmp_path / "00002.tar"
     junk.write_bytes(b"\x00\x01 this is not a tar" * 40)
     counts = []
     with caplog.at_level(logging.WARNING):
-        keys = [s["__key__"] for url in (cut, junk, good) for s in read_shard(str(url), counts.append)]
+        keys = [
+            s["__key__"] for url in (cut, junk, good) for s in read_shard(str(url), counts.append)
+        ]
     assert counts == ["shard_truncated", "shard_unreadable"]
     assert keys == whole + [f"{i:09d}" for i in range(6)]  # the sample cut in two is dropped
     assert str(cut) in caplog.text and str(junk) in caplog.text
@@ -68,14 +85,18 @@ def test_pipe_and_file_urls_read(tmp_path):
     for url in (f"pipe:cat {shard}", f"file://{shard}"):
         assert [s["__key__"] for s in read_shard(url, print)] == ["k0", "k1"]
     assert expand_shards(f"pipe:cat {tmp_path}/{{00000..00001}}.tar") == [
-        f"pipe:cat {tmp_path}/00000.tar", f"pipe:cat {tmp_path}/00001.tar"]
+        f"pipe:cat {tmp_path}/00000.tar",
+        f"pipe:cat {tmp_path}/00001.tar",
+    ]
 
 
 def test_mixing_sources_expand_with_normalised_weights(tmp_path):
     write_keyed_shards(tmp_path, [1, 1, 1], prefix="a")
     write_keyed_shards(tmp_path, [1, 1], prefix="b")
-    spec = [{"urls": str(tmp_path / "a{00000..00002}.tar"), "weight": 0.7},
-            {"urls": [str(tmp_path / "b*.tar")], "weight": 0.3}]
+    spec = [
+        {"urls": str(tmp_path / "a{00000..00002}.tar"), "weight": 0.7},
+        {"urls": [str(tmp_path / "b*.tar")], "weight": 0.3},
+    ]
     sources, weights = parse_sources(spec)
     assert [len(s) for s in sources] == [3, 2] and weights == pytest.approx([0.7, 0.3])
     assert len(expand_shards(spec)) == 5
@@ -85,7 +106,9 @@ def test_mixing_sources_expand_with_normalised_weights(tmp_path):
 
 
 def test_dataset_size_from_img2dataset_stats_never_required(tmp_path):
-    urls = [str(p) for p in (write_shard(tmp_path / f"{i:05d}.tar", [sample("k")]) for i in range(2))]
+    urls = [
+        str(p) for p in (write_shard(tmp_path / f"{i:05d}.tar", [sample("k")]) for i in range(2))
+    ]
     assert read_stats_count(urls) is None
     for i, n in enumerate((9, 7)):
         (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"successes": n, "failed": 1}))

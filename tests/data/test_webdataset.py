@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.transforms import ImageTransform, to_rgb
 from ldm.data.shards import DataError, expand_shards
+from ldm.data.transforms import ImageTransform, to_rgb
 from ldm.data.webdataset import ImageTextDataModule
 from tests.data.shard_helpers import image_bytes, write_shard
 
@@ -16,18 +16,30 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tensor ops stall on bus
 
 def good(key: str, colour=(200, 10, 10), mode="RGB") -> tuple[str, dict[str, bytes]]:
     image = Image.new("RGB", (80, 64), colour).convert(mode)
-    return key, {"png": image_bytes(image), "txt": f"caption {key}".encode(),
-                 "json": json.dumps({"key": key}).encode()}
+    return key, {
+        "png": image_bytes(image),
+        "txt": f"caption {key}".encode(),
+        "json": json.dumps({"key": key}).encode(),
+    }
 
 
 def test_reads_img2dataset_layout_and_skips_broken_samples(tmp_path):
-    samples = [good("000000000"), good("000000001", mode="L"), good("000000002", mode="P"),
-               ("000000003", {"png": b"not an image", "txt": b"broken"}),
-               ("000000004", {"txt": b"no image at all"}),
-               good("000000005", mode="RGBA")]
+    samples = [
+        good("000000000"),
+        good("000000001", mode="L"),
+        good("000000002", mode="P"),
+        ("000000003", {"png": b"not an image", "txt": b"broken"}),
+        ("000000004", {"txt": b"no image at all"}),
+        good("000000005", mode="RGBA"),
+    ]
     write_shard(tmp_path / "00000.tar", samples)
-    dm = ImageTextDataModule(str(tmp_path / "00000.tar"), str(tmp_path / "00000.tar"),
-                             batch_size=8, image_size=32, num_workers=0)
+    dm = ImageTextDataModule(
+        str(tmp_path / "00000.tar"),
+        str(tmp_path / "00000.tar"),
+        batch_size=8,
+        image_size=32,
+        num_workers=0,
+    )
     batches = list(dm.val_dataloader())
     assert len(batches) == 1
     batch = batches[0]
@@ -39,8 +51,14 @@ def test_reads_img2dataset_layout_and_skips_broken_samples(tmp_path):
 
 def test_training_stream_gives_full_batches_for_the_configured_epoch(tmp_path):
     write_shard(tmp_path / "00000.tar", [good(f"{i:09d}") for i in range(10)])
-    dm = ImageTextDataModule(str(tmp_path / "*.tar"), batch_size=4, image_size=16, num_workers=0,
-                             batches_per_epoch=7, shuffle_buffer=5)
+    dm = ImageTextDataModule(
+        str(tmp_path / "*.tar"),
+        batch_size=4,
+        image_size=16,
+        num_workers=0,
+        batches_per_epoch=7,
+        shuffle_buffer=5,
+    )
     batches = list(dm.train_dataloader())
     assert len(batches) == 7 and all(len(b["caption"]) == 4 for b in batches)
 
@@ -92,39 +110,65 @@ def test_every_broken_input_is_skipped_and_counted_and_convertible_modes_are_kep
     cmyk = sample("cmyk", mode="CMYK", fmt="JPEG")
     no_txt = sample("no_txt")
     del no_txt[1]["txt"]
-    samples = [sample("rgb"), cmyk, sample("gray", mode="L"), sample("palette", mode="P"),
-               sample("sixteen", mode="I;16"), sample("rgba", mode="RGBA", fmt="WEBP"),
-               ("empty_file", {"jpg": b"", "txt": b"x"}),
-               ("corrupt", {"png": image_bytes(Image.new("RGB", (40, 40)))[:60], "txt": b"x"}),
-               ("no_image", {"txt": b"only text", "json": b"{}"}),
-               no_txt, sample("blank_caption", caption="   "), sample("last")]
+    samples = [
+        sample("rgb"),
+        cmyk,
+        sample("gray", mode="L"),
+        sample("palette", mode="P"),
+        sample("sixteen", mode="I;16"),
+        sample("rgba", mode="RGBA", fmt="WEBP"),
+        ("empty_file", {"jpg": b"", "txt": b"x"}),
+        ("corrupt", {"png": image_bytes(Image.new("RGB", (40, 40)))[:60], "txt": b"x"}),
+        ("no_image", {"txt": b"only text", "json": b"{}"}),
+        no_txt,
+        sample("blank_caption", caption="   "),
+        sample("last"),
+    ]
     write_shard(tmp_path / "00000.tar", samples)
     (tmp_path / "00001.tar").write_bytes(b"garbage, not a tar" * 50)
     urls = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar"), "http://127.0.0.1:9/x.tar"]
     keys, counts, batches = read_all(urls)
     assert keys == ["rgb", "cmyk", "gray", "palette", "sixteen", "rgba", "last"]
-    assert counts == {"kept": 7, "rejected/bad_image": 2, "rejected/no_image": 1,
-                      "rejected/no_caption": 2, "rejected/shard_unreadable": 2}
+    assert counts == {
+        "kept": 7,
+        "rejected/bad_image": 2,
+        "rejected/no_image": 1,
+        "rejected/no_caption": 2,
+        "rejected/shard_unreadable": 2,
+    }
     assert all(b["image"].shape[1:] == (3, 16, 16) for b in batches)
     for key in ("empty_file", "corrupt", "no_image", "no_txt", "blank_caption", "00001.tar"):
         assert key in caplog.text  # key (or shard) and reason in the log
 
 
 def test_metadata_filters_reject_with_counts_per_reason(tmp_path):
-    metas = [dict(original_width=1024, original_height=768, aesthetic=6.1, punsafe=0.01,
-                  pwatermark=0.1, similarity=0.35),
-             dict(original_width=200, original_height=768),
-             dict(original_width=1024, original_height=768, AESTHETIC_SCORE=4.0),
-             dict(original_width=1024, original_height=768, aesthetic=6.5, punsafe=0.9),
-             dict(original_width=1024, original_height=768, aesthetic=6.5, punsafe=0.0,
-                  pwatermark=0.95)]
+    metas = [
+        dict(
+            original_width=1024,
+            original_height=768,
+            aesthetic=6.1,
+            punsafe=0.01,
+            pwatermark=0.1,
+            similarity=0.35,
+        ),
+        dict(original_width=200, original_height=768),
+        dict(original_width=1024, original_height=768, AESTHETIC_SCORE=4.0),
+        dict(original_width=1024, original_height=768, aesthetic=6.5, punsafe=0.9),
+        dict(original_width=1024, original_height=768, aesthetic=6.5, punsafe=0.0, pwatermark=0.95),
+    ]
     write_shard(tmp_path / "00000.tar", [sample(f"k{i}", **m) for i, m in enumerate(metas)])
-    f = MetadataFilter(min_width=512, min_height=512, min_aesthetic=5.0, max_punsafe=0.5,
-                       max_pwatermark=0.8)
+    f = MetadataFilter(
+        min_width=512, min_height=512, min_aesthetic=5.0, max_punsafe=0.5, max_pwatermark=0.8
+    )
     keys, counts, _ = read_all(str(tmp_path / "00000.tar"), filters=f)
     assert keys == ["k0"]
-    assert counts == {"kept": 1, "rejected/too_small": 1, "rejected/low_aesthetic": 1,
-                      "rejected/unsafe": 1, "rejected/watermark": 1}
+    assert counts == {
+        "kept": 1,
+        "rejected/too_small": 1,
+        "rejected/low_aesthetic": 1,
+        "rejected/unsafe": 1,
+        "rejected/watermark": 1,
+    }
 
 
 def test_caption_from_a_json_field(tmp_path):
@@ -137,8 +181,10 @@ def test_sources_mix_by_weight_in_the_training_stream(tmp_path):
     torch.manual_seed(0)  # the stream's draws are seeded from torch's seed
     write_keyed_shards(tmp_path, [20] * 3, prefix="a")
     write_keyed_shards(tmp_path, [5], prefix="b")  # fewer, smaller shards: weight still holds
-    spec = [{"urls": str(tmp_path / "a*.tar"), "weight": 0.7},
-            {"urls": str(tmp_path / "b*.tar"), "weight": 0.3}]
+    spec = [
+        {"urls": str(tmp_path / "a*.tar"), "weight": 0.7},
+        {"urls": str(tmp_path / "b*.tar"), "weight": 0.3},
+    ]
     keys, counts, batches = read_all(spec, train=True, batches_per_epoch=150, shuffle_buffer=20)
     share_b = sum(k.startswith("b") for k in keys) / len(keys)
     assert len(batches) == 150 and abs(share_b - 0.3) < 0.06  # 600 draws: sigma 0.019
@@ -147,22 +193,32 @@ def test_sources_mix_by_weight_in_the_training_stream(tmp_path):
 def test_bucketed_stream_gives_one_shape_per_batch(tmp_path):
     shapes = [(200, 100), (100, 200), (150, 150), (210, 90)] * 6
     write_shard(tmp_path / "00000.tar", [sample(f"k{i}", size=s) for i, s in enumerate(shapes)])
-    dm = ImageTextDataModule(str(tmp_path / "*.tar"), batch_size=4, image_size=256,
-                             num_workers=0, batches_per_epoch=12, bucketing=True, shuffle_buffer=8)
+    dm = ImageTextDataModule(
+        str(tmp_path / "*.tar"),
+        batch_size=4,
+        image_size=256,
+        num_workers=0,
+        batches_per_epoch=12,
+        bucketing=True,
+        shuffle_buffer=8,
+    )
     batches = list(dm.train_dataloader())
     assert len(batches) == 12
     seen = {tuple(b["image"].shape[2:]) for b in batches}
     assert seen == {(192, 320), (256, 256), (320, 192)}  # (H, W) of the 256-px buckets
     with pytest.raises(DataError, match="stream"):
-        ImageTextDataModule(str(tmp_path / "*.tar"), mode="exact", bucketing=True,
-                            num_workers=0, image_size=128).train_dataloader()
+        ImageTextDataModule(
+            str(tmp_path / "*.tar"), mode="exact", bucketing=True, num_workers=0, image_size=128
+        ).train_dataloader()
 
 
 def test_counts_reach_the_logs_through_the_callback(tmp_path):
     import lightning as L
 
-    write_shard(tmp_path / "00000.tar", [sample(f"k{i}") for i in range(6)]
-                + [("bad", {"png": b"xx", "txt": b"x"})])
+    write_shard(
+        tmp_path / "00000.tar",
+        [sample(f"k{i}") for i in range(6)] + [("bad", {"png": b"xx", "txt": b"x"})],
+    )
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -175,11 +231,24 @@ def test_counts_reach_the_logs_through_the_callback(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = ImageTextDataModule(str(tmp_path / "*.tar"), batch_size=2, image_size=16, num_workers=0,
-                             batches_per_epoch=6, mode="exact", shuffle_buffer=1)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[DataCounts(every_n_steps=1)])
+    dm = ImageTextDataModule(
+        str(tmp_path / "*.tar"),
+        batch_size=2,
+        image_size=16,
+        num_workers=0,
+        batches_per_epoch=6,
+        mode="exact",
+        shuffle_buffer=1,
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[DataCounts(every_n_steps=1)],
+    )
     trainer.fit(Tiny(), datamodule=dm)
     # two exact epochs of 6 good samples; the corrupt image passes the index (it has a png and
     # a caption) and fails decoding, once per epoch
@@ -192,8 +261,14 @@ def test_a_stream_whose_filters_reject_everything_stops_with_a_clear_error(tmp_p
 
     monkeypatch.setattr(wd, "MAX_REJECTED_IN_A_ROW", 50)
     write_shard(tmp_path / "00000.tar", [sample(f"k{i}") for i in range(5)])
-    ds = make_dataset(str(tmp_path / "*.tar"), ImageTransform(8), 2, True, batches_per_epoch=3,
-                      filters=MetadataFilter(max_punsafe=0.5))  # no punsafe in these shards
+    ds = make_dataset(
+        str(tmp_path / "*.tar"),
+        ImageTransform(8),
+        2,
+        True,
+        batches_per_epoch=3,
+        filters=MetadataFilter(max_punsafe=0.5),
+    )  # no punsafe in these shards
     with pytest.raises(DataError, match="50 samples in a row rejected.*missing_metadata"):
         next(iter(ds))
 

@@ -12,7 +12,9 @@ def test_exact_target_recovers_x0_and_eps(prediction):
     x0, eps = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
     alpha_bar = torch.tensor([0.999, 0.9, 0.5, 0.1, 0.01, 0.3])
     x_t = q_sample(x0, eps, alpha_bar)
-    x0_hat, eps_hat = Prediction(prediction).to_x0_eps(Prediction(prediction).target(x0, eps, alpha_bar), x_t, alpha_bar)
+    x0_hat, eps_hat = Prediction(prediction).to_x0_eps(
+        Prediction(prediction).target(x0, eps, alpha_bar), x_t, alpha_bar
+    )
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
 
@@ -37,7 +39,7 @@ def test_offset_noise_adds_a_per_channel_constant():
     offset = sample_noise(x0, 1.0, torch.Generator().manual_seed(0))
     channel_means = offset.mean(dim=(2, 3))
     assert plain.mean(dim=(2, 3)).std() < 0.2  # 64 samples per mean: std 1/8
-    assert 0.9 < channel_means.std() < 1.15     # variance 1 + 1/64 with the offset
+    assert 0.9 < channel_means.std() < 1.15  # variance 1 + 1/64 with the offset
 
 
 def test_objective_is_mse_to_the_target_at_given_points():
@@ -47,7 +49,9 @@ def test_objective_is_mse_to_the_target_at_given_points():
     t = torch.tensor([0, 10, 500, 999])
     zero_model = lambda x, t, c: torch.zeros_like(x)
     expected = Prediction("v").target(x0, eps, schedule.alpha_bar(t)).pow(2).mean()
-    assert objective(zero_model, x0, None, t=t, eps=eps).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert objective(zero_model, x0, None, t=t, eps=eps).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def test_objective_rejects_unknown_prediction():
@@ -57,6 +61,7 @@ def test_objective_rejects_unknown_prediction():
 
 def test_timestep_sampling_uniform_and_logit_normal():
     from ldm.diffusion.objective import sample_timesteps
+
     g = torch.Generator().manual_seed(0)
     uniform = sample_timesteps(100000, 1000, "uniform", generator=g)
     logit = sample_timesteps(100000, 1000, "logit_normal", generator=g)
@@ -76,7 +81,9 @@ def test_v_and_x0_round_trips_stay_finite_and_exact_at_zero_snr(prediction):
     x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     ab = torch.zeros(3)  # the last step of a zero-terminal-SNR schedule: x_t = eps
     x_t = q_sample(x0, eps, ab)
-    x0_hat, eps_hat = Prediction(prediction).to_x0_eps(Prediction(prediction).target(x0, eps, ab), x_t, ab)
+    x0_hat, eps_hat = Prediction(prediction).to_x0_eps(
+        Prediction(prediction).target(x0, eps, ab), x_t, ab
+    )
     assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()
     torch.testing.assert_close(x0_hat, x0)
     torch.testing.assert_close(eps_hat, eps)
@@ -97,11 +104,15 @@ def test_guidance_commutes_with_the_conversion_to_x0_eps(prediction):
     """Guiding in the network's own space equals guiding x0 and eps: the conversions are affine,
     so classifier-free guidance means the same thing for every prediction target."""
     from ldm.diffusion.guidance import guide
+
     g = torch.Generator().manual_seed(2)
     x_t, cond, uncond = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
     ab = torch.tensor([0.9, 0.5, 0.05])
     guided = Prediction(prediction).to_x0_eps(guide(cond, uncond, 4.0), x_t, ab)
-    c, u = Prediction(prediction).to_x0_eps(cond, x_t, ab), Prediction(prediction).to_x0_eps(uncond, x_t, ab)
+    c, u = (
+        Prediction(prediction).to_x0_eps(cond, x_t, ab),
+        Prediction(prediction).to_x0_eps(uncond, x_t, ab),
+    )
     for got, want in zip(guided, (guide(c[0], u[0], 4.0), guide(c[1], u[1], 4.0))):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -118,7 +129,8 @@ def test_input_perturbation_changes_x_t_but_not_the_target():
 
     plain = DiffusionObjective(schedule, "eps")(zero_model, x0, None, t=t, eps=eps)
     perturbed = DiffusionObjective(schedule, "eps", input_perturbation=0.1)(
-        zero_model, x0, None, t=t, eps=eps, generator=torch.Generator().manual_seed(3))
+        zero_model, x0, None, t=t, eps=eps, generator=torch.Generator().manual_seed(3)
+    )
     assert perturbed.item() == pytest.approx(plain.item(), rel=1e-6)  # the target is still eps
     xi = torch.randn(eps.shape, generator=torch.Generator().manual_seed(3))
     ab = schedule.alpha_bar(t)
@@ -151,11 +163,15 @@ def test_validation_metrics_are_the_same_for_one_denoiser_in_any_prediction_spac
     for prediction in ("eps", "v", "x0"):
         out = Prediction(prediction).target(x0_guess, eps_guess, ab)
         model = lambda x, t, c, out=out: out
-        results[prediction] = DiffusionObjective(schedule, prediction).evaluate(model, x0, None, t, eps)
+        results[prediction] = DiffusionObjective(schedule, prediction).evaluate(
+            model, x0, None, t, eps
+        )
     torch.testing.assert_close(results["x0"]["mse_x0"], (0.3 * x0).pow(2).mean())
     for prediction in ("eps", "v"):
         for name in ("mse_x0", "mse_eps", "loss_min_snr"):
-            torch.testing.assert_close(results[prediction][name], results["x0"][name], rtol=2e-3, atol=1e-5)
+            torch.testing.assert_close(
+                results[prediction][name], results["x0"][name], rtol=2e-3, atol=1e-5
+            )
     # eps errors are SNR times x0 errors: 1000x at t=0, so the own-space losses cannot compare runs.
     assert results["eps"]["loss"] > 100 * results["x0"]["loss"]
 
@@ -168,14 +184,20 @@ def test_edm_preconditioning_at_unit_sigma_data_is_v_prediction():
     g = torch.Generator().manual_seed(5)
     x0, n = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     ab = torch.tensor([0.99, 0.7, 0.2, 0.01], dtype=torch.float64)
-    sigma = ((1 - ab) / ab).sqrt()                   # VP alpha_bar <-> VE sigma
-    c_skip, c_out, c_in = 1 / (sigma**2 + 1), sigma / (sigma**2 + 1).sqrt(), 1 / (sigma**2 + 1).sqrt()
-    weight = (sigma**2 + 1) / sigma**2               # lambda(sigma) at sigma_data = 1
+    sigma = ((1 - ab) / ab).sqrt()  # VP alpha_bar <-> VE sigma
+    c_skip, c_out, c_in = (
+        1 / (sigma**2 + 1),
+        sigma / (sigma**2 + 1).sqrt(),
+        1 / (sigma**2 + 1).sqrt(),
+    )
+    weight = (sigma**2 + 1) / sigma**2  # lambda(sigma) at sigma_data = 1
     b = lambda a: a.view(-1, 1, 1, 1)
     x_ve = x0.double() + b(sigma) * n.double()
     torch.testing.assert_close(b(c_in) * x_ve, q_sample(x0.double(), n.double(), ab))
-    torch.testing.assert_close((x0.double() - b(c_skip) * x_ve) / b(c_out),
-                               -Prediction("v").target(x0.double(), n.double(), ab))
+    torch.testing.assert_close(
+        (x0.double() - b(c_skip) * x_ve) / b(c_out),
+        -Prediction("v").target(x0.double(), n.double(), ab),
+    )
     torch.testing.assert_close(weight * c_out**2, torch.ones_like(ab))
 
 

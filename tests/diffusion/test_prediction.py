@@ -1,13 +1,25 @@
 """The prediction type: one object for its maths and its names in other tools."""
+
 import pytest
 import torch
 
 from ldm.diffusion.prediction import Prediction
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("eps", "eps"), ("epsilon", "eps"), ("EPSILON", "eps"), ("v", "v"), ("v_prediction", "v"),
-    ("v-prediction", "v"), ("x0", "x0"), ("sample", "x0"), (Prediction.V, "v")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("eps", "eps"),
+        ("epsilon", "eps"),
+        ("EPSILON", "eps"),
+        ("v", "v"),
+        ("v_prediction", "v"),
+        ("v-prediction", "v"),
+        ("x0", "x0"),
+        ("sample", "x0"),
+        (Prediction.V, "v"),
+    ],
+)
 def test_outside_names_parse_to_one_type(name, expected):
     assert Prediction.parse(name) is Prediction(expected)
 

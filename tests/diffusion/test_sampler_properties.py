@@ -1,5 +1,6 @@
 """What every sampler must do, checked against closed forms rather than another implementation:
 sample a known Gaussian, depend on each image's seed only, batch guidance into one network call."""
+
 import math
 
 import pytest
@@ -9,13 +10,15 @@ from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SAMPLERS, SIGMA_SAMPLERS, sample
 from ldm.diffusion.schedule import NoiseSchedule
 
-VARIANTS = [(name, None) for name in SAMPLERS] + [(name, s) for name in SIGMA_SAMPLERS
-                                                  for s in ("karras", "exponential")]
+VARIANTS = [(name, None) for name in SAMPLERS] + [
+    (name, s) for name in SIGMA_SAMPLERS for s in ("karras", "exponential")
+]
 
 
 def gaussian_denoiser(mu: torch.Tensor, std: torch.Tensor):
     """The exact E[x0 | x_t] (and the eps it implies) for data x0 ~ N(mu, diag(std^2)): per
     dimension, x0 and x_t = a x0 + b eps are jointly Gaussian, so the posterior mean is linear."""
+
     def denoiser(x_t, t, alpha_bar):
         a, b2 = alpha_bar**0.5, 1 - alpha_bar
         x0 = mu + a * std**2 / (a**2 * std**2 + b2) * (x_t - a * mu)
@@ -26,8 +29,15 @@ def gaussian_denoiser(mu: torch.Tensor, std: torch.Tensor):
 
 # First-order samplers shrink the data's spread by O(1/steps) (6% for DDIM at 50 steps here),
 # second-order ones by O(1/steps^2): each gets the steps that bring it under the tolerance.
-STEPS = {"ddpm": 500, "ddim": 500, "euler": 500, "euler_ancestral": 500, "heun": 50,
-         "dpmpp_2m": 50, "dpmpp_2m_sde": 200}
+STEPS = {
+    "ddpm": 500,
+    "ddim": 500,
+    "euler": 500,
+    "euler_ancestral": 500,
+    "heun": 50,
+    "dpmpp_2m": 50,
+    "dpmpp_2m_sde": 200,
+}
 
 
 @pytest.mark.parametrize("name,sigmas", VARIANTS)
@@ -38,8 +48,15 @@ def test_samplers_reproduce_a_gaussian_with_the_exact_denoiser(name, sigmas):
     mu, std = torch.tensor([1.0, -0.5, 0.0]), torch.tensor([0.5, 1.5, 0.8])
     n = 10000
     noise = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
-    x = sample(name, gaussian_denoiser(mu, std), noise, schedule.alphas_cumprod, STEPS[name],
-               sigmas=sigmas, generator=torch.Generator().manual_seed(1))
+    x = sample(
+        name,
+        gaussian_denoiser(mu, std),
+        noise,
+        schedule.alphas_cumprod,
+        STEPS[name],
+        sigmas=sigmas,
+        generator=torch.Generator().manual_seed(1),
+    )
     # 4 standard errors of each estimate for n samples, plus 1% of std for discretisation
     assert ((x.mean(0) - mu).abs() < 4 * std / math.sqrt(n) + 0.01 * std).all(), (x.mean(0), mu)
     assert ((x.std(0) / std - 1).abs() < 4 / math.sqrt(2 * n) + 0.01).all(), (x.std(0), std)
@@ -52,14 +69,18 @@ def test_first_order_sampling_error_shrinks_with_steps():
     schedule = NoiseSchedule("linear", beta_start=1e-4, beta_end=0.02)
     mu, std = torch.zeros(1), torch.ones(1)
     noise = torch.randn(10000, 1, generator=torch.Generator().manual_seed(0))
-    shrink = {n: 1 - sample("ddim", gaussian_denoiser(mu, std), noise, schedule.alphas_cumprod, n).std().item()
-              for n in (10, 100)}
+    shrink = {
+        n: 1
+        - sample("ddim", gaussian_denoiser(mu, std), noise, schedule.alphas_cumprod, n).std().item()
+        for n in (10, 100)
+    }
     assert shrink[10] > 0.1 and abs(shrink[100]) < 0.3 * shrink[10], shrink
 
 
 def rowwise_denoiser():
     """A nonlinear denoiser that treats each batch row on its own (so batching cannot change
     a row's numbers), in the (x_t, t, alpha_bar) interface."""
+
     def denoiser(x_t, t, alpha_bar):
         eps = torch.tanh(x_t) * (0.5 + float(t) / 1000)
         return (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5, eps
@@ -74,8 +95,15 @@ def test_an_image_depends_on_its_seed_only_not_on_its_batch(name):
     def run(seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         noise = torch.cat([torch.randn(1, 4, 6, 6, generator=g) for g in gens])
-        return sample(name, rowwise_denoiser(), noise, schedule.alphas_cumprod, 5,
-                      eta=1.0 if name == "ddim" else 0.0, generator=gens)
+        return sample(
+            name,
+            rowwise_denoiser(),
+            noise,
+            schedule.alphas_cumprod,
+            5,
+            eta=1.0 if name == "ddim" else 0.0,
+            generator=gens,
+        )
 
     alone, batched, again = run([3]), run([5, 3, 7]), run([3, 9])
     assert torch.equal(alone[0], batched[1]) and torch.equal(alone[0], again[0])
@@ -83,12 +111,27 @@ def test_an_image_depends_on_its_seed_only_not_on_its_batch(name):
 
 
 def test_stochastic_samplers_use_their_noise():
-    """Same starting noise, different per-step noise: a different image (else the noise is unused)."""
+    """Same starting noise, other per-step noise: another image (else the noise is unused)."""
     schedule = NoiseSchedule()
     noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
-    for name, extra in [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_ancestral", {}), ("dpmpp_2m_sde", {})]:
-        a, b = (sample(name, rowwise_denoiser(), noise, schedule.alphas_cumprod, 5,
-                       generator=torch.Generator().manual_seed(s), **extra) for s in (1, 2))
+    for name, extra in [
+        ("ddpm", {}),
+        ("ddim", {"eta": 1.0}),
+        ("euler_ancestral", {}),
+        ("dpmpp_2m_sde", {}),
+    ]:
+        a, b = (
+            sample(
+                name,
+                rowwise_denoiser(),
+                noise,
+                schedule.alphas_cumprod,
+                5,
+                generator=torch.Generator().manual_seed(s),
+                **extra,
+            )
+            for s in (1, 2)
+        )
         assert not torch.allclose(a, b), name
 
 

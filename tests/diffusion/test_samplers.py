@@ -17,9 +17,16 @@ def toy_model(x, t, context):
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_ddim_matches_diffusers_step_by_step(prediction, diffusers_type, eta):
     schedule = NoiseSchedule("scaled_linear")
-    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                        beta_end=0.012, prediction_type=diffusers_type, timestep_spacing="trailing",
-                        clip_sample=False, set_alpha_to_one=True)
+    ref = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=diffusers_type,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
     ref.set_timesteps(10)
     ts = sampling_timesteps(1000, 10, "trailing")
     assert ts == ref.timesteps.tolist()
@@ -29,8 +36,15 @@ def test_ddim_matches_diffusers_step_by_step(prediction, diffusers_type, eta):
 
     # The same noise for both: diffusers draws its variance noise from the generator too.
     ours_states, ref_states = [], []
-    sample_ddim(denoiser, x.clone(), ts, schedule.alphas_cumprod, eta=eta,
-                generator=torch.Generator().manual_seed(1), callback=lambda i, x_, _: ours_states.append(x_))
+    sample_ddim(
+        denoiser,
+        x.clone(),
+        ts,
+        schedule.alphas_cumprod,
+        eta=eta,
+        generator=torch.Generator().manual_seed(1),
+        callback=lambda i, x_, _: ours_states.append(x_),
+    )
     g, y = torch.Generator().manual_seed(1), x.clone()
     for t in ref.timesteps:
         out = toy_model(y, t.repeat(2), context)
@@ -43,9 +57,14 @@ def test_ddim_matches_diffusers_step_by_step(prediction, diffusers_type, eta):
 def test_two_step_sampling_is_deterministic_for_a_seed():
     schedule = NoiseSchedule(zero_terminal_snr=True)
     denoiser = make_denoiser(toy_model, schedule, "v", torch.randn(2, 3, 8))
-    run = lambda seed: sample_ddim(denoiser, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)),
-                                   sampling_timesteps(1000, 2), schedule.alphas_cumprod, eta=1.0,
-                                   generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: sample_ddim(
+        denoiser,
+        torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)),
+        sampling_timesteps(1000, 2),
+        schedule.alphas_cumprod,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
 

@@ -1,5 +1,6 @@
 """Every sampler against its diffusers scheduler, step by step: the same model function, the same
 timesteps and sigmas, the same starting latent and the same noise (the same generator seeds)."""
+
 import pytest
 import torch
 from diffusers import (
@@ -30,25 +31,42 @@ def toy_model_for(prediction, schedule):
         t = t.float().reshape(-1, 1, 1, 1)
         low = t.floor().long().clamp(max=len(alphas_cumprod) - 2)
         ab = alphas_cumprod[low] + (t - low) * (alphas_cumprod[low + 1] - alphas_cumprod[low])
-        wiggle = 0.3 * torch.tanh(2 * x) * (0.5 + t / 1000) + 0.2 * context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+        wiggle = 0.3 * torch.tanh(2 * x) * (0.5 + t / 1000) + 0.2 * context.mean(
+            dim=(1, 2)
+        ).reshape(-1, 1, 1, 1)
         return ((1 - ab).sqrt() * x if prediction == "eps" else 0) + wiggle
 
     return model
 
 
 def scheduler_kwargs(prediction, spacing, zero_snr):
-    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-              beta_end=0.012, prediction_type=DIFFUSERS_PREDICTION[prediction], timestep_spacing=spacing)
+    kw = dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=DIFFUSERS_PREDICTION[prediction],
+        timestep_spacing=spacing,
+    )
     if zero_snr:
         kw["rescale_betas_zero_snr"] = True
     return kw
 
 
-def run_diffusers(scheduler, toy_model, x, context, generator, completed=lambda s: True, **step_kwargs):
+def run_diffusers(
+    scheduler, toy_model, x, context, generator, completed=lambda s: True, **step_kwargs
+):
     """diffusers' own sampling loop; the state after each completed step."""
     states = []
-    stochastic = isinstance(scheduler, (DDPMScheduler, DDIMScheduler, EulerAncestralDiscreteScheduler,
-                                        DPMSolverMultistepScheduler))
+    stochastic = isinstance(
+        scheduler,
+        (
+            DDPMScheduler,
+            DDIMScheduler,
+            EulerAncestralDiscreteScheduler,
+            DPMSolverMultistepScheduler,
+        ),
+    )
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t)
         out = toy_model(model_in, t.reshape(1).repeat(x.shape[0]), context)
@@ -78,16 +96,23 @@ def assert_states_close(ours, ref):
 
 # ---- alpha_bar space ----------------------------------------------------------------------------
 
-ALPHA_BAR_CASES = [("eps", "trailing", False), ("v", "trailing", False), ("eps", "leading", False),
-                   ("eps", "linspace", False), ("v", "trailing", True)]
+ALPHA_BAR_CASES = [
+    ("eps", "trailing", False),
+    ("v", "trailing", False),
+    ("eps", "leading", False),
+    ("eps", "linspace", False),
+    ("v", "trailing", True),
+]
 
 
 @pytest.mark.parametrize("prediction,spacing,zero_snr", ALPHA_BAR_CASES)
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
 def test_alpha_bar_samplers_match_diffusers(name, prediction, spacing, zero_snr):
     if name == "ddim" and spacing == "linspace":
-        pytest.skip("diffusers' DDIM steps to t - T // steps, not to the next linspace timestep; "
-                    "we step to the next visited timestep")
+        pytest.skip(
+            "diffusers' DDIM steps to t - T // steps, not to the next linspace timestep; "
+            "we step to the next visited timestep"
+        )
     schedule = NoiseSchedule("scaled_linear", zero_terminal_snr=zero_snr)
     kw = scheduler_kwargs(prediction, spacing, zero_snr)
     if name == "ddpm":
@@ -104,18 +129,33 @@ def test_alpha_bar_samplers_match_diffusers(name, prediction, spacing, zero_snr)
     ours = []
     record = lambda i, x_, x0: ours.append(x_)
     if name == "ddpm":
-        sample_ddpm(denoiser, x.clone(), ts, schedule.alphas_cumprod,
-                    generator=torch.Generator().manual_seed(1), callback=record)
+        sample_ddpm(
+            denoiser,
+            x.clone(),
+            ts,
+            schedule.alphas_cumprod,
+            generator=torch.Generator().manual_seed(1),
+            callback=record,
+        )
     else:
-        sample_ddim(denoiser, x.clone(), ts, schedule.alphas_cumprod, eta=0.5,
-                    generator=torch.Generator().manual_seed(1), callback=record)
+        sample_ddim(
+            denoiser,
+            x.clone(),
+            ts,
+            schedule.alphas_cumprod,
+            eta=0.5,
+            generator=torch.Generator().manual_seed(1),
+            callback=record,
+        )
     step_kwargs = {"eta": 0.5} if name == "ddim" else {}
-    ref_states = run_diffusers(ref, toy_model, x.clone(), context, torch.Generator().manual_seed(1),
-                               **step_kwargs)
+    ref_states = run_diffusers(
+        ref, toy_model, x.clone(), context, torch.Generator().manual_seed(1), **step_kwargs
+    )
     assert_states_close(ours, ref_states)
 
 
 # ---- sigma space --------------------------------------------------------------------------------
+
 
 def diffusers_scheduler(name, prediction, spacing, sigmas, zero_snr):
     kw = scheduler_kwargs(prediction, spacing, zero_snr)
@@ -128,18 +168,30 @@ def diffusers_scheduler(name, prediction, spacing, sigmas, zero_snr):
     if name == "heun":
         return HeunDiscreteScheduler(**kw)
     algorithm = "sde-dpmsolver++" if name == "dpmpp_2m_sde" else "dpmsolver++"
-    return DPMSolverMultistepScheduler(**kw, algorithm_type=algorithm, solver_order=2,
-                                       solver_type="midpoint")
+    return DPMSolverMultistepScheduler(
+        **kw, algorithm_type=algorithm, solver_order=2, solver_type="midpoint"
+    )
 
 
-# (sampler, prediction, spacing, sigmas, zero SNR) - every option diffusers offers for that scheduler
+# (sampler, prediction, spacing, sigmas, zero SNR): every option diffusers offers for it
 SIGMA_CASES = [
     *[(n, p, "trailing", None, False) for n in SIGMA_SAMPLERS for p in ("eps", "v")],
-    *[(n, p, "trailing", s, False) for n in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-      for p in ("eps", "v") for s in ("karras", "exponential")],
-    *[(n, "eps", sp, None, False) for n in ("euler", "heun", "dpmpp_2m") for sp in ("linspace", "leading")],
+    *[
+        (n, p, "trailing", s, False)
+        for n in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+        for p in ("eps", "v")
+        for s in ("karras", "exponential")
+    ],
+    *[
+        (n, "eps", sp, None, False)
+        for n in ("euler", "heun", "dpmpp_2m")
+        for sp in ("linspace", "leading")
+    ],
     ("euler", "eps", "linspace", "karras", False),
-    *[(n, "v", "trailing", None, True) for n in ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")],
+    *[
+        (n, "v", "trailing", None, True)
+        for n in ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
+    ],
     ("dpmpp_2m", "v", "trailing", "karras", True),
 ]
 
@@ -171,11 +223,18 @@ def test_sigma_samplers_match_diffusers(name, prediction, spacing, sigmas, zero_
 
     toy_model = toy_model_for(prediction, schedule)
     denoiser = make_denoiser(toy_model, schedule, prediction, context)
-    SIGMA_SAMPLERS[name](denoiser, x, sig, ts, generator=torch.Generator().manual_seed(1), callback=record)
+    SIGMA_SAMPLERS[name](
+        denoiser, x, sig, ts, generator=torch.Generator().manual_seed(1), callback=record
+    )
     # a Heun step is complete after its second stage, or after the last (Euler) one
-    completed = ((lambda s: s.state_in_first_order or s.step_index == len(s.timesteps))
-                 if name == "heun" else (lambda s: True))
-    ref_states = run_diffusers(ref, toy_model, x_ref, context, torch.Generator().manual_seed(1), completed)
+    completed = (
+        (lambda s: s.state_in_first_order or s.step_index == len(s.timesteps))
+        if name == "heun"
+        else (lambda s: True)
+    )
+    ref_states = run_diffusers(
+        ref, toy_model, x_ref, context, torch.Generator().manual_seed(1), completed
+    )
     assert_states_close(ours, ref_states)
 
 
@@ -193,6 +252,8 @@ def test_per_image_generators_match_diffusers_generator_lists(name):
     x = noise * (sig[0] ** 2 + 1) ** 0.5 if name.startswith("dpmpp") else x_ref.clone()
     gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]
     toy_model = toy_model_for("eps", schedule)
-    ours = SIGMA_SAMPLERS[name](make_denoiser(toy_model, schedule, "eps", context), x, sig, ts, generator=gens())
+    ours = SIGMA_SAMPLERS[name](
+        make_denoiser(toy_model, schedule, "eps", context), x, sig, ts, generator=gens()
+    )
     ref_out = run_diffusers(ref, toy_model, x_ref, context, gens())[-1]
     assert (ours - ref_out).abs().max().item() <= 1e-5

@@ -11,14 +11,22 @@ from ldm.diffusion.schedule import (
     sampling_timesteps,
 )
 
-DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_KIND = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+}
 
 
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
 def test_betas_and_alphas_cumprod_match_diffusers(kind):
     ours = NoiseSchedule(kind, 1000, 0.00085, 0.012)
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                        beta_schedule=DIFFUSERS_KIND[kind])
+    ref = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule=DIFFUSERS_KIND[kind],
+    )
     torch.testing.assert_close(ours.betas, ref.betas, rtol=0, atol=0)
     torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
 
@@ -26,8 +34,13 @@ def test_betas_and_alphas_cumprod_match_diffusers(kind):
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
 def test_zero_terminal_snr_schedules_match_diffusers_and_end_at_exactly_zero(kind):
     ours = NoiseSchedule(kind, 1000, 0.00085, 0.012, zero_terminal_snr=True)
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                        beta_schedule=DIFFUSERS_KIND[kind], rescale_betas_zero_snr=True)
+    ref = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule=DIFFUSERS_KIND[kind],
+        rescale_betas_zero_snr=True,
+    )
     torch.testing.assert_close(ours.betas, ref.betas, rtol=0, atol=0)
     torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
     assert ours.alphas_cumprod[-1].item() == 0.0 and ours.betas[-1].item() == 1.0

@@ -21,8 +21,10 @@ def test_sigma_to_t_inverts_the_log_sigma_interpolation():
     log_sigma = (1 - w) * log_table[low] + w * log_table[low + 1]
     torch.testing.assert_close(sigma_to_t(log_sigma.exp(), table.log()), ts, atol=1e-9, rtol=0)
     assert sigma_to_t(torch.tensor([1e-6, 1e6]), table.log()).tolist() == [0.0, 999.0]  # clamped
-    torch.testing.assert_close(interp_sigmas(torch.tensor([3.0, 3.5]), table),
-                               torch.stack([table[3], (table[3] + table[4]) / 2]).double())
+    torch.testing.assert_close(
+        interp_sigmas(torch.tensor([3.0, 3.5]), table),
+        torch.stack([table[3], (table[3] + table[4]) / 2]).double(),
+    )
 
 
 def test_zero_terminal_snr_gets_a_finite_sigma_max():
@@ -33,7 +35,9 @@ def test_zero_terminal_snr_gets_a_finite_sigma_max():
 @pytest.mark.parametrize("make", [karras_sigmas, exponential_sigmas])
 def test_respaced_sigmas_run_from_max_to_min(make):
     s = make(0.03, 14.6, 12)
-    assert len(s) == 12 and s[0].item() == pytest.approx(14.6) and s[-1].item() == pytest.approx(0.03)
+    assert (
+        len(s) == 12 and s[0].item() == pytest.approx(14.6) and s[-1].item() == pytest.approx(0.03)
+    )
     assert (s[1:] < s[:-1]).all()
 
 

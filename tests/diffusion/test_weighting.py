@@ -20,21 +20,26 @@ def test_snr_from_alpha_bar_closed_form():
     torch.testing.assert_close(snr_from_alpha_bar(ab), torch.tensor([0.0, 1.0, 4.0, 9.0]))
 
 
-@pytest.mark.parametrize("prediction,expected", [
-    # min(SNR, 5) / SNR, with its limit 1 at SNR = 0
-    ("eps", [1.0, 1.0, 1.0, 5 / 9, 5 / 100]),
-    # min(SNR, 5) / (SNR + 1)
-    ("v", [0.0, 1 / 2, 4 / 5, 5 / 10, 5 / 101]),
-    # min(SNR, 5)
-    ("x0", [0.0, 1.0, 4.0, 5.0, 5.0]),
-])
+@pytest.mark.parametrize(
+    "prediction,expected",
+    [
+        # min(SNR, 5) / SNR, with its limit 1 at SNR = 0
+        ("eps", [1.0, 1.0, 1.0, 5 / 9, 5 / 100]),
+        # min(SNR, 5) / (SNR + 1)
+        ("v", [0.0, 1 / 2, 4 / 5, 5 / 10, 5 / 101]),
+        # min(SNR, 5)
+        ("x0", [0.0, 1.0, 4.0, 5.0, 5.0]),
+    ],
+)
 def test_min_snr_matches_hand_computed_values(prediction, expected):
     torch.testing.assert_close(min_snr(SNR, prediction, 5.0), torch.tensor(expected))
 
 
 def test_min_snr_gamma_moves_the_clip():
     torch.testing.assert_close(min_snr(SNR, "x0", 1.0), torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0]))
-    torch.testing.assert_close(min_snr(SNR, "eps", 1.0), torch.tensor([1.0, 1.0, 0.25, 1 / 9, 0.01]))
+    torch.testing.assert_close(
+        min_snr(SNR, "eps", 1.0), torch.tensor([1.0, 1.0, 0.25, 1 / 9, 0.01])
+    )
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -63,7 +68,9 @@ def test_min_snr_is_one_x0_space_loss_in_three_parameterisations():
     snr = snr_from_alpha_bar(ab)
     losses = {}
     for prediction in ("eps", "v", "x0"):
-        out = Prediction(prediction).target(x0_guess, eps_guess, ab)  # this guess in `prediction` space
+        out = Prediction(prediction).target(
+            x0_guess, eps_guess, ab
+        )  # this guess in `prediction` space
         err = (out - Prediction(prediction).target(x0, eps, ab)).pow(2).flatten(1).mean(1).double()
         losses[prediction] = min_snr(snr, prediction, 5.0).double() * err
     torch.testing.assert_close(losses["eps"], losses["x0"], rtol=1e-4, atol=1e-6)
@@ -72,13 +79,17 @@ def test_min_snr_is_one_x0_space_loss_in_three_parameterisations():
 
 def test_objective_applies_the_weight_per_sample():
     schedule = NoiseSchedule()
-    objective = DiffusionObjective(schedule, prediction="eps", weighting="min_snr", min_snr_gamma=5.0)
+    objective = DiffusionObjective(
+        schedule, prediction="eps", weighting="min_snr", min_snr_gamma=5.0
+    )
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 300, 999])
     zero_model = lambda x, t, c: torch.zeros_like(x)
     w = min_snr(snr_from_alpha_bar(schedule.alpha_bar(t)), "eps", 5.0)
     expected = (w * eps.pow(2).flatten(1).mean(1)).mean()
-    assert objective(zero_model, x0, None, t=t, eps=eps).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert objective(zero_model, x0, None, t=t, eps=eps).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
     assert w[0] < 0.01 and w[2] == 1.0  # t=0 is nearly clean: SNR ~ 1000, eps weight ~ 5/1000
 
 
@@ -91,7 +102,9 @@ def test_a_new_weighting_is_one_registered_function():
         objective = DiffusionObjective(NoiseSchedule(), weighting="test_snr_plus_one")
         t = torch.tensor([999])
         ab = NoiseSchedule().alpha_bar(t)
-        assert objective.loss_weight(t).item() == pytest.approx((ab / (1 - ab)).item() + 1, rel=1e-6)
+        assert objective.loss_weight(t).item() == pytest.approx(
+            (ab / (1 - ab)).item() + 1, rel=1e-6
+        )
     finally:
         del WEIGHTINGS["test_snr_plus_one"]
 

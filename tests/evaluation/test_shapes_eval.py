@@ -129,7 +129,10 @@ def test_cli_empty_directory_is_one_error_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     process = subprocess.run(
         [sys.executable, "-m", "ldm.evaluation.shapes", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert process.returncode == 2
     assert process.stdout == ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -186,8 +185,11 @@ def test_vae_key_maps_invert_each_other():
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         reference = diffusers.AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2).state_dict()
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+        ).state_dict()
         ours = AutoencoderKL().state_dict()
     sd = diffusers_vae_to_sd(reference)
     assert sd.keys() == ours.keys() and all(sd[k].shape == ours[k].shape for k in ours)

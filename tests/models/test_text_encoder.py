@@ -78,15 +78,28 @@ def _clip_pair(width: int, heads: int, layers: int, context: int, model_name: st
     from ldm.checkpoints.keymaps import hf_clip_to_open_clip
 
     torch.manual_seed(0)
-    reference = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=context, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
+    reference = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=context,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    ).eval()
     with torch.no_grad():  # norms and biases away from their trivial init
         for p in reference.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    text_cfg = {"proj_type": "none"} if model_name else dict(
-        width=width, heads=heads, layers=layers, context_length=context, proj_type="none")
+    text_cfg = (
+        {"proj_type": "none"}
+        if model_name
+        else dict(width=width, heads=heads, layers=layers, context_length=context, proj_type="none")
+    )
     ours = TextEncoder(model_name, text_cfg=text_cfg, quick_gelu=True, pad_with_eot=True)
     state = {"model." + k: v for k, v in hf_clip_to_open_clip(reference.state_dict()).items()}
     ours.load_state_dict(state, strict=True)
@@ -109,7 +122,9 @@ def test_sd1_tower_matches_transformers_clip():
 
 @pytest.mark.slow
 def test_full_vit_l_matches_transformers_clip():
-    _assert_clip_parity(*_clip_pair(width=768, heads=12, layers=12, context=77, model_name="ViT-L-14"))
+    _assert_clip_parity(
+        *_clip_pair(width=768, heads=12, layers=12, context=77, model_name="ViT-L-14")
+    )
 
 
 def test_sd2_penultimate_matches_open_clip_intermediates():
@@ -119,6 +134,13 @@ def test_sd2_penultimate_matches_open_clip_intermediates():
             p.add_(0.02 * torch.randn_like(p))
     ids = enc.tokenize(PROMPTS)
     with torch.no_grad():
-        out = enc.model.forward_intermediates(ids, indices=[1], normalize_intermediates=True,
-                                              intermediates_only=True, output_fmt="NLC")
-        torch.testing.assert_close(enc.encode_tokens(ids), out["text_intermediates"][0], rtol=0, atol=1e-6)
+        out = enc.model.forward_intermediates(
+            ids,
+            indices=[1],
+            normalize_intermediates=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+        torch.testing.assert_close(
+            enc.encode_tokens(ids), out["text_intermediates"][0], rtol=0, atol=1e-6
+        )

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from ldm.models import attention as attention_module
-from ldm.models import unet as unet_module
 from ldm.checkpoints.diffusers_configs import diffusers_unet_config as diffusers_config
 from ldm.checkpoints.keymaps import diffusers_unet_to_sd, sd_unet_to_diffusers
+from ldm.models import attention as attention_module
+from ldm.models import unet as unet_module
 from ldm.models.unet import UNetModel, timestep_embedding
 
 SD15_CONFIG = dict(
@@ -110,7 +110,11 @@ def test_zero_initialised_output():
     model = UNetModel(**TINY_CONFIG)
     x, t, context = random_inputs(TINY_CONFIG)
     assert torch.count_nonzero(model(x, t, context)) == 0
-    for name in ["out.2.weight", "input_blocks.1.0.out_layers.3.weight", "input_blocks.1.1.proj_out.weight"]:
+    for name in [
+        "out.2.weight",
+        "input_blocks.1.0.out_layers.3.weight",
+        "input_blocks.1.1.proj_out.weight",
+    ]:
         assert torch.count_nonzero(model.state_dict()[name]) == 0
 
 
@@ -119,7 +123,12 @@ def test_zero_initialised_output():
     [
         {},  # SD 1.x style: conv projections, fixed head count
         dict(num_heads=-1, num_head_channels=16, use_linear_in_transformer=True),  # SD 2.x style
-        dict(channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[2, 1], transformer_depth=2),
+        dict(
+            channel_mult=[1, 2, 2],
+            num_res_blocks=2,
+            attention_resolutions=[2, 1],
+            transformer_depth=2,
+        ),
         dict(attention_resolutions=[2], out_channels=6),
     ],
     ids=["sd1", "sd2", "three_levels", "attention_low_res"],
@@ -249,7 +258,9 @@ def test_sd15_state_dict_names():
     for name, shape in expected_shapes.items():
         assert tuple(sd[name].shape) == shape, name
     assert "input_blocks.7.1.norm.weight" in sd  # level 2 (ds=4) has attention
-    assert not any(k.startswith(("input_blocks.10.1", "output_blocks.0.1.")) for k in sd)  # ds=8 has none
+    assert not any(
+        k.startswith(("input_blocks.10.1", "output_blocks.0.1.")) for k in sd
+    )  # ds=8 has none
     assert "input_blocks.1.0.skip_connection.weight" not in sd  # identity skip
 
 
@@ -291,7 +302,10 @@ def test_sd15_forward_flops_match_diffusers():
         reference = UNet2DConditionModel(**diffusers_config(SD15_CONFIG))
         x, t, context = torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.randn(1, 77, 768)
     flops = []
-    for run in (lambda: ours(x, t, context), lambda: reference(x, t, encoder_hidden_states=context)):
+    for run in (
+        lambda: ours(x, t, context),
+        lambda: reference(x, t, encoder_hidden_states=context),
+    ):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             run()
         flops.append(counter.get_total_flops())
@@ -299,7 +313,9 @@ def test_sd15_forward_flops_match_diffusers():
     assert flops[0] == pytest.approx(803e9, rel=5e-3)
 
 
-@pytest.mark.parametrize("config", [TINY_CONFIG, SD15_CONFIG, SD2_CONFIG], ids=["tiny", "sd15", "sd2"])
+@pytest.mark.parametrize(
+    "config", [TINY_CONFIG, SD15_CONFIG, SD2_CONFIG], ids=["tiny", "sd15", "sd2"]
+)
 def test_key_maps_invert_each_other(config):
     from diffusers import UNet2DConditionModel
 
@@ -327,5 +343,7 @@ def test_full_size_matches_diffusers(config):
         actual = model(x, t, context)
     scale = expected.abs().max()
     err = (actual - expected).abs().max()
-    print(f"max |ours - diffusers| = {err:.3g}, output scale {scale:.3g}, relative {err / scale:.3g}")
+    print(
+        f"max |ours - diffusers| = {err:.3g}, output scale {scale:.3g}, relative {err / scale:.3g}"
+    )
     assert scale > 0.1 and err <= 1e-4 * scale

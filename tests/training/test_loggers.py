@@ -14,8 +14,9 @@ def test_environment_mode_wins_over_auto(monkeypatch):
     assert loggers.resolve_mode("auto") == ("offline", None)
 
 
-@pytest.mark.parametrize("logged_in,reachable,why", [(False, True, "wandb login"),
-                                                     (True, False, "cannot be reached")])
+@pytest.mark.parametrize(
+    "logged_in,reachable,why", [(False, True, "wandb login"), (True, False, "cannot be reached")]
+)
 def test_auto_falls_back_to_offline(monkeypatch, logged_in, reachable, why):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(loggers, "_has_api_key", lambda: logged_in)

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.training.vae_module import AutoencoderTraining, psnr
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
