@@ -116,14 +116,17 @@ def check_rank_alpha(rank: int, alpha: float) -> None:
 class _AttentionLoRA(nn.Module):
     """Adapters of one `nn.MultiheadAttention`: q, k, v (its packed input projection) and out."""
 
-    def __init__(self, attn: nn.MultiheadAttention, rank: int, alpha: float) -> None:
+    def __init__(self, attn: nn.MultiheadAttention, rank: int | dict, alpha: float | dict) -> None:
+        """`rank` and `alpha`: one for all four projections, or a dict by q / k / v / out."""
         super().__init__()
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
             raise ValueError("LoRA supports plain self-attention (open_clip's text blocks) only")
         d, device = attn.embed_dim, attn.in_proj_weight.device
-        self.q, self.k, self.v, self.out = (
-            LoRAModule(d, d, rank, alpha, device=device) for _ in range(4)
-        )
+        parts = ("q", "k", "v", "out")
+        ranks = rank if isinstance(rank, dict) else dict.fromkeys(parts, rank)
+        alphas = alpha if isinstance(alpha, dict) else dict.fromkeys(parts, alpha)
+        for part in parts:
+            setattr(self, part, LoRAModule(d, d, ranks[part], alphas[part], device=device))
 
     def is_zero(self) -> bool:
         """True for fresh adapters (every `up` zero): their attention is exactly the base's,
@@ -161,13 +164,21 @@ def _lora_attention_forward(attn: nn.MultiheadAttention, lora: _AttentionLoRA):
 class LoRANetwork(nn.Module):
     """Adapters for named layers of a model (paths as `model.named_modules()` gives them).
 
-    `layers` maps each path to its Linear / Conv2d / MultiheadAttention. Linear layers and 1x1
-    convolutions get rank `rank` and `alpha`; larger convolutions `conv_rank` and `conv_alpha`
-    (LoCon); attention modules an adapter for each of q, k, v and out.
+    `layers` maps each path to its Linear / Conv2d / MultiheadAttention, `adapters` each path to
+    its `LoRAModule` (an `_AttentionLoRA` for attention). `create` makes fresh ones.
     """
 
-    def __init__(
-        self,
+    def __init__(self, layers: dict[str, nn.Module], adapters: dict[str, nn.Module]) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("no layer to adapt: the target patterns matched nothing")
+        self.paths = list(layers)
+        self.adapters = nn.ModuleDict({key_of(p): adapters[p] for p in self.paths})
+        self._layers, self._handles = dict(layers), []
+
+    @classmethod
+    def create(
+        cls,
         layers: dict[str, nn.Module],
         rank: int,
         alpha: float,
@@ -176,34 +187,25 @@ class LoRANetwork(nn.Module):
         dropout: float = 0.0,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if not layers:
-            raise ValueError("no layer to adapt: the target patterns matched nothing")
-        self.paths = list(layers)
-        self.adapters = nn.ModuleDict()
+    ) -> LoRANetwork:
+        """Fresh adapters: Linear layers and 1x1 convolutions get rank `rank` and `alpha`, larger
+        convolutions `conv_rank` and `conv_alpha` (LoCon), attention modules an adapter for each
+        of q, k, v and out."""
+        dropouts = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+        adapters = {}
         for path, layer in layers.items():
-            self.adapters[key_of(path)] = self._adapter(
-                layer, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout
-            )
-        self._layers, self._handles = dict(layers), []
-
-    @staticmethod
-    def _adapter(layer, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout):
-        if isinstance(layer, nn.MultiheadAttention):
-            return _AttentionLoRA(layer, rank, alpha)
-        if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
-            if conv_rank is None:
-                raise ValueError("a k x k convolution was selected but conv_rank is not set")
-            rank, alpha = conv_rank, conv_alpha if conv_alpha is not None else conv_rank
-        return LoRAModule.of(
-            layer,
-            rank,
-            alpha,
-            dropout=dropout,
-            rank_dropout=rank_dropout,
-            module_dropout=module_dropout,
-        )
+            if isinstance(layer, nn.MultiheadAttention):
+                adapters[path] = _AttentionLoRA(layer, rank, alpha)
+            elif isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
+                if conv_rank is None:
+                    raise ValueError(
+                        f"{path} is a {layer.kernel_size} convolution but conv_rank is not set"
+                    )
+                c_alpha = conv_alpha if conv_alpha is not None else conv_rank
+                adapters[path] = LoRAModule.of(layer, conv_rank, c_alpha, **dropouts)
+            else:
+                adapters[path] = LoRAModule.of(layer, rank, alpha, **dropouts)
+        return cls(layers, adapters)
 
     def __getitem__(self, path: str) -> nn.Module:
         return self.adapters[key_of(path)]
@@ -290,3 +292,46 @@ def select_layers(
         and any(p.search(name) for p in inc)
         and not any(p.search(name) for p in exc)
     }
+
+
+def adapt(
+    model: nn.Module,
+    include: list[str],
+    exclude: Iterable[str] = (),
+    rank: int = 4,
+    alpha: float = 1.0,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    dropout: float = 0.0,
+    rank_dropout: float = 0.0,
+    module_dropout: float = 0.0,
+) -> LoRANetwork:
+    """Fresh adapters on the Linear and Conv2d layers of `model` that `include` selects (a
+    LoRA preset: configs/lora/*.yaml); k x k convolutions need `conv_rank`."""
+    return LoRANetwork.create(
+        select_layers(model, include, exclude),
+        rank,
+        alpha,
+        conv_rank,
+        conv_alpha,
+        dropout,
+        rank_dropout,
+        module_dropout,
+    )
+
+
+def adapt_text_encoder(
+    encoder: nn.Module, rank: int = 4, alpha: float = 1.0, dropout: float = 0.0
+) -> LoRANetwork:
+    """Fresh adapters on every attention (q, k, v, out) and MLP layer of the text tower's blocks
+    that its output uses (a penultimate-layer tower's last block is left alone), as kohya's
+    `lora_te_*` adapters of a CLIP text model."""
+    blocks = encoder.model.transformer.resblocks
+    used = len(blocks) - (1 if getattr(encoder, "layer", "last") == "penultimate" else 0)
+    pattern = rf"^model\.transformer\.resblocks\.({'|'.join(map(str, range(used)))})\."
+    layers = select_layers(
+        encoder,
+        [pattern + r"(attn|mlp\.c_fc|mlp\.c_proj)$"],
+        kinds=(nn.Linear, nn.MultiheadAttention),
+    )
+    return LoRANetwork.create(layers, rank, alpha, dropout=dropout)

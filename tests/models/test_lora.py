@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_parts
-from sd_fixtures import randomize_
 from ldm.models.lora import LoRAModule, LoRANetwork, select_layers
+from sd_fixtures import randomize_
 
 UNET_ALL = [
     r"\.1\.(proj_in|proj_out|transformer_blocks\.)",
@@ -46,12 +46,12 @@ def parts(single_thread):
 
 def unet_network(unet, **kw) -> LoRANetwork:
     layers = select_layers(unet, UNET_ALL)
-    return LoRANetwork(layers, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, **kw)
+    return LoRANetwork.create(layers, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, **kw)
 
 
 def text_network(text) -> LoRANetwork:
     kinds = (nn.Linear, nn.MultiheadAttention)
-    return LoRANetwork(select_layers(text, TEXT_ALL, kinds=kinds), rank=4, alpha=4.0)
+    return LoRANetwork.create(select_layers(text, TEXT_ALL, kinds=kinds), rank=4, alpha=4.0)
 
 
 def test_selection_covers_linear_1x1_and_kxk_layers(parts):

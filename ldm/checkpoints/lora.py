@@ -1,0 +1,296 @@
+"""LoRA files: the kohya layout (A1111, ComfyUI and diffusers read it) and the diffusers / PEFT
+layout, each read and written; adapters built from a file for our modules.
+
+kohya: `lora_unet_<diffusers path>.lora_down.weight` / `.lora_up.weight` / `.alpha` (dots of the
+path as underscores), the text encoder as `lora_te_text_model_encoder_layers_N_...`, `ss_*`
+training metadata. This is the layout written by default: ComfyUI does not map the PEFT names of
+XX
+/ `.lora_B.weight`, the text encoder as `text_encoder.text_model.encoder.layers.N...`, and the
+alphas in diffusers' `lora_adapter_metadata` (PEFT LoraConfig per component: `r`, `lora_alpha`,
+`rank_pattern`, `alpha_pattern`, `target_modules`), since diffusers refuses tensor keys without
+`lora` in them. Every tensor and alpha survives kohya <-> PEFT unchanged.
+
+A file is first read into adapters by canonical name (`lora_names`): {name: {"down", "up",
+"alpha"}}; a key that fits neither layout, or an adapter without its pair, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.checkpoints.files import CheckpointError, read, save_state
+from ldm.checkpoints.lora_names import (
+    ATTENTION_PARTS,
+    READ_PREFIXES,
+    canonical_name,
+    kohya_name,
+    text_names,
+    unet_names,
+)
+from ldm.models.lora import LoRAModule, LoRANetwork, _AttentionLoRA
+
+Adapters = dict[str, dict[str, torch.Tensor]]  # canonical name -> {"down", "up", "alpha"}
+KOHYA_SUFFIX = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+PEFT_SUFFIX = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
+UNSUPPORTED = ("lora_mid", "hada_", "lokr_", "dora_scale", "oft_", "diff", ".w_norm", ".b_norm")
+
+
+# --------------------------------------------------------------------------------------------
+# files <-> adapters
+
+
+def read_lora(path: str | os.PathLike) -> tuple[Adapters, dict[str, str]]:
+    """(adapters by canonical name, metadata) of a kohya- or PEFT-layout LoRA file."""
+    state, meta = read(path)
+    try:
+        return adapters_from_state(state, meta), meta
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path).name}: {e}") from None
+
+
+def adapters_from_state(
+    state: Mapping[str, torch.Tensor],
+    meta: Mapping[str, str] | None = None,
+) -> Adapters:
+    """Adapters of a state dict in either layout; a PEFT file's alphas come from its metadata,
+    and where nothing says, alpha = rank (scale 1), as kohya and diffusers assume."""
+    adapters: Adapters = {}
+    for key, value in state.items():
+        name, part = _split_key(key)
+        adapters.setdefault(name, {})[part] = value
+    peft_alphas = _peft_alphas(adapters, meta or {})
+    for name, parts in adapters.items():
+        if "down" not in parts or "up" not in parts:
+            missing = "lora_down/lora_A" if "down" not in parts else "lora_up/lora_B"
+            raise ValueError(f"adapter {name} has no {missing} weight")
+        alpha = peft_alphas.get(name, float(parts["down"].shape[0]))
+        parts.setdefault("alpha", torch.tensor(alpha, dtype=torch.float32))
+    return adapters
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(canonical name, "down" | "up" | "alpha") of one tensor's key in either layout."""
+    if any(u in key for u in UNSUPPORTED):
+        raise ValueError(
+            f"{key}: this adapter kind (LoHa, LoKr, DoRA, OFT, Tucker LoCon, full "
+            f"diff) is not supported; plain LoRA and LoCon are"
+        )
+    for suffixes, kohya in ((KOHYA_SUFFIX, True), (PEFT_SUFFIX, False)):
+        for suffix, part in suffixes.items():
+            if key.endswith("." + suffix):
+                stem = key[: -len(suffix) - 1]
+                if kohya and stem.startswith(tuple(READ_PREFIXES)):
+                    return canonical_name(stem), part
+                if not kohya and stem.startswith(("unet.", "text_encoder.")):
+                    return stem, part
+    raise ValueError(
+        f"key {key!r} is neither kohya's lora_unet_*/lora_te_* "
+        f"(.lora_down/.lora_up/.alpha) nor diffusers' unet.*/text_encoder.* "
+        f"(.lora_A/.lora_B)"
+    )
+
+
+def kohya_state(adapters: Adapters) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, parts in adapters.items():
+        stem = kohya_name(name)
+        out[f"{stem}.lora_down.weight"] = parts["down"]
+        out[f"{stem}.lora_up.weight"] = parts["up"]
+        out[f"{stem}.alpha"] = parts["alpha"]
+    return out
+
+
+def peft_state(adapters: Adapters) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, parts in adapters.items():
+        out[f"{name}.lora_A.weight"] = parts["down"]
+        out[f"{name}.lora_B.weight"] = parts["up"]
+    return out
+
+
+def peft_metadata(adapters: Adapters) -> dict[str, object]:
+    """diffusers' `lora_adapter_metadata`: a PEFT LoraConfig per component, prefixed by it.
+
+    Module paths are given without the text encoder's `text_model.` level, so that they match
+    under transformers 4 (which has it) and 5 (which does not)."""
+    out: dict[str, object] = {}
+    for component in sorted({n.split(".", 1)[0] for n in adapters}):
+        own = {_peft_path(n): p for n, p in adapters.items() if n.startswith(component + ".")}
+        ranks = {k: int(p["down"].shape[0]) for k, p in own.items()}
+        alphas = {k: float(p["alpha"]) for k, p in own.items()}
+        r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+        out[component] = {
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": sorted(own),
+            "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+            "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
+        }
+    return {f"{c}.{k}": v for c, config in out.items() for k, v in config.items()}
+
+
+def _peft_path(name: str) -> str:
+    return name.split(".", 1)[1].removeprefix("text_model.")
+
+
+def _most_common(values) -> float:
+    values = list(values)
+    return max(values, key=values.count)
+
+
+def _peft_alphas(adapters: Adapters, meta: Mapping[str, str]) -> dict[str, float]:
+    """Alphas of PEFT-layout adapters from diffusers' `lora_adapter_metadata`, if present."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    config = json.loads(raw)
+    out = {}
+    for name in adapters:
+        component, path = name.split(".", 1)[0], _peft_path(name)
+        alpha = config.get(f"{component}.alpha_pattern", {}).get(path)
+        if alpha is None:
+            alpha = config.get(f"{component}.lora_alpha")
+        if alpha is not None:
+            out[name] = float(alpha)
+    return out
+
+
+def save_lora(
+    path: str | os.PathLike,
+    adapters: Adapters,
+    layout: str = "kohya",
+    metadata: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write adapters in the kohya or the PEFT layout (safetensors, atomically)."""
+    if layout not in ("kohya", "peft"):
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose kohya or peft")
+    metadata = dict(metadata or {})
+    if layout == "peft":
+        metadata["lora_adapter_metadata"] = json.dumps(peft_metadata(adapters), sort_keys=True)
+        return save_state(path, peft_state(adapters), metadata, dtype)
+    return save_state(path, kohya_state(adapters), metadata, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# adapters <-> our networks
+
+
+def network_adapters(network: LoRANetwork, names: Mapping[str, str]) -> Adapters:
+    """The adapters of a network by canonical name (`names`: our path -> canonical name)."""
+    out: Adapters = {}
+    for path, adapter in network.items():
+        if isinstance(adapter, _AttentionLoRA):
+            for part, proj in ATTENTION_PARTS.items():
+                out[f"{names[path]}.{proj}"] = _tensors(getattr(adapter, part))
+        else:
+            out[names[path]] = _tensors(adapter)
+    return out
+
+
+def _tensors(m: LoRAModule) -> dict[str, torch.Tensor]:
+    return {
+        "down": m.lora_down.weight.detach(),
+        "up": m.lora_up.weight.detach(),
+        "alpha": m.alpha.detach().clone(),
+    }
+
+
+def layer_names(
+    unet: nn.Module | None, text_encoder: nn.Module | None, unet_config: Mapping | None
+) -> dict[str, tuple[str, str, nn.Module]]:
+    """canonical name -> (component, our path, layer) of every layer a LoRA file may adapt."""
+    table = {}
+    if unet is not None:
+        paths = [p for p, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        for p, name in unet_names(paths, unet_config).items():
+            table[name] = ("unet", p, unet.get_submodule(p))
+    if text_encoder is not None:
+        paths = [
+            p
+            for p, m in text_encoder.named_modules()
+            if p.endswith((".attn", ".mlp.c_fc", ".mlp.c_proj")) and ".resblocks." in p
+        ]
+        for p, name in text_names(paths).items():
+            layer = text_encoder.get_submodule(p)
+            if isinstance(layer, nn.MultiheadAttention):
+                for proj in ATTENTION_PARTS.values():
+                    table[f"{name}.{proj}"] = ("text_encoder", p, layer)
+            else:
+                table[name] = ("text_encoder", p, layer)
+    return table
+
+
+def build_networks(
+    adapters: Adapters,
+    unet: nn.Module | None,
+    text_encoder: nn.Module | None,
+    unet_config: Mapping | None,
+    what: str = "LoRA",
+) -> dict[str, LoRANetwork]:
+    """LoRA networks ({"unet": ..., "text_encoder": ...}, those the adapters reach) holding the
+    adapters' weights for these modules. An adapter that fits no layer, or whose shapes do not
+    fit its layer, is an error naming it: nothing is dropped."""
+    table = layer_names(unet, text_encoder, unet_config)
+    unknown = sorted(n for n in adapters if n not in table)
+    if unknown:
+        raise CheckpointError(
+            f"{what}: {len(unknown)} adapter(s) fit no layer of this model "
+            f"(a LoRA for another architecture?): {', '.join(unknown[:5])}"
+        )
+    grouped: dict[str, dict[str, dict]] = {}
+    for name, parts in adapters.items():
+        component, path, _ = table[name]
+        grouped.setdefault(component, {}).setdefault(path, {})[name] = parts
+    networks = {}
+    for component, by_path in grouped.items():
+        layers = {p: table[next(iter(names))][2] for p, names in by_path.items()}
+        modules = {p: _module_for(layers[p], names, what) for p, names in by_path.items()}
+        networks[component] = LoRANetwork(layers, modules)
+    return networks
+
+
+def _module_for(layer: nn.Module, named: dict[str, dict], what: str) -> nn.Module:
+    if isinstance(layer, nn.MultiheadAttention):
+        parts = {
+            part: named.get(f"{_stem(named)}.{proj}") for part, proj in ATTENTION_PARTS.items()
+        }
+        present = next(p for p in parts.values() if p is not None)
+        rank = {k: (p or present)["down"].shape[0] for k, p in parts.items()}
+        alpha = {k: float((p or present)["alpha"]) for k, p in parts.items()}
+        module = _AttentionLoRA(layer, rank, alpha)
+        for part, tensors in parts.items():
+            sub = getattr(module, part)
+            if tensors is None:  # a projection the file leaves alone: a zero adapter
+                nn.init.zeros_(sub.lora_up.weight)
+            else:
+                _load(sub, tensors, f"{_stem(named)}.{ATTENTION_PARTS[part]}", what)
+        return module
+    ((name, tensors),) = named.items()
+    rank = tensors["down"].shape[0]
+    module = LoRAModule.of(layer, rank, float(tensors["alpha"]))
+    _load(module, tensors, name, what)
+    return module
+
+
+def _stem(named: dict[str, dict]) -> str:
+    return next(iter(named)).rsplit(".", 1)[0]
+
+
+def _load(module: LoRAModule, tensors: dict[str, torch.Tensor], name: str, what: str) -> None:
+    for part, param in (("down", module.lora_down.weight), ("up", module.lora_up.weight)):
+        t = tensors[part]
+        if t.numel() != param.numel() or t.shape[:2] != param.shape[:2]:
+            raise CheckpointError(
+                f"{what}: {name}.{part} has shape {tuple(t.shape)} but the "
+                f"layer needs {tuple(param.shape)}: a LoRA for another model"
+            )
+        with torch.no_grad():
+            param.copy_(t.reshape(param.shape))
+    module.alpha.fill_(float(tensors["alpha"]))
