@@ -54,6 +54,25 @@ def make_sampler(cfg: DictConfig) -> SamplerConfig:
         raise
 
 
+def lora_list(files, scales) -> list[tuple[str, float]]:
+    """(file, scale) of `lora=` (a file or a list) and `lora_scale=` (one scale, or one each)."""
+    if not files:
+        return []
+    files = [files] if isinstance(files, str) else list(files)
+    scales = [scales] if isinstance(scales, (int, float)) else list(scales)
+    if len(scales) == 1:
+        scales = scales * len(files)
+    if len(scales) != len(files):
+        raise ValueError(
+            f"{len(files)} LoRA files but {len(scales)} lora_scale values: give "
+            f"one scale, or one per file"
+        )
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"LoRA file {f!r} does not exist")
+    return list(zip(files, map(float, scales)))
+
+
 def png_info(fields: dict) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     for k, v in fields.items():
@@ -72,10 +91,12 @@ def pick_device(name: str) -> torch.device:
 def main(cfg: DictConfig) -> None:
     prompts = read_prompts(str(cfg.prompt))
     sampler = make_sampler(cfg.sampler)
+    loras = lora_list(cfg.lora, cfg.lora_scale)
     pipe, config = Pipeline.load(
         cfg.ckpt,
         pick_device(cfg.device),
         cfg.precision,
+        loras,
         prediction=cfg.prediction,
         use_ema=cfg.use_ema,
         vae=cfg.vae_ckpt,
@@ -111,6 +132,7 @@ def main(cfg: DictConfig) -> None:
             "cfg_scale": sampler.cfg_scale,
             "precision": pipe.precision.value,
             "ckpt": Path(cfg.ckpt).name,
+            **({"lora": ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)} if loras else {}),
         }
         Image.fromarray(img.numpy()).save(out / f"{seed:06d}.png", pnginfo=png_info(meta))
     image_grid(images, ncols=cfg.n if len(prompts) > 1 else None).save(out / "grid.png")

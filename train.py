@@ -46,7 +46,7 @@ def initialise(module: L.LightningModule, path: str, use_ema: bool) -> None:
     """Fine-tuning: the parts' weights from `path`, strictly; the EMA starts from them too."""
     parts = {k: getattr(module, k) for k in ("unet", "vae", "text_encoder") if hasattr(module, k)}
     load_weights(parts, path, use_ema=use_ema)
-    if hasattr(module, "ema"):
+    if getattr(module, "ema", None) is not None:
         module.ema.shadow.load_state_dict(module.unet.state_dict())
     log.info("initialised %s from %s", ", ".join(parts), path)
 

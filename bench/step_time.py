@@ -79,7 +79,11 @@ def step(module, opt, batch, chosen: precision.Precision) -> dict[str, float]:
         loss = timed(lambda: module.objective(module.unet, latents, context), parts, "unet_forward")
     timed(loss.backward, parts, "backward")
     timed(
-        lambda: (opt.step(), opt.zero_grad(set_to_none=True), module.ema.update(module.unet)),
+        lambda: (
+            opt.step(),
+            opt.zero_grad(set_to_none=True),
+            module.on_train_batch_end(None, batch, 0),
+        ),
         parts,
         "optimizer_ema",
     )

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.checkpoints import load_model
+from ldm.checkpoints.lora import apply_loras
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SamplerConfig, sample
 from ldm.diffusion.schedule import NoiseSchedule
@@ -72,18 +73,25 @@ class Pipeline:
 
     @classmethod
     def load(
-        cls, ckpt: str, device: str | torch.device = "cpu", precision: str = "auto", **options
+        cls,
+        ckpt: str,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        loras: list[tuple[str, float]] = (),
+        **options,
     ) -> tuple[Pipeline, dict]:
         """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as
         a Pipeline in `ldm.precision.resolve(precision, device)`, and its model config.
-        `options` go to `ldm.checkpoints.load_model` (prediction, use_ema, vae, text_encoder).
-        Half-precision files are held in float32 on the CPU (where bf16 autocast, if the CPU
-        has it, does the fast maths)."""
+        `loras` (file, scale) are merged into its weights. `options` go to
+        `ldm.checkpoints.load_model` (prediction, use_ema, vae, text_encoder). Half-precision
+        files are held in float32 on the CPU (where bf16 autocast, if the CPU has it, does the
+        fast maths)."""
         device = torch.device(device)
         chosen = resolve(precision, device)
         log.info("precision: %s (%s)", chosen.value, chosen.reason)
         dtype = torch.float32 if device.type == "cpu" else None
         model = load_model(ckpt, device=device, dtype=dtype, **options)
+        apply_loras(model, list(loras))
         pipe = cls(
             model.unet, model.vae, model.text_encoder, model.schedule, model.prediction, chosen
         )

@@ -24,8 +24,9 @@ def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
         "HOME": str(cwd),
         "PYTHONPATH": str(ROOT),
     }
+    command = [script, *overrides] if script == "-m" else [str(ROOT / script), *overrides]
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
+        [sys.executable, *command],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -74,7 +75,7 @@ def test_train_writes_weights_grids_checkpoint_and_offline_wandb_history(trained
     config = read_config(trained / "model.safetensors")
     assert config["unet"]["model_channels"] == 32 and config["diffusion"]["prediction"] == "v"
     grids = sorted((trained / "samples").glob("step_*.png"))
-    assert [g.name for g in grids] == ["step_000002.png", "step_000004.png"]
+    assert [g.name for g in grids] == ["step_000000.png", "step_000002.png", "step_000004.png"]
     assert Image.open(grids[-1]).size[0] > 64  # a grid, not one image
     assert (trained / "checkpoints" / "last.ckpt").is_file()
     run_files = list((trained / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -202,3 +203,126 @@ def test_shard_pattern_that_matches_nothing_leaves_no_run_behind(tmp_path):
     )
     _one_error_line(result, "error: shard pattern", "matches no file")
     assert not run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def lora_run(trained, tmp_path_factory) -> Path:
+    """A LoRA (kohya's set, on the tiny U-Net) trained from the run above, 4 steps."""
+    tmp = tmp_path_factory.mktemp("lora")
+    overrides = [o for o in tiny_train_overrides(trained.parent) if not o.startswith("hydra.")]
+    result = run(
+        "train.py",
+        *overrides,
+        "+lora_preset@model.lora=kohya",
+        "model.ema_decay=null",
+        f"init={trained / 'model.safetensors'}",
+        "export=lora.safetensors",
+        "+callbacks.checkpoint.save_top_k=-1",
+        f"hydra.run.dir={tmp / 'run'}",
+        cwd=tmp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_lora_run_writes_a_small_kohya_file_and_a_slim_checkpoint(lora_run, trained):
+    import torch
+
+    from ldm.checkpoints import files
+
+    state, meta = files.read(lora_run / "lora.safetensors")
+    assert state and all(k.startswith("lora_unet_") for k in state)
+    suffixes = {k.split(".", 1)[1] for k in state}
+    assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "8"
+    assert (lora_run / "samples/step_000000.png").is_file()  # the base model, before training
+    ckpt = torch.load(lora_run / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["state_dict"] and all(k.startswith("unet_lora.") for k in ckpt["state_dict"])
+    n_params = sum(v.numel() for v in ckpt["state_dict"].values())
+    adam = ckpt["optimizer_states"][0]["state"]
+    assert len(adam) == sum(1 for k in ckpt["state_dict"] if k.endswith(".weight"))  # one per param
+    assert n_params < 0.2 * sum(
+        v.numel() for v in files.read(trained / "model.safetensors")[0].values()
+    )
+
+
+def test_lora_run_resumes_with_its_optimizer_state(lora_run, trained, tmp_path):
+    overrides = [o for o in tiny_train_overrides(trained.parent) if not o.startswith("hydra.")]
+    ckpt = sorted((lora_run / "checkpoints").glob("*step=2*.ckpt"))[0]
+    result = run(
+        "train.py",
+        *overrides,
+        "+lora_preset@model.lora=kohya",
+        "model.ema_decay=null",
+        f"init={trained / 'model.safetensors'}",
+        "export=lora.safetensors",
+        f"resume='{ckpt}'",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run/train_summary.json").read_text())["step"] == 4
+    bad = run(
+        "train.py",
+        *overrides,
+        "+lora_preset@model.lora=kohya",
+        "model.ema_decay=null",
+        f"resume='{ckpt}'",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+    )  # no init=
+    _one_error_line(bad, "error:", "frozen parts", "init=")
+
+
+def test_sample_with_loras_and_merge_them_into_one_file(lora_run, trained, tmp_path):
+    lora = lora_run / "lora.safetensors"
+    result = run(
+        "sample.py",
+        f"ckpt={trained / 'model.safetensors'}",
+        f"lora=[{lora},{lora}]",
+        "lora_scale=[0.5,0.5]",
+        "prompt=a red circle on a blue background",
+        "n=1",
+        "steps=2",
+        f"out_dir={tmp_path / 'two'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        Image.open(tmp_path / "two/000000.png").text["lora"]
+        == "lora.safetensors:0.5, lora.safetensors:0.5"
+    )
+    merged = tmp_path / "merged.safetensors"
+    result = run(
+        "-m",
+        "ldm.lora",
+        "merge",
+        str(trained / "model.safetensors"),
+        str(lora),
+        str(merged),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run(
+        "sample.py",
+        f"ckpt={merged}",
+        "prompt=a red circle on a blue background",
+        "n=1",
+        "steps=2",
+        f"out_dir={tmp_path / 'merged'}",
+        cwd=tmp_path,
+    )
+    a = np.asarray(Image.open(tmp_path / "two/000000.png"), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "merged/000000.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1  # two halves merged at sampling = the whole merged offline
+    bad = run(
+        "-m",
+        "ldm.lora",
+        "merge",
+        str(ROOT / "data/shapes/vae.safetensors"),
+        str(lora),
+        str(tmp_path / "no.safetensors"),
+        cwd=tmp_path,
+    )
+    _one_error_line(bad, "error:")
+    assert not (tmp_path / "no.safetensors").exists()

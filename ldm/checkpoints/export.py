@@ -19,6 +19,7 @@ from ldm.checkpoints.diffusers import write_folder
 from ldm.checkpoints.files import CONFIG_KEY, CheckpointError
 from ldm.checkpoints.layout import save
 from ldm.checkpoints.load import Loaded
+from ldm.checkpoints.lora import save_networks
 from ldm.config import architecture
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
@@ -195,8 +196,22 @@ def vae_metadata(cfg: DictConfig, module) -> dict:
 
 
 def export_run(cfg: DictConfig, module, path: str | Path) -> Path:
-    """A training module's weights as train.py writes them: a diffusion model's EMA U-Net, VAE
-    and text encoder (SD layout, `run_metadata`), or a first stage's VAE (`vae_metadata`)."""
+    """A training module's weights as train.py writes them: a LoRA run's adapters (kohya layout,
+    `ss_*` metadata), a diffusion model's EMA U-Net, VAE and text encoder (SD layout,
+    `run_metadata`), or a first stage's VAE (`vae_metadata`)."""
+    adapters = module.adapters() if hasattr(module, "adapters") else {}
+    if adapters:
+        meta = {
+            CONFIG_KEY: run_metadata(cfg, module.objective)[CONFIG_KEY],
+            "ss_steps": str(module.global_step),
+            "ss_output_name": Path(path).stem,
+        }
+        unet_cfg = architecture(OmegaConf.to_container(cfg.unet, resolve=True))
+        path = save_networks(path, adapters, unet_cfg, module.objective.prediction, "kohya", meta)
+        log.info(
+            "LoRA written to %s (%d adapters)", path, sum(len(n.paths) for n in adapters.values())
+        )
+        return path
     parts = module.export_parts()
     meta = run_metadata(cfg, module.objective) if "unet" in parts else vae_metadata(cfg, module)
     dtype = getattr(torch, cfg.export_dtype) if cfg.get("export_dtype") else None

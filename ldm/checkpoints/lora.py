@@ -294,3 +294,84 @@ def _load(module: LoRAModule, tensors: dict[str, torch.Tensor], name: str, what:
         with torch.no_grad():
             param.copy_(t.reshape(param.shape))
     module.alpha.fill_(float(tensors["alpha"]))
+
+
+# --------------------------------------------------------------------------------------------
+# what a LoRA run writes, and using LoRA files
+
+
+def base_version(unet_config: Mapping, prediction: str) -> tuple[str, str]:
+    """(kohya's ss_base_model_version, the model spec's architecture) of a base model."""
+    sd2 = (
+        bool(unet_config.get("use_linear_in_transformer"))
+        and unet_config.get("context_dim") == 1024
+    )
+    sd1 = not unet_config.get("use_linear_in_transformer") and unet_config.get("context_dim") == 768
+    if sd2:
+        v = str(prediction) == "v"
+        return ("sd_v2_v" if v else "sd_v2"), (
+            "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora"
+        )
+    return ("sd_v1", "stable-diffusion-v1/lora") if sd1 else ("ldm_custom", "ldm-custom/lora")
+
+
+def lora_metadata(
+    networks: Mapping[str, LoRANetwork],
+    unet_config: Mapping,
+    prediction: str,
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, str]:
+    """kohya's `ss_*` keys (the minimum set tools read) and the model spec's, as strings."""
+    modules = [m for net in networks.values() for m in net.modules() if isinstance(m, LoRAModule)]
+    linear = [
+        m for m in modules if m.lora_down.weight.ndim == 2 or m.lora_down.weight.shape[-1] == 1
+    ]
+    conv = [m for m in modules if m not in linear]
+    version, architecture = base_version(unet_config, prediction)
+    args = (
+        {"conv_dim": str(conv[0].rank), "conv_alpha": f"{float(conv[0].alpha):g}"} if conv else {}
+    )
+    first = linear[0] if linear else modules[0]
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(first.rank),
+        "ss_network_alpha": f"{float(first.alpha):g}",
+        "ss_network_args": json.dumps(args),
+        "ss_v2": str(version.startswith("sd_v2")),
+        "ss_base_model_version": version,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": "v" if str(prediction) == "v" else "epsilon",
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def save_networks(
+    path: str | os.PathLike,
+    networks: Mapping[str, LoRANetwork],
+    unet_config: Mapping,
+    prediction: str,
+    layout: str = "kohya",
+    extra_metadata: Mapping[str, object] | None = None,
+) -> Path:
+    """A LoRA run's networks as one file (kohya layout by default) with kohya's metadata."""
+    names = {"unet": lambda paths: unet_names(paths, unet_config), "text_encoder": text_names}
+    adapters: Adapters = {}
+    for component, net in networks.items():
+        adapters.update(network_adapters(net, names[component](net.paths)))
+    meta = lora_metadata(networks, unet_config, prediction, extra_metadata)
+    return save_lora(path, adapters, layout, meta)
+
+
+def apply_loras(model, loras: list[tuple[str, float]]) -> None:
+    """Merge LoRA files, each at its scale, into a loaded model's U-Net and text encoder."""
+    for path, scale in loras:
+        adapters, _ = read_lora(path)
+        networks = build_networks(
+            adapters, model.unet, model.text_encoder, model.config["unet"], what=Path(path).name
+        )
+        for net in networks.values():
+            net.set_multiplier(scale)
+            net.merge()

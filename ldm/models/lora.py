@@ -307,7 +307,7 @@ def adapt(
     module_dropout: float = 0.0,
 ) -> LoRANetwork:
     """Fresh adapters on the Linear and Conv2d layers of `model` that `include` selects (a
-    LoRA preset: configs/lora/*.yaml); k x k convolutions need `conv_rank`."""
+    LoRA preset: configs/lora_preset/*.yaml); k x k convolutions need `conv_rank`."""
     return LoRANetwork.create(
         select_layers(model, include, exclude),
         rank,

@@ -29,7 +29,7 @@ def sample_ema(
     """Images (B, H, W, 3) uint8 from the EMA U-Net, in the trainer's precision (callbacks run
     outside its autocast), the text encoder in eval mode meanwhile."""
     pipe = Pipeline(
-        pl_module.ema.shadow,
+        pl_module.sampling_unet,
         pl_module.vae,
         pl_module.text_encoder,
         pl_module.objective.schedule,
@@ -45,8 +45,9 @@ def sample_ema(
 
 
 class SampleGrid(L.Callback):
-    """Every `every_n_steps` (and at the end) sample fixed prompts with fixed seeds from the EMA
-    U-Net; write the grid to `<run dir>/samples/step_XXXXXX.png` and log it to W&B."""
+    """At the start (the model before training: the base of a fine-tune), every `every_n_steps`
+    and at the end, sample fixed prompts with fixed seeds from the EMA (or adapted) U-Net;
+    write the grid to `<run dir>/samples/step_XXXXXX.png` and log it to W&B."""
 
     def __init__(
         self,
@@ -67,6 +68,9 @@ class SampleGrid(L.Callback):
         step = trainer.global_step
         if self.every_n_steps > 0 and step % self.every_n_steps == 0:
             self.write(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.write(trainer, pl_module)

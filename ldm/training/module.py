@@ -8,7 +8,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from ldm.checkpoints.files import CheckpointError
 from ldm.diffusion.objective import DiffusionObjective
+from ldm.models.lora import LoRANetwork
 from ldm.models.text_encoder import TextEncoder
 from ldm.training.ema import EMA
 
@@ -30,6 +32,13 @@ class LatentDiffusion(L.LightningModule):
     Batches are dicts {"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}, or cached VAE
     posteriors {"latent_mean", "latent_std": (B, C, h, w), "caption"} with, from a cache made
     with the (frozen) text encoder, {"context": (B, L, D), "empty_context": (1, L, D)}.
+
+    LoRA: `lora` (and `text_lora`) build adapters for the U-Net (and text encoder), e.g. a
+    `configs/lora_preset/*.yaml` preset; the adapted models are then frozen and only the adapters train
+    (no EMA: `ema_decay=None`). `text_lr` gives the text encoder's parameters (its adapters, or
+    itself when it trains) their own learning rate. Lightning checkpoints hold what trains (and
+    the EMA), not the frozen parts, which a resumed run takes from its configs / `init=` again:
+    a fingerprint of them is stored and checked.
     """
 
     def __init__(
@@ -41,14 +50,32 @@ class LatentDiffusion(L.LightningModule):
         optimizer: Callable,
         warmup_steps: int = 100,
         caption_dropout: float = 0.1,
-        ema_decay: float = 0.999,
+        ema_decay: float | None = 0.999,
+        lora: Callable[[nn.Module], LoRANetwork] | None = None,
+        text_lora: Callable[[nn.Module], LoRANetwork] | None = None,
+        text_lr: float | None = None,
     ) -> None:
         super().__init__()
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.vae = vae.requires_grad_(False).eval()  # frozen: no grad, no optimizer state
-        self.ema = EMA(unet, ema_decay)
-        self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
+        if (lora or text_lora) and ema_decay:
+            raise ValueError("LoRA training keeps no EMA: set model.ema_decay=null")
+        self.unet_lora = self.text_lora = None
+        if lora or text_lora:  # only the adapters train
+            unet.requires_grad_(False)
+            text_encoder.requires_grad_(False)
+        if lora is not None:
+            self.unet_lora = lora(unet).attach()
+        if text_lora is not None:
+            self.text_lora = text_lora(text_encoder).attach()
+        self.ema = EMA(unet, ema_decay) if ema_decay else None
+        self.optimizer_factory, self.warmup_steps, self.text_lr = optimizer, warmup_steps, text_lr
         self.caption_dropout = caption_dropout
+
+    @property
+    def sampling_unet(self) -> nn.Module:
+        """The U-Net to sample and validate with: the EMA, or the (adapted) U-Net itself."""
+        return self.ema.shadow if self.ema is not None else self.unet
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         super().train(mode)
@@ -60,10 +87,8 @@ class LatentDiffusion(L.LightningModule):
         """(B, C, h, w) scaled latents z ~ q(z|x) of the batch's images or cached posteriors."""
         if "latent_mean" not in batch:
             return self.vae.encode(batch["image"]).float()
-        mean, std = (
-            batch["latent_mean"],
-            batch["latent_std"],
-        )  # the draw DiagonalGaussian.sample makes
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        # the draw DiagonalGaussian.sample makes, from the same generator state
         z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         return self.vae.scale_latents(z).float()
 
@@ -83,15 +108,15 @@ class LatentDiffusion(L.LightningModule):
         return self.text_encoder([c if k else "" for c, k in zip(batch["caption"], keep.tolist())])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.latents(
-            batch
-        )  # drawn first, then the dropout mask: one order for every batch kind
+        # latents drawn first, then the dropout mask: one order for every kind of batch
+        latents = self.latents(batch)
         loss = self.objective(self.unet, latents, self.condition(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.ema.update(self.unet)
+        if self.ema is not None:
+            self.ema.update(self.unet)
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -107,18 +132,77 @@ class LatentDiffusion(L.LightningModule):
         t = (torch.arange(n, device=latents.device) * T // n).clamp(max=T - 1)
         eps = torch.randn(latents.shape, generator=g, device=latents.device)
         context = self.text_encoder(batch["caption"])
-        losses = self.objective.evaluate(self.ema.shadow, latents, context, t=t, eps=eps)
+        losses = self.objective.evaluate(self.sampling_unet, latents, context, t=t, eps=eps)
         for name, value in losses.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=n)
 
     def export_parts(self) -> dict[str, nn.Module]:
         """What a weights file holds: the EMA U-Net (the one to sample from), VAE, text encoder."""
-        return {"unet": self.ema.shadow, "vae": self.vae, "text_encoder": self.text_encoder}
+        return {"unet": self.sampling_unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def adapters(self) -> dict[str, LoRANetwork]:
+        """The LoRA networks that train, by the part they adapt."""
+        nets = {"unet": self.unet_lora, "text_encoder": self.text_lora}
+        return {k: v for k, v in nets.items() if v is not None}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict]:
+        """One group, or two when the text encoder's parameters have their own `text_lr`."""
+        params = self.trainable_parameters()
+        if self.text_lr is None:
+            return [{"params": params}]
+        text = {
+            id(p)
+            for m in (self.text_encoder, self.text_lora)
+            if m is not None
+            for p in m.parameters()
+        }
+        return [
+            {"params": [p for p in params if id(p) not in text]},
+            {"params": [p for p in params if id(p) in text], "lr": self.text_lr},
+        ]
+
+    # -- checkpoints: what trains, not the frozen parts ------------------------------------
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of parts that do not train (nothing of theirs has a gradient)."""
+        parts = {"vae.": self.vae, "unet.": self.unet, "text_encoder.": self.text_encoder}
+        return tuple(
+            k for k, m in parts.items() if not any(p.requires_grad for p in m.parameters())
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = self.frozen_prefixes()
+        state = checkpoint["state_dict"]
+        checkpoint["frozen_fingerprint"] = fingerprint(state, frozen)
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(frozen)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a resume whose frozen parts are not the ones the checkpoint was made with, and
+        fill in their tensors (a checkpoint leaves them out) from this module."""
+        stored = checkpoint.get("frozen_fingerprint")
+        frozen = self.frozen_prefixes()
+        own = self.state_dict()
+        if stored is not None and stored != fingerprint(own, frozen):
+            raise CheckpointError(
+                "the frozen parts (VAE, a LoRA's base, a frozen text encoder) differ "
+                "from those the checkpoint was trained with: resume with the same "
+                "init= weights and configs"
+            )
+        for k, v in own.items():
+            checkpoint["state_dict"].setdefault(k, v)
+
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.trainable_parameters())
+        opt = self.optimizer_factory(self.parameter_groups())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fingerprint(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, list]:
+    """A cheap identity of the tensors under `prefixes`: shape and float64 sum of each."""
+    return {
+        k: [list(v.shape), float(v.double().sum())]
+        for k, v in sorted(state.items())
+        if k.startswith(prefixes) and v.is_floating_point()
+    }

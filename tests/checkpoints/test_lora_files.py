@@ -36,7 +36,7 @@ KOHYA_COUNTS = {
 
 def preset(name: str):
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return instantiate(compose("train", overrides=[f"+lora={name}"]).lora)
+        return instantiate(compose("train", overrides=[f"+lora_preset={name}"]).lora_preset)
 
 
 def config_of(name: str) -> dict:

@@ -1,0 +1,72 @@
+"""LoRA files from the command line: merge them into a model, or convert their layout.
+
+    python -m ldm.lora merge BASE LORA [LORA ...] OUT.safetensors [--scale S [S ...]]
+    python -m ldm.lora convert IN.safetensors OUT.safetensors --to kohya|peft
+
+`merge` loads BASE (anything `ldm.checkpoints.load_model` reads: an SD single file, a diffusers
+folder, a file of ours), adds each LoRA's weight deltas at its scale (one scale for all, or one
+per LoRA; default 1) and writes an SD single file. `convert` rewrites a LoRA file between the
+kohya layout (A1111, ComfyUI) and the diffusers / PEFT layout, tensors unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ldm.checkpoints import CheckpointError, load_model
+from ldm.checkpoints.export import save_sd
+from ldm.checkpoints.lora import apply_loras, read_lora, save_lora
+from ldm.config import exit_on, fail
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m ldm.lora",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge LoRA files into a model -> SD single file")
+    merge.add_argument("base", help="the model: SD .safetensors/.ckpt, diffusers folder, ours")
+    merge.add_argument("files", nargs="+", help="LORA [LORA ...] OUT.safetensors")
+    merge.add_argument(
+        "--scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="one scale, or one per LoRA (default 1)",
+    )
+    convert = sub.add_parser("convert", help="rewrite a LoRA file in the kohya or PEFT layout")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--to", choices=["kohya", "peft"], required=True)
+    return ap.parse_args(argv)
+
+
+@exit_on(CheckpointError, ValueError, FileNotFoundError)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "convert":
+        adapters, meta = read_lora(args.src)
+        keep = {k: v for k, v in meta.items() if k != "lora_adapter_metadata"}
+        save_lora(args.dst, adapters, args.to, keep)
+        print(f"wrote {args.dst} ({args.to} layout, {len(adapters)} adapters)")
+        return 0
+    *loras, out = args.files
+    if not loras:
+        fail("merge needs at least one LoRA file and the output file")
+    scales = args.scale * len(loras) if len(args.scale) == 1 else args.scale
+    if len(scales) != len(loras):
+        fail(f"{len(loras)} LoRA files but {len(scales)} scales: give one, or one per file")
+    model = load_model(args.base)
+    apply_loras(model, list(zip(loras, scales)))
+    save_sd(out, model)
+    print(
+        f"wrote {out}: {args.base} with " + ", ".join(f"{p} x{s:g}" for p, s in zip(loras, scales))
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
