@@ -36,9 +36,9 @@ class LatentDiffusion(L.LightningModule):
     LoRA: `lora` (and `text_lora`) build adapters for the U-Net (and text encoder), e.g. a
     `configs/lora_preset/*.yaml` preset; the adapted models are then frozen and only the
     adapters train (no EMA: `ema_decay=None`). `text_lr` gives the text encoder's parameters
-    (its adapters, or itself when it trains) their own learning rate. Lightning checkpoints hold what trains (and
-    the EMA), not the frozen parts, which a resumed run takes from its configs / `init=` again:
-    a fingerprint of them is stored and checked.
+    (its adapters, or itself when it trains) their own learning rate. Lightning checkpoints
+    hold what trains (and the EMA), not the frozen parts, which a resumed run takes from its
+    configs / `init=` again: a fingerprint of them is stored and checked.
     """
 
     def __init__(
