@@ -54,6 +54,10 @@ def make_sampler(cfg: DictConfig) -> SamplerConfig:
         raise
 
 
+def as_list(value) -> list:
+    return [] if not value else [value] if isinstance(value, str) else list(value)
+
+
 def lora_list(files, scales) -> list[tuple[str, float]]:
     """(file, scale) of `lora=` (a file or a list) and `lora_scale=` (one scale, or one each)."""
     if not files:
@@ -97,6 +101,7 @@ def main(cfg: DictConfig) -> None:
         pick_device(cfg.device),
         cfg.precision,
         loras,
+        as_list(cfg.embedding),
         prediction=cfg.prediction,
         use_ema=cfg.use_ema,
         vae=cfg.vae_ckpt,
@@ -133,6 +138,11 @@ def main(cfg: DictConfig) -> None:
             "precision": pipe.precision.value,
             "ckpt": Path(cfg.ckpt).name,
             **({"lora": ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)} if loras else {}),
+            **(
+                {"embedding": ", ".join(Path(f).name for f in as_list(cfg.embedding))}
+                if cfg.embedding
+                else {}
+            ),
         }
         Image.fromarray(img.numpy()).save(out / f"{seed:06d}.png", pnginfo=png_info(meta))
     image_grid(images, ncols=cfg.n if len(prompts) > 1 else None).save(out / "grid.png")

@@ -45,10 +45,39 @@ def name_sweep_run(cfg: DictConfig) -> None:
 def initialise(module: L.LightningModule, path: str, use_ema: bool) -> None:
     """Fine-tuning: the parts' weights from `path`, strictly; the EMA starts from them too."""
     parts = {k: getattr(module, k) for k in ("unet", "vae", "text_encoder") if hasattr(module, k)}
+    if hasattr(module, "autoencoder"):  # a first stage's own training
+        parts["vae"] = module.autoencoder
     load_weights(parts, path, use_ema=use_ema)
     if getattr(module, "ema", None) is not None:
         module.ema.shadow.load_state_dict(module.unet.state_dict())
     log.info("initialised %s from %s", ", ".join(parts), path)
+
+
+def make_class_images(cfg: DictConfig, module: L.LightningModule) -> None:
+    """DreamBooth: the base model's images of the class prompt(s), made before the first step
+    (reused when the same base and settings made them before)."""
+    import hashlib
+
+    from ldm.pipeline import Pipeline
+    from ldm.precision import resolve
+    from ldm.training.module import fingerprint
+
+    state = {k: v for k, v in module.state_dict().items() if k.startswith(("unet.", "text_"))}
+    base = hashlib.sha256(json.dumps(fingerprint(state, set(state))).encode()).hexdigest()
+    pipe = Pipeline(
+        module.sampling_unet,
+        module.vae,
+        module.text_encoder,
+        module.objective.schedule,
+        module.objective.prediction,
+        resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator")),
+    )
+    was_training = module.text_encoder.training
+    module.text_encoder.eval()
+    try:
+        instantiate(cfg.class_images).ensure(pipe, base, cfg.data.image_size)
+    finally:
+        module.text_encoder.train(was_training)
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> Path:
@@ -57,6 +86,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     module = instantiate(cfg.model)
     if cfg.get("init"):
         initialise(module, cfg.init, cfg.get("init_use_ema", False))
+    if cfg.get("class_images") and rank_zero_only.rank == 0:
+        make_class_images(cfg, module)
     if hasattr(datamodule, "use_encoders"):  # a latent cache: made with, and checked against, these
         datamodule.use_encoders(module.vae, module.text_encoder)
     if rank_zero_only.rank == 0:  # the other processes wait for it in Lightning's own prepare_data

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.checkpoints import load_model
+from ldm.checkpoints.embeddings import read_embedding
 from ldm.checkpoints.lora import apply_loras
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SamplerConfig, sample
@@ -78,11 +79,13 @@ class Pipeline:
         device: str | torch.device = "cpu",
         precision: str = "auto",
         loras: list[tuple[str, float]] = (),
+        embeddings: list[str] = (),
         **options,
     ) -> tuple[Pipeline, dict]:
         """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as
         a Pipeline in `ldm.precision.resolve(precision, device)`, and its model config.
-        `loras` (file, scale) are merged into its weights. `options` go to
+        `loras` (file, scale) are merged into its weights; `embeddings` (textual-inversion files)
+        add their words to its text encoder. `options` go to
         `ldm.checkpoints.load_model` (prediction, use_ema, vae, text_encoder). Half-precision
         files are held in float32 on the CPU (where bf16 autocast, if the CPU has it, does the
         fast maths)."""
@@ -92,6 +95,9 @@ class Pipeline:
         dtype = torch.float32 if device.type == "cpu" else None
         model = load_model(ckpt, device=device, dtype=dtype, **options)
         apply_loras(model, list(loras))
+        for path in embeddings:
+            vectors, word = read_embedding(path)
+            model.text_encoder.add_embedding(word, vectors.to(device))
         pipe = cls(
             model.unet, model.vae, model.text_encoder, model.schedule, model.prediction, chosen
         )

@@ -33,6 +33,11 @@ def test_train_configs_instantiate(overrides):
 
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+# values a recipe asks the user for (besides init= and the shards)
+REQUIRED = {
+    "sd15_dreambooth": ["instance_shards=shards/00000.tar", "class_prompt=a photo of a dog"],
+    "sd15_textual_inversion": ["model.new_word='<my-style>'"],
+}
 SAMPLERS = sorted(p.stem for p in (ROOT / "configs" / "sampler").glob("*.yaml") if p.stem != "base")
 
 
@@ -42,6 +47,7 @@ def test_every_experiment_composes_and_builds(experiment):
     no memory, no weights; `init` is the only value a user must give)."""
     cfg = compose_train(
         f"experiment={experiment}",
+        *REQUIRED.get(experiment, []),
         "init=weights.safetensors",
         "data.train_shards=shards/00000.tar",
         hydra=True,

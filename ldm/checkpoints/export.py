@@ -16,6 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoints.diffusers import write_folder
+from ldm.checkpoints.embeddings import save_embedding
 from ldm.checkpoints.files import CONFIG_KEY, CheckpointError
 from ldm.checkpoints.layout import save
 from ldm.checkpoints.load import Loaded
@@ -199,6 +200,13 @@ def export_run(cfg: DictConfig, module, path: str | Path) -> Path:
     """A training module's weights as train.py writes them: a LoRA run's adapters (kohya layout,
     `ss_*` metadata), a diffusion model's EMA U-Net, VAE and text encoder (SD layout,
     `run_metadata`), or a first stage's VAE (`vae_metadata`)."""
+    word = getattr(module, "new_word", None)
+    if word:  # textual inversion: the new word's vectors, A1111's format
+        path = save_embedding(
+            path, module.text_encoder.embedding(word), word, {"ss_steps": str(module.global_step)}
+        )
+        log.info("embedding of %s written to %s", word, path)
+        return path
     adapters = module.adapters() if hasattr(module, "adapters") else {}
     if adapters:
         meta = {

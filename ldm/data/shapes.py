@@ -66,6 +66,8 @@ SUPERSAMPLE = 8
 # One pixel keeps the outer ring pure background; the extra quarter pixel
 # absorbs the rasteriser's rounding at the supersampled resolution.
 EDGE_MARGIN_PX = 1.25
+# Colours drawn from the whole RGB cube ("any") keep at least this distance, so the shape shows.
+MIN_RGB_CONTRAST = 60.0
 # Bump whenever rendering or the shard layout changes, so that shards_ready()
 # rejects shards written by an older version.
 FORMAT_VERSION = 1
@@ -151,11 +153,16 @@ def shape_vertices(
     return vertices
 
 
-def _check_names(shape: str, shape_colour: str, background: str) -> None:
+def _rgb(colour: str | tuple[int, int, int]) -> tuple[int, int, int]:
+    """A palette name's RGB, or an RGB triple as it is."""
+    return PALETTE[colour] if isinstance(colour, str) else tuple(int(c) for c in colour)
+
+
+def _check_names(shape: str, shape_colour, background) -> None:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     for colour in (shape_colour, background):
-        if colour not in PALETTE:
+        if isinstance(colour, str) and colour not in PALETTE:
             raise ValueError(f"unknown colour {colour!r}; known: {', '.join(PALETTE)}")
 
 
@@ -175,11 +182,11 @@ def render(
     """
     _check_names(shape, shape_colour, background)
     big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), PALETTE[background])
+    image = Image.new("RGB", (big, big), _rgb(background))
     draw = ImageDraw.Draw(image)
     # PIL puts pixel centres on integer coordinates; ours are at i + 0.5.
     cx, cy = centre[0] * SUPERSAMPLE - 0.5, centre[1] * SUPERSAMPLE - 0.5
-    fill = PALETTE[shape_colour]
+    fill = _rgb(shape_colour)
     if shape == "circle":
         r = size_px * SUPERSAMPLE / 2
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -195,11 +202,20 @@ def sample_rng(seed: int, split: str | int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, split_id, index])
 
 
-def sample_params(rng: np.random.Generator, size: int = 64) -> dict:
-    """Draw a sample's parameters: the ``meta`` dict of :func:`render_sample`."""
-    colours = list(PALETTE)
-    background = colours.pop(int(rng.integers(len(colours))))
-    shape_colour = colours[int(rng.integers(len(colours)))]
+def sample_params(rng: np.random.Generator, size: int = 64, colours: str = "palette") -> dict:
+    """Draw a sample's parameters: the ``meta`` dict of :func:`render_sample`.
+
+    ``colours="any"`` draws both colours uniformly from the RGB cube (at least
+    ``MIN_RGB_CONTRAST`` apart) instead of from the palette: the first stage's training
+    data, so that it represents colours the captions never name (a style's)."""
+    if colours == "any":
+        background, shape_colour = _any_colour_pair(rng)
+    elif colours == "palette":
+        names = list(PALETTE)
+        background = names.pop(int(rng.integers(len(names))))
+        shape_colour = names[int(rng.integers(len(names)))]
+    else:
+        raise ValueError(f"colours must be 'palette' or 'any', got {colours!r}")
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     if SIZE_RANGE[1] * size + 2 * EDGE_MARGIN_PX > size:
         raise ValueError(f"image size {size} is too small for the shapes dataset")
@@ -218,14 +234,24 @@ def sample_params(rng: np.random.Generator, size: int = 64) -> dict:
     }
 
 
-def render_sample(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, dict]:
+def _any_colour_pair(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    background = tuple(int(c) for c in rng.integers(0, 256, 3))
+    while True:
+        shape = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if np.linalg.norm(np.subtract(shape, background)) >= MIN_RGB_CONTRAST:
+            return background, shape
+
+
+def render_sample(
+    rng: np.random.Generator, size: int = 64, colours: str = "palette"
+) -> tuple[Image.Image, dict]:
     """Draw random parameters from ``rng`` and render them: ``(image, meta)``.
 
     ``meta`` has shape, shape_colour, background, centre (x, y), size_px and
     angle; ``caption(meta["shape_colour"], meta["shape"], meta["background"])``
     is the image's caption.
     """
-    meta = sample_params(rng, size)
+    meta = sample_params(rng, size, colours)
     return render(size=size, **meta), meta
 
 
@@ -237,7 +263,11 @@ def _sample_record(key: str, meta: dict, size: int) -> dict:
     """The per-sample JSON, with img2dataset's fields plus the render parameters."""
     return {
         "key": key,
-        "caption": caption(meta["shape_colour"], meta["shape"], meta["background"]),
+        "caption": (
+            caption(meta["shape_colour"], meta["shape"], meta["background"])
+            if isinstance(meta["background"], str)
+            else f"a {meta['shape']}"  # colours outside the palette have no names
+        ),
         "status": "success",
         "error_message": None,
         "width": size,
@@ -267,11 +297,11 @@ def _write_shard(job: tuple[str, str, int, int, int, int, int]) -> int:
     which importing webdataset would load.  Takes one tuple so that it can be
     mapped over a process pool.
     """
-    split_dir, split, shard_index, start, count, size, seed = job
+    split_dir, split, shard_index, start, count, size, seed, colours = job
     stem = Path(split_dir) / f"{shard_index:05d}"
     with tarfile.open(f"{stem}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         for offset in range(count):
-            image, meta = render_sample(sample_rng(seed, split, start + offset), size)
+            image, meta = render_sample(sample_rng(seed, split, start + offset), size, colours)
             key = f"{shard_index:05d}{offset:04d}"
             record = _sample_record(key, meta, size)
             add_member(tar, f"{key}.json", json.dumps(record).encode())
@@ -288,14 +318,16 @@ def _write_shard(job: tuple[str, str, int, int, int, int, int]) -> int:
     return count
 
 
-def _shard_jobs(root: Path, counts: dict[str, int], size: int, seed: int, shard_size: int) -> list:
+def _shard_jobs(
+    root: Path, counts: dict[str, int], size: int, seed: int, shard_size: int, colours: str
+) -> list:
     jobs = []
     for split, n in counts.items():
         split_dir = root / split
         split_dir.mkdir(parents=True)
         for shard_index, start in enumerate(range(0, n, shard_size)):
             count = min(shard_size, n - start)
-            jobs.append((str(split_dir), split, shard_index, start, count, size, seed))
+            jobs.append((str(split_dir), split, shard_index, start, count, size, seed, colours))
     return jobs
 
 
@@ -350,6 +382,7 @@ def write_shards(
     shard_size: int = 2000,
     progress: bool = True,
     workers: int | None = None,
+    colours: str = "palette",
 ) -> Path:
     """Render the train and val splits into ``out_dir/{train,val}/NNNNN.tar``.
 
@@ -368,15 +401,17 @@ def write_shards(
     tmp.chmod(0o755)  # mkdtemp makes it private; the final directory should not be
     try:
         counts = {"train": n_train, "val": n_val}
-        jobs = _shard_jobs(tmp, counts, size, seed, shard_size)
+        jobs = _shard_jobs(tmp, counts, size, seed, shard_size, colours)
         _run_jobs(jobs, workers or os.cpu_count() or 1, progress, n_train + n_val)
         info = _info(n_train, n_val, size, seed, shard_size, jobs)
+        if colours != "palette":  # palette sets keep the format they always had
+            info["colours"] = colours
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         try:
             _swap_into_place(tmp, out)
         except OSError:
             # Another process may have finished the same set first.
-            if not shards_ready(out, n_train, n_val, size, seed):
+            if not shards_ready(out, n_train, n_val, size, seed, colours):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -384,7 +419,12 @@ def write_shards(
 
 
 def shards_ready(
-    out_dir: str | os.PathLike, n_train: int, n_val: int, size: int, seed: int
+    out_dir: str | os.PathLike,
+    n_train: int,
+    n_val: int,
+    size: int,
+    seed: int,
+    colours: str = "palette",
 ) -> bool:
     """Whether ``out_dir`` holds a complete shard set written with these settings."""
     out = Path(out_dir)
@@ -400,6 +440,8 @@ def shards_ready(
         "seed": seed,
     }
     if any(info.get(name) != value for name, value in expected.items()):
+        return False
+    if info.get("colours", "palette") != colours:
         return False
     shards = info.get("shards", {})
     return all((out / split / name).is_file() for split in SPLITS for name in shards.get(split, []))
@@ -419,9 +461,10 @@ def ensure_shards(
     size: int = 64,
     seed: int = 0,
     shard_size: int = 2000,
+    colours: str = "palette",
 ) -> Path:
     """Render the shard set unless an identical one is already there (the data module's
     `prepare` step, so `python train.py` works on a fresh checkout)."""
-    if not shards_ready(out_dir, n_train, n_val, size, seed):
-        write_shards(out_dir, n_train, n_val, size, seed, shard_size)
+    if not shards_ready(out_dir, n_train, n_val, size, seed, colours):
+        write_shards(out_dir, n_train, n_val, size, seed, shard_size, colours=colours)
     return Path(out_dir)

@@ -64,6 +64,16 @@ def _source_patterns(item) -> list[str]:
     return [urls] if isinstance(urls, str) else list(urls)
 
 
+def loss_weights(spec) -> list[float] | None:
+    """Each source's `loss_weight` (default 1), or None when no source sets one: the
+    prior-preservation weight of a DreamBooth class-image source, say."""
+    items = [spec] if isinstance(spec, str) or hasattr(spec, "keys") else list(spec)
+    given = [float(i["loss_weight"]) for i in items if hasattr(i, "keys") and "loss_weight" in i]
+    if not given:
+        return None
+    return [float(i.get("loss_weight", 1.0)) if hasattr(i, "keys") else 1.0 for i in items]
+
+
 def parse_sources(spec) -> tuple[list[list[str]], list[float]]:
     """Shard lists and mixing weights (normalised). A pattern or a list of patterns is one
     source; a list of `{urls, weight}` entries is one source per entry."""

@@ -36,6 +36,7 @@ from ldm.data.shards import (
     IMAGE_EXTS,
     DataError,
     exact_assignment,
+    loss_weights,
     parse_sources,
     read_shard,
     read_stats_count,
@@ -111,6 +112,7 @@ class ImageTextStream(IterableDataset):
         index_counts: dict[str, int] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        loss_weights: list[float] | None = None,
     ) -> None:
         if mode not in ("stream", "exact", "once"):
             raise DataError(f"data mode {mode!r}: use 'stream' or 'exact' ('once' for validation)")
@@ -119,7 +121,10 @@ class ImageTextStream(IterableDataset):
                 "aspect-ratio bucketing gives batch counts that depend on the shapes "
                 "met, so it runs in mode='stream' (set batches_per_epoch) only"
             )
+        if loss_weights is not None and mode != "stream":
+            raise DataError("per-source loss weights need sources mixed in mode='stream'")
         self.sources, self.weights, self.transform = sources, weights, transform
+        self.loss_weights = loss_weights
         self.batch_size, self.mode, self.batches_per_worker = batch_size, mode, batches_per_worker
         self.shuffle_buffer, self.filters, self.caption_key = shuffle_buffer, filters, caption_key
         self.skip_empty_captions, self.buckets, self.seed = skip_empty_captions, buckets, seed
@@ -161,16 +166,25 @@ class ImageTextStream(IterableDataset):
             log.warning("skipping %s (%s): bad_image: %s", key, sample.get("__url__"), e)
             return None
         self.count("kept")
-        return {"image": image, "caption": caption, "key": key, "bucket": bucket}
+        return {
+            "image": image,
+            "caption": caption,
+            "key": key,
+            "bucket": bucket,
+            "loss_weight": sample.get("__loss_weight__"),
+        }
 
     def collate(self, samples: list[dict]) -> dict:
         counts, self.counts = self.counts, new_counts()
-        return {
+        batch = {
             "image": torch.stack([s["image"] for s in samples]),
             "caption": [s["caption"] for s in samples],
             "key": [s["key"] for s in samples],
             "counts": counts,
         }
+        if self.loss_weights is not None:  # (B,): the loss weight of each sample's source
+            batch["loss_weight"] = torch.tensor([s["loss_weight"] for s in samples])
+        return batch
 
     # -- sample streams -----------------------------------------------------------------------
     def _rng(self) -> random.Random:
@@ -197,7 +211,10 @@ class ImageTextStream(IterableDataset):
         streams = [self._read(resampled(urls, rng)) for urls in self.sources]
         while True:
             i = rng.choices(range(len(streams)), self.weights)[0] if len(streams) > 1 else 0
-            yield next(streams[i])
+            sample = next(streams[i])
+            if self.loss_weights is not None:
+                sample["__loss_weight__"] = self.loss_weights[i]
+            yield sample
 
     def _exact(self, rng: random.Random) -> Iterator[dict]:
         slot, n_slots = self.slot()
@@ -372,6 +389,7 @@ def make_dataset(
         index_counts,
         rank,
         world_size,
+        loss_weights(urls) if train else None,
     )
     n_shards, readers = sum(map(len, sources)), ds.world_size * max(1, num_workers)
     if mode != "exact" and n_shards < readers:

@@ -109,10 +109,13 @@ class DiffusionObjective:
         t: torch.Tensor | None = None,
         eps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training loss for a batch of clean latents x0 (B, C, h, w) and text context (B, L, D).
 
         `t` and `eps` may be given to evaluate at fixed points; otherwise drawn.
+        `sample_weight` (B,) multiplies each sample's loss, e.g. a prior-preservation weight on
+        class images.
         """
         if t is None:
             t = sample_timesteps(
@@ -133,7 +136,10 @@ class DiffusionObjective:
         alpha_bar = self.schedule.alpha_bar(t)
         out = model(q_sample(x0, noise_in, alpha_bar), t, context)
         target = self.prediction.target(x0, eps, alpha_bar)
-        return (self.loss_weight(t).to(out.device) * per_sample_mse(out, target)).mean()
+        losses = self.loss_weight(t).to(out.device) * per_sample_mse(out, target)  # (B,)
+        if sample_weight is not None:
+            losses = losses * sample_weight.to(losses)
+        return losses.mean()
 
     @torch.no_grad()
     def evaluate(

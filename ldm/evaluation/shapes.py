@@ -164,11 +164,14 @@ def _background(image: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
-def _foreground_colour(image: np.ndarray, background_rgb: np.ndarray) -> np.ndarray | None:
-    """Median colour of the main blob's interior, or None without foreground."""
+def _foreground_colour(
+    image: np.ndarray, background_rgb: np.ndarray, colours: np.ndarray = _COLOURS
+) -> np.ndarray | None:
+    """Median colour of the main blob's interior, or None without foreground; `colours` are
+    the colours a shape may have (the palette)."""
     distance = np.linalg.norm(image - background_rgb, axis=2)
     # Half way to the nearest other palette colour separates even close pairs.
-    palette_distance = np.linalg.norm(_COLOURS - background_rgb, axis=1)
+    palette_distance = np.linalg.norm(colours - background_rgb, axis=1)
     nearest_other = np.sort(palette_distance)[1]
     blob = _main_blob(distance > max(_MIN_CONTRAST, nearest_other / 2))
     if not blob.any():

@@ -7,6 +7,8 @@ Stable Diffusion 2 `cond_stage_model.model.*` checkpoint maps onto it by prefix 
 
 from __future__ import annotations
 
+import re
+
 import open_clip
 import torch
 from open_clip.model import _build_text_tower
@@ -44,6 +46,10 @@ class TextEncoder(nn.Module):
         train_token_embedding: when not frozen, whether the (vocab x width) token table trains;
             it is most of a small tower's parameters and of its optimizer cost.
         pad_with_eot: pad with the end-of-text token (SD 1.x) instead of zeros (open_clip).
+
+    New words (textual inversion, Gal et al., 2022): `add_embedding(token, vectors)` makes
+    `token` in a prompt stand for (n, width) vectors of its own, given ids after the vocabulary;
+    the tower itself is unchanged.
     """
 
     def __init__(
@@ -73,6 +79,8 @@ class TextEncoder(nn.Module):
         if isinstance(self.model.text_projection, nn.Module | nn.Parameter):
             # Pooled-output projection: unused for per-token context, so never trained.
             self.model.text_projection.requires_grad_(False)
+        self.embeddings = nn.ParameterDict()  # textual-inversion vectors, by word
+        self._words: dict[str, str] = {}  # the word as written -> its key in `embeddings`
 
     @property
     def width(self) -> int:
@@ -81,11 +89,57 @@ class TextEncoder(nn.Module):
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(mode and not self.frozen)  # frozen means eval, always
 
+    # -- textual inversion ---------------------------------------------------------------------
+    def add_embedding(self, token: str, vectors: torch.Tensor, trainable: bool = False) -> None:
+        """Make `token` (a new word, e.g. "<pastel>") stand for `vectors` (n, width)."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.width:
+            raise ValueError(
+                f"embedding for {token!r} has shape {tuple(vectors.shape)}; this text "
+                f"encoder needs (n, {self.width})"
+            )
+        pieces = self.tokenizer.encode(token)
+        if len(pieces) == 1 or token.lower() in self._words:
+            raise ValueError(
+                f"{token!r} is already a word of the vocabulary (or an embedding): "
+                f"choose a new trigger such as <{token.strip('<>')}-style>"
+            )
+        key = f"w{len(self._words)}"
+        self.embeddings[key] = nn.Parameter(vectors.detach().clone().float(), trainable)
+        self._words[token.lower()] = key
+
+    def embedding(self, token: str) -> torch.Tensor:
+        return self.embeddings[self._words[token.lower()]]
+
+    def _new_ids(self) -> dict[str, list[int]]:
+        """Each new word's placeholder ids (after the vocabulary, in the order added)."""
+        out, next_id = {}, self.model.vocab_size
+        for word, key in self._words.items():
+            n = self.embeddings[key].shape[0]
+            out[word] = list(range(next_id, next_id + n))
+            next_id += n
+        return out
+
+    def _tokenize_with_words(self, prompts: list[str]) -> torch.Tensor:
+        new_ids = self._new_ids()
+        pattern = re.compile("(" + "|".join(re.escape(w) for w in new_ids) + ")", re.IGNORECASE)
+        sot, eot, n = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id, self.context_length
+        rows = []
+        for prompt in prompts:
+            ids = [sot]
+            for piece in pattern.split(prompt):
+                ids += new_ids.get(piece.lower()) or (self.tokenizer.encode(piece) if piece else [])
+            ids = ids[: n - 1] + [eot]  # truncated as open_clip does: the end token kept
+            rows.append(ids + [0] * (n - len(ids)))
+        return torch.tensor(rows)
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), context_length=self.context_length)  # (B, L)
+        if self._words:
+            ids = self._tokenize_with_words(list(prompts))
+        else:
+            ids = self.tokenizer(list(prompts), context_length=self.context_length)  # (B, L)
         if self.pad_with_eot:
             eot = self.tokenizer.eot_token_id
-            last = ids.argmax(dim=-1, keepdim=True)  # the EOT token has the largest id
+            last = (ids == eot).int().argmax(dim=-1, keepdim=True)  # the first EOT
             after = torch.arange(ids.shape[1]).unsqueeze(0) > last
             ids = ids.masked_fill(after, eot)
         return ids
@@ -93,7 +147,7 @@ class TextEncoder(nn.Module):
     def encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> embeddings (B, L, width)."""
         m = self.model
-        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, L, D)
+        x = self._embed(ids) + m.positional_embedding[: ids.shape[1]]  # (B, L, D)
         mask = (
             m.attn_mask[: ids.shape[1], : ids.shape[1]].to(x.dtype)
             if m.attn_mask is not None
@@ -105,7 +159,19 @@ class TextEncoder(nn.Module):
             x = block(x, attn_mask=mask)
         return m.ln_final(x)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, L, D); ids past the vocabulary are the new words' vectors."""
+        table = self.model.token_embedding
+        vocab = self.model.vocab_size
+        if not self._words:
+            return table(ids)
+        extra = torch.cat([self.embeddings[k] for k in self._words.values()]).to(table.weight)
+        known = table(ids.clamp(max=vocab - 1))
+        new = extra[(ids - vocab).clamp(min=0, max=extra.shape[0] - 1)]
+        return torch.where((ids >= vocab)[..., None], new, known)
+
     def forward(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenize(prompts).to(self.model.positional_embedding.device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        trains = any(p.requires_grad for p in self.parameters())  # the tower, or new words only
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             return self.encode_tokens(ids)

@@ -14,11 +14,26 @@ from ldm.models.lora import LoRANetwork
 from ldm.models.text_encoder import TextEncoder
 from ldm.training.ema import EMA
 
+TRAINING_STATE = ("ema.", "unet_lora.", "text_lora.")  # kept in checkpoints whatever trains
+
 
 def keep_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n,) bool: which captions survive caption dropout with probability p. Dropped ones become
     the empty prompt, which teaches the unconditional model classifier-free guidance needs."""
     return torch.rand(n, generator=generator) >= p
+
+
+def augment_tags(caption: str, shuffle: bool, keep_first: int, dropout: float) -> str:
+    """Tag-style captions ("tag, tag, tag"): drop each tag after the first `keep_first` with
+    probability `dropout`, and shuffle those (kohya's shuffle_caption / keep_tokens /
+    caption_tag_dropout_rate); the first tags (e.g. a trigger word) stay in place."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_first], tags[keep_first:]
+    if dropout:
+        tail = [t for t in tail if torch.rand(()) >= dropout]
+    if shuffle and len(tail) > 1:
+        tail = [tail[i] for i in torch.randperm(len(tail)).tolist()]
+    return ", ".join(t for t in head + tail if t)
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -32,6 +47,11 @@ class LatentDiffusion(L.LightningModule):
     Batches are dicts {"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}, or cached VAE
     posteriors {"latent_mean", "latent_std": (B, C, h, w), "caption"} with, from a cache made
     with the (frozen) text encoder, {"context": (B, L, D), "empty_context": (1, L, D)}.
+
+    Textual inversion: `new_word` (e.g. "<pastel>") gets `new_word_vectors` vectors, started
+    from the token embeddings of `new_word_init`; only they train.
+
+    Tag-style captions: `tag_shuffle`, `tag_keep_first`, `tag_dropout` (see `augment_tags`).
 
     LoRA: `lora` (and `text_lora`) build adapters for the U-Net (and text encoder), e.g. a
     `configs/lora_preset/*.yaml` preset; the adapted models are then frozen and only the
@@ -54,16 +74,28 @@ class LatentDiffusion(L.LightningModule):
         lora: Callable[[nn.Module], LoRANetwork] | None = None,
         text_lora: Callable[[nn.Module], LoRANetwork] | None = None,
         text_lr: float | None = None,
+        new_word: str | None = None,
+        new_word_vectors: int = 1,
+        new_word_init: str = "*",
+        tag_shuffle: bool = False,
+        tag_keep_first: int = 0,
+        tag_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.vae = vae.requires_grad_(False).eval()  # frozen: no grad, no optimizer state
-        if (lora or text_lora) and ema_decay:
-            raise ValueError("LoRA training keeps no EMA: set model.ema_decay=null")
+        if (lora or text_lora or new_word) and ema_decay:
+            raise ValueError("LoRA and textual inversion keep no EMA: set model.ema_decay=null")
         self.unet_lora = self.text_lora = None
-        if lora or text_lora:  # only the adapters train
+        if lora or text_lora or new_word:  # only the adapters (or the new word) train
             unet.requires_grad_(False)
             text_encoder.requires_grad_(False)
+        self.new_word = new_word
+        if new_word:
+            text_encoder.add_embedding(
+                new_word, self._init_vectors(new_word_init, new_word_vectors), trainable=True
+            )
+        self.tags = (tag_shuffle, tag_keep_first, tag_dropout)
         if lora is not None:
             self.unet_lora = lora(unet).attach()
         if text_lora is not None:
@@ -71,6 +103,12 @@ class LatentDiffusion(L.LightningModule):
         self.ema = EMA(unet, ema_decay) if ema_decay else None
         self.optimizer_factory, self.warmup_steps, self.text_lr = optimizer, warmup_steps, text_lr
         self.caption_dropout = caption_dropout
+
+    @torch.no_grad()
+    def _init_vectors(self, text: str, n: int) -> torch.Tensor:
+        """(n, width): the mean token embedding of `text`, n times (textual inversion's start)."""
+        ids = torch.tensor(self.text_encoder.tokenizer.encode(text) or [0])
+        return self.text_encoder.model.token_embedding(ids).mean(0).repeat(n, 1)
 
     @property
     def sampling_unet(self) -> nn.Module:
@@ -105,12 +143,17 @@ class LatentDiffusion(L.LightningModule):
             context = batch["context"]
             keep = keep.to(context.device)[:, None, None]
             return torch.where(keep, context, batch["empty_context"].to(context)).float()
-        return self.text_encoder([c if k else "" for c, k in zip(batch["caption"], keep.tolist())])
+        captions = batch["caption"]
+        if self.tags[0] or self.tags[2]:  # shuffle or drop tags
+            captions = [augment_tags(c, *self.tags) for c in captions]
+        return self.text_encoder([c if k else "" for c, k in zip(captions, keep.tolist())])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # latents drawn first, then the dropout mask: one order for every kind of batch
         latents = self.latents(batch)
-        loss = self.objective(self.unet, latents, self.condition(batch))
+        loss = self.objective(
+            self.unet, latents, self.condition(batch), sample_weight=batch.get("loss_weight")
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
@@ -165,26 +208,24 @@ class LatentDiffusion(L.LightningModule):
         ]
 
     # -- checkpoints: what trains, not the frozen parts ------------------------------------
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of parts that do not train (nothing of theirs has a gradient)."""
-        parts = {"vae.": self.vae, "unet.": self.unet, "text_encoder.": self.text_encoder}
-        return tuple(
-            k for k, m in parts.items() if not any(p.requires_grad for p in m.parameters())
-        )
+    def frozen_keys(self, state: dict[str, torch.Tensor]) -> set[str]:
+        """State-dict keys of what does not train: parameters without a gradient and the
+        buffers of frozen parts (adapters and the EMA always count as training state)."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k for k in state if k not in trainable and not k.startswith(TRAINING_STATE)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        frozen = self.frozen_prefixes()
         state = checkpoint["state_dict"]
+        frozen = self.frozen_keys(state)
         checkpoint["frozen_fingerprint"] = fingerprint(state, frozen)
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(frozen)}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a resume whose frozen parts are not the ones the checkpoint was made with, and
         fill in their tensors (a checkpoint leaves them out) from this module."""
         stored = checkpoint.get("frozen_fingerprint")
-        frozen = self.frozen_prefixes()
         own = self.state_dict()
-        if stored is not None and stored != fingerprint(own, frozen):
+        if stored is not None and stored != fingerprint(own, set(stored)):
             raise CheckpointError(
                 "the frozen parts (VAE, a LoRA's base, a frozen text encoder) differ "
                 "from those the checkpoint was trained with: resume with the same "
@@ -199,10 +240,10 @@ class LatentDiffusion(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def fingerprint(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, list]:
-    """A cheap identity of the tensors under `prefixes`: shape and float64 sum of each."""
+def fingerprint(state: dict[str, torch.Tensor], keys: set[str]) -> dict[str, list]:
+    """A cheap identity of some tensors: shape and float64 sum of each (a missing one: None)."""
     return {
-        k: [list(v.shape), float(v.double().sum())]
-        for k, v in sorted(state.items())
-        if k.startswith(prefixes) and v.is_floating_point()
+        k: [list(state[k].shape), float(state[k].double().sum())] if k in state else None
+        for k in sorted(keys)
+        if k not in state or state[k].is_floating_point()
     }

@@ -281,3 +281,17 @@ def test_draft_decoding_of_a_large_jpeg_matches_full_decoding():
     drafted = ImageTransform(64)(Image.open(io.BytesIO(data)))  # decoded at 1/8 in the DCT
     assert drafted.shape == full.shape == (3, 64, 64)
     assert (drafted - full).abs().mean() < 0.02
+
+
+def test_sources_carry_their_loss_weight_into_the_batch(tmp_path):
+    """Prior preservation: each sample's source `loss_weight` (default 1) travels as a tensor."""
+    a = write_shard(tmp_path / "a.tar", [sample(f"a{i}") for i in range(8)])
+    b = write_shard(tmp_path / "b.tar", [sample(f"b{i}") for i in range(8)])
+    spec = [{"urls": str(a), "weight": 0.5}, {"urls": str(b), "weight": 0.5, "loss_weight": 0.25}]
+    batches = list(make_dataset(spec, ImageTransform(32), 8, train=True, batches_per_epoch=4))
+    weights = torch.cat([x["loss_weight"] for x in batches])
+    keys = [k for x in batches for k in x["key"]]
+    assert all(w == (0.25 if k.startswith("b") else 1.0) for w, k in zip(weights.tolist(), keys))
+    assert {k[0] for k in keys} == {"a", "b"}
+    plain = next(iter(make_dataset(str(a), ImageTransform(32), 4, train=True, batches_per_epoch=1)))
+    assert "loss_weight" not in plain

@@ -49,3 +49,58 @@ def test_ema_tracks_the_unet(tiny_module):
 def test_warmup_is_linear_then_constant():
     f = warmup_lambda(4)
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_tag_augmentation_keeps_the_first_tags_and_shuffles_or_drops_the_rest():
+    from ldm.training.module import augment_tags
+
+    torch.manual_seed(0)
+    caption = "sks, red, circle, blue, background, flat"
+    shuffled = {augment_tags(caption, True, 1, 0.0) for _ in range(30)}
+    assert len(shuffled) > 5 and all(s.startswith("sks, ") for s in shuffled)
+    assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in shuffled)
+    dropped = [augment_tags(caption, False, 2, 0.5).split(", ") for _ in range(200)]
+    assert all(d[:2] == ["sks", "red"] for d in dropped)
+    rate = 1 - sum(len(d) - 2 for d in dropped) / (4 * len(dropped))
+    assert abs(rate - 0.5) < 0.1
+    assert augment_tags(caption, False, 0, 0.0) == caption
+
+
+def test_sample_weights_scale_each_sample_loss(tiny_module, batch):
+    torch.manual_seed(0)
+    plain = tiny_module.training_step(batch, 0)
+    torch.manual_seed(0)
+    doubled = tiny_module.training_step({**batch, "loss_weight": torch.full((4,), 2.0)}, 0)
+    torch.testing.assert_close(doubled, 2 * plain)
+
+
+def test_textual_inversion_trains_the_new_word_only(batch):
+    import functools
+
+    from conftest import tiny_parts
+    from ldm.diffusion.objective import DiffusionObjective
+    from ldm.diffusion.schedule import NoiseSchedule
+    from ldm.training.module import LatentDiffusion
+
+    unet, vae, text = tiny_parts()
+    module = LatentDiffusion(
+        unet,
+        vae,
+        text,
+        DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), "v"),
+        functools.partial(torch.optim.AdamW, lr=1e-2),
+        ema_decay=None,
+        new_word="<pastel>",
+        new_word_vectors=2,
+        new_word_init="red",
+    )
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable == ["text_encoder.embeddings.w0"]
+    start = text.embedding("<pastel>").detach().clone()
+    assert start.shape == (2, text.width)
+    opt = module.configure_optimizers()["optimizer"]
+    words = {**batch, "caption": ["a <pastel> circle on a blue background"] * 4}
+    module.caption_dropout = 0.0
+    module.training_step(words, 0).backward()
+    opt.step()
+    assert not torch.equal(text.embedding("<pastel>"), start)
