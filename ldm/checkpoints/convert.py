@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from ldm.checkpoints.export import architecture_name, save_diffusers, save_sd
+from ldm.checkpoints.detect import architecture_name
+from ldm.checkpoints.export import save_diffusers, save_sd
 from ldm.checkpoints.files import CheckpointError
 from ldm.checkpoints.load import load_model
 from ldm.config import exit_on

@@ -196,3 +196,13 @@ def _detect_parts(states: dict[str, dict], config: dict) -> None:
         # SD 1 towers (CLIP names) have no projection, SD 2's (open_clip names) have one.
         hf = "model.text_projection" not in states["text_encoder"]
         config["text_encoder"] = text_config(states["text_encoder"], hf_names=hf)
+
+
+def architecture_name(config: dict) -> str:
+    """The modelspec architecture of a model config ("stable-diffusion-v1", ...)."""
+    unet, pred = config["unet"], Prediction.parse(config["diffusion"]["prediction"])
+    if unet.get("use_linear_in_transformer") and unet.get("context_dim") == 1024:
+        return "stable-diffusion-v2-768-v" if pred is Prediction.V else "stable-diffusion-v2-512"
+    if not unet.get("use_linear_in_transformer") and unet.get("context_dim") == 768:
+        return "stable-diffusion-v1"
+    return "ldm-custom"

@@ -15,6 +15,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.checkpoints.detect import architecture_name
 from ldm.checkpoints.diffusers import write_folder
 from ldm.checkpoints.embeddings import save_embedding
 from ldm.checkpoints.files import CONFIG_KEY, CheckpointError
@@ -26,16 +27,6 @@ from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
 
 log = logging.getLogger(__name__)
-
-
-def architecture_name(config: dict) -> str:
-    """The modelspec architecture of a model config ("stable-diffusion-v1", ...)."""
-    unet, pred = config["unet"], Prediction.parse(config["diffusion"]["prediction"])
-    if unet.get("use_linear_in_transformer") and unet.get("context_dim") == 1024:
-        return "stable-diffusion-v2-768-v" if pred is Prediction.V else "stable-diffusion-v2-512"
-    if not unet.get("use_linear_in_transformer") and unet.get("context_dim") == 768:
-        return "stable-diffusion-v1"
-    return "ldm-custom"
 
 
 def sd_metadata(config: dict) -> dict:

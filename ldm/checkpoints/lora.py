@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm.checkpoints.detect import architecture_name
 from ldm.checkpoints.files import CheckpointError, read, save_state
 from ldm.checkpoints.lora_names import (
     ATTENTION_PARTS,
@@ -33,6 +34,7 @@ from ldm.checkpoints.lora_names import (
     text_names,
     unet_names,
 )
+from ldm.diffusion.prediction import Prediction
 from ldm.models.lora import LoRAModule, LoRANetwork, _AttentionLoRA
 
 Adapters = dict[str, dict[str, torch.Tensor]]  # canonical name -> {"down", "up", "alpha"}
@@ -300,19 +302,18 @@ def _load(module: LoRAModule, tensors: dict[str, torch.Tensor], name: str, what:
 # what a LoRA run writes, and using LoRA files
 
 
+KOHYA_VERSIONS = {
+    "stable-diffusion-v1": "sd_v1",
+    "stable-diffusion-v2-512": "sd_v2",
+    "stable-diffusion-v2-768-v": "sd_v2_v",
+    "ldm-custom": "ldm_custom",
+}
+
+
 def base_version(unet_config: Mapping, prediction: str) -> tuple[str, str]:
     """(kohya's ss_base_model_version, the model spec's architecture) of a base model."""
-    sd2 = (
-        bool(unet_config.get("use_linear_in_transformer"))
-        and unet_config.get("context_dim") == 1024
-    )
-    sd1 = not unet_config.get("use_linear_in_transformer") and unet_config.get("context_dim") == 768
-    if sd2:
-        v = str(prediction) == "v"
-        return ("sd_v2_v" if v else "sd_v2"), (
-            "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora"
-        )
-    return ("sd_v1", "stable-diffusion-v1/lora") if sd1 else ("ldm_custom", "ldm-custom/lora")
+    name = architecture_name({"unet": unet_config, "diffusion": {"prediction": prediction}})
+    return KOHYA_VERSIONS[name], f"{name}/lora"
 
 
 def lora_metadata(
@@ -342,7 +343,7 @@ def lora_metadata(
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
-        "modelspec.prediction_type": "v" if str(prediction) == "v" else "epsilon",
+        "modelspec.prediction_type": Prediction.parse(prediction).modelspec_name,
     }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     return meta
