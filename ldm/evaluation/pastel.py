@@ -19,11 +19,8 @@ images whose two colours both read as pastel (`pastel`) or both as plain (`plain
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -36,8 +33,8 @@ from ldm.evaluation.shapes import (
     _as_rgb_array,
     _background,
     _foreground_colour,
-    _load_dir,
     judge,
+    run_cli,
 )
 
 EITHER = "either"  # white: plain and pastel cannot be told apart
@@ -103,20 +100,7 @@ def score_style(images: Iterable[np.ndarray | Image.Image], prompts: Sequence[st
 
 @exit_on(OSError, ValueError)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Shapes adherence and pastel style of PNGs.")
-    parser.add_argument("directory", type=Path, help="directory of PNG images")
-    parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
-    args = parser.parse_args(argv)
-    if not args.directory.is_dir():
-        raise ValueError(f"not a directory: {args.directory}")
-    images, prompts, skipped = _load_dir(args.directory)
-    result = score_style(images, prompts)
-    if skipped:
-        print(f"skipped {len(skipped)} PNG(s) without a prompt", file=sys.stderr)
-    print("\n".join(f"{k:<14}{v if k == 'n' else f'{100 * v:7.1f}%'}" for k, v in result.items()))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_cli(argv, "Shapes adherence and pastel style of a directory of PNGs.", score_style)
 
 
 if __name__ == "__main__":

@@ -354,23 +354,23 @@ def _load_dir(directory: Path) -> tuple[list[np.ndarray], list[str], list[str]]:
 
 
 def format_table(result: dict[str, float | int]) -> str:
-    """A small text table of the accuracies."""
+    """A small text table of the accuracies (every key but `n` is a fraction)."""
     lines = [f"{'attribute':<14}accuracy"]
-    lines += [f"{name:<14}{100 * result[name]:7.1f}%" for name in (*ATTRIBUTES, "all")]
+    lines += [f"{name:<14}{100 * value:7.1f}%" for name, value in result.items() if name != "n"]
     lines.append(f"{'n':<14}{result['n']:8d}")
     return "\n".join(lines)
 
 
-@exit_on(OSError, ValueError)
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Shapes prompt adherence of a directory of PNGs.")
+def run_cli(argv: list[str] | None, description: str, score_fn) -> int:
+    """`python -m ...  DIR [--json out.json]`: score the PNGs of DIR against their prompts."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("directory", type=Path, help="directory of PNG images")
     parser.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
     if not args.directory.is_dir():
         raise ValueError(f"not a directory: {args.directory}")
     images, prompts, skipped = _load_dir(args.directory)
-    result = score(images, prompts)
+    result = score_fn(images, prompts)
     if skipped:
         print(
             f"skipped {len(skipped)} PNG(s) without a prompt: {', '.join(skipped[:5])}",
@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+@exit_on(OSError, ValueError)
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, "Shapes prompt adherence of a directory of PNGs.", score)
 
 
 if __name__ == "__main__":
