@@ -92,6 +92,23 @@ def test_shipped_shapes_vae_reconstructs_at_its_recorded_quality(shipped_vae):
         latents = shipped_vae.encode(x, sample=False)
         recon = shipped_vae.decode(latents)
     assert latents.shape == (64, 4, 8, 8)
-    assert psnr(recon, x).mean() > 26.0  # recorded: 26.87 dB on the validation shards
+    assert psnr(recon, x).mean() > 26.0  # recorded: 26.32 dB on the validation shards
     # The configured scale/shift whiten the latents for the diffusion model.
     assert abs(latents.std().item() - 1) < 0.1 and abs(latents.mean().item()) < 0.1
+
+
+def test_shipped_shapes_vae_keeps_pastel_colours(shipped_vae):
+    """Fine-tunes to a style need a first stage that can draw it (data/shapes/VAE.md)."""
+    from ldm.data.pastel import pastel_image, styled
+    from ldm.data.shapes import caption
+    from ldm.evaluation.pastel import score_style
+
+    samples = [render_sample(sample_rng(7, "val", i)) for i in range(64)]
+    images = [np.asarray(pastel_image(im)) for im, _ in samples]
+    prompts = [styled(caption(m["shape_colour"], m["shape"], m["background"])) for _, m in samples]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        recon = shipped_vae.decode(shipped_vae.encode(x, sample=False))
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    result = score_style(list(recon.numpy()), prompts)
+    assert result["pastel"] >= 0.95 and result["background"] >= 0.95  # recorded: 1.00 / 1.00
