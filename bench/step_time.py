@@ -38,6 +38,17 @@ DEFAULT_VARIANTS = {
 }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def build(overrides: list[str]):
     """(module, optimizer, batch) of a composed train config, the batch made like the data's."""
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):

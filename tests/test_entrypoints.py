@@ -326,3 +326,84 @@ def test_sample_with_loras_and_merge_them_into_one_file(lora_run, trained, tmp_p
     )
     _one_error_line(bad, "error:")
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_dreambooth_makes_class_images_once_and_trains_with_them(trained, tmp_path):
+    """experiment=sd15_dreambooth on the tiny parts: the base model draws the class images
+    (kept, then reused by the next run), mixed with the instance shards at a loss weight."""
+    shards = trained.parent / "shards"
+    overrides = [
+        o
+        for o in tiny_train_overrides(trained.parent)
+        if not o.startswith(
+            (
+                "hydra.",
+                "data.train_shards",
+                "data.val_shards",
+                "data.prepare",
+                "callbacks.adherence",
+            )
+        )
+    ]
+    args = [
+        "experiment=sd15_dreambooth",
+        *overrides,
+        "unet=tiny",
+        "vae=tiny",
+        "text_encoder=tiny",
+        f"init={trained / 'model.safetensors'}",
+        f"instance_shards={shards}/train/00000.tar",
+        "class_prompt=a red circle on a blue background",
+        "class_images.n=6",
+        f"class_images.out_dir={tmp_path / 'class'}",
+        "class_images.sampler.steps=2",
+        "data.image_size=64",
+        "data.batch_size=4",
+        "data.random_crop=false",
+        f"data.val_shards={shards}/val/*.tar",
+        "callbacks.sample_grid.prompts=[a sks circle]",
+        "model.lora.rank=4",
+        "model.lora.alpha=4",
+    ]
+    first = run("train.py", *args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    made = sorted((tmp_path / "class").glob("*.tar"))
+    assert len(made) == 1 and (tmp_path / "a/lora.safetensors").is_file()
+    stamp = made[0].stat().st_mtime_ns
+    again = run("train.py", *args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert made[0].stat().st_mtime_ns == stamp  # reused, not redrawn
+    assert "class images: reusing" in again.stdout + again.stderr
+
+
+def test_textual_inversion_writes_a_word_sample_py_reads(trained, tmp_path):
+    overrides = [o for o in tiny_train_overrides(trained.parent) if not o.startswith("hydra.")]
+    result = run(
+        "train.py",
+        *overrides,
+        "model.ema_decay=null",
+        "model.new_word='<pastel>'",
+        "model.new_word_vectors=2",
+        f"init={trained / 'model.safetensors'}",
+        "export=pastel.safetensors",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from ldm.checkpoints.embeddings import read_embedding
+
+    vectors, word = read_embedding(tmp_path / "run/pastel.safetensors")
+    assert word == "<pastel>" and vectors.shape == (2, 32)
+    out = tmp_path / "out"
+    result = run(
+        "sample.py",
+        f"ckpt={trained / 'model.safetensors'}",
+        f"embedding={tmp_path / 'run/pastel.safetensors'}",
+        "prompt='a red circle on a blue background, <pastel>'",
+        "n=1",
+        "steps=2",
+        f"out_dir={out}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out / "000000.png").text["embedding"] == "pastel.safetensors"

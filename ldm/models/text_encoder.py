@@ -48,8 +48,9 @@ class TextEncoder(nn.Module):
         pad_with_eot: pad with the end-of-text token (SD 1.x) instead of zeros (open_clip).
 
     New words (textual inversion, Gal et al., 2022): `add_embedding(token, vectors)` makes
-    `token` in a prompt stand for (n, width) vectors of its own, given ids after the vocabulary;
-    the tower itself is unchanged.
+    `token` in a prompt stand for (n, width) vectors of its own, given ids after the vocabulary.
+    The tower and its state dict are unchanged: the vectors are held by reference (a trainer
+    registers its trainable ones itself), so weights files never carry them.
     """
 
     def __init__(
@@ -79,8 +80,7 @@ class TextEncoder(nn.Module):
         if isinstance(self.model.text_projection, nn.Module | nn.Parameter):
             # Pooled-output projection: unused for per-token context, so never trained.
             self.model.text_projection.requires_grad_(False)
-        self.embeddings = nn.ParameterDict()  # textual-inversion vectors, by word
-        self._words: dict[str, str] = {}  # the word as written -> its key in `embeddings`
+        self._words: dict[str, torch.Tensor] = {}  # new word (lower case) -> (n, width) vectors
 
     @property
     def width(self) -> int:
@@ -90,8 +90,9 @@ class TextEncoder(nn.Module):
         return super().train(mode and not self.frozen)  # frozen means eval, always
 
     # -- textual inversion ---------------------------------------------------------------------
-    def add_embedding(self, token: str, vectors: torch.Tensor, trainable: bool = False) -> None:
-        """Make `token` (a new word, e.g. "<pastel>") stand for `vectors` (n, width)."""
+    def add_embedding(self, token: str, vectors: torch.Tensor) -> None:
+        """Make `token` (a new word, e.g. "<pastel>") stand for `vectors` (n, width), kept by
+        reference (a trainable Parameter stays the one that trains)."""
         if vectors.ndim != 2 or vectors.shape[1] != self.width:
             raise ValueError(
                 f"embedding for {token!r} has shape {tuple(vectors.shape)}; this text "
@@ -103,18 +104,16 @@ class TextEncoder(nn.Module):
                 f"{token!r} is already a word of the vocabulary (or an embedding): "
                 f"choose a new trigger such as <{token.strip('<>')}-style>"
             )
-        key = f"w{len(self._words)}"
-        self.embeddings[key] = nn.Parameter(vectors.detach().clone().float(), trainable)
-        self._words[token.lower()] = key
+        self._words[token.lower()] = vectors
 
     def embedding(self, token: str) -> torch.Tensor:
-        return self.embeddings[self._words[token.lower()]]
+        return self._words[token.lower()]
 
     def _new_ids(self) -> dict[str, list[int]]:
         """Each new word's placeholder ids (after the vocabulary, in the order added)."""
         out, next_id = {}, self.model.vocab_size
-        for word, key in self._words.items():
-            n = self.embeddings[key].shape[0]
+        for word, vectors in self._words.items():
+            n = vectors.shape[0]
             out[word] = list(range(next_id, next_id + n))
             next_id += n
         return out
@@ -165,13 +164,13 @@ class TextEncoder(nn.Module):
         vocab = self.model.vocab_size
         if not self._words:
             return table(ids)
-        extra = torch.cat([self.embeddings[k] for k in self._words.values()]).to(table.weight)
+        extra = torch.cat(list(self._words.values())).to(table.weight)
         known = table(ids.clamp(max=vocab - 1))
         new = extra[(ids - vocab).clamp(min=0, max=extra.shape[0] - 1)]
         return torch.where((ids >= vocab)[..., None], new, known)
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenize(prompts).to(self.model.positional_embedding.device)
-        trains = any(p.requires_grad for p in self.parameters())  # the tower, or new words only
+        trains = any(p.requires_grad for p in [*self.parameters(), *self._words.values()])
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             return self.encode_tokens(ids)

@@ -91,10 +91,9 @@ class LatentDiffusion(L.LightningModule):
             unet.requires_grad_(False)
             text_encoder.requires_grad_(False)
         self.new_word = new_word
-        if new_word:
-            text_encoder.add_embedding(
-                new_word, self._init_vectors(new_word_init, new_word_vectors), trainable=True
-            )
+        if new_word:  # registered here (trains, is checkpointed), used by the text encoder
+            self.word_vectors = nn.Parameter(self._init_vectors(new_word_init, new_word_vectors))
+            text_encoder.add_embedding(new_word, self.word_vectors)
         self.tags = (tag_shuffle, tag_keep_first, tag_dropout)
         if lora is not None:
             self.unet_lora = lora(unet).attach()
