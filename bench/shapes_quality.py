@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -38,7 +39,9 @@ register_resolvers()  # the run's config names ${root:}
 def export_ckpt(run: Path, ckpt: dict, dst: Path) -> Path:
     """A Lightning checkpoint of a LatentDiffusion run -> the safetensors file train.py writes."""
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    L.seed_everything(cfg.seed, verbose=False)  # as train.py builds it: frozen random parts too
     module = instantiate(cfg.model)
+    module.on_load_checkpoint(ckpt)  # a checkpoint holds what trains; checks the rest
     module.load_state_dict(ckpt["state_dict"])
     return save(dst, module.export_parts(), run_metadata(cfg, module.objective))
 
@@ -61,7 +64,7 @@ def checkpoints(runs: list[Path]) -> list[tuple[float, int, Path, Path]]:
     return [found[step] for step in sorted(found)]
 
 
-def evaluate(weights: Path, prompts: Path, out: Path, n: int, steps: int) -> dict:
+def evaluate(weights: Path, prompts: Path, out: Path, n: int, steps: int, sampler: str) -> dict:
     subprocess.run(
         [
             sys.executable,
@@ -70,12 +73,12 @@ def evaluate(weights: Path, prompts: Path, out: Path, n: int, steps: int) -> dic
             f"prompt={prompts}",
             f"n={n}",
             "seed=0",
-            "sampler=ddim",
+            f"sampler={sampler}",
             f"steps={steps}",
             "cfg_scale=4",
             f"out_dir={out}",
             "batch_size=64",
-        ],  # the recorded results used DDIM 50
+        ],
         check=True,
     )
     subprocess.run(
@@ -127,7 +130,13 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shapes_quality")
     ap.add_argument("--n", type=int, default=4, help="seeds per prompt")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--sampler",
+        default="dpmpp_2m",
+        help="sample.py's default (the curve of "
+        "bench/results/shapes_quality used ddim with --steps 50)",
+    )
     ap.add_argument(
         "--only", type=int, nargs="*", help="evaluate only the checkpoints of these steps"
     )
@@ -153,7 +162,7 @@ def main() -> None:
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             weights = export_ckpt(run, ckpt, args.out / "weights" / f"step_{step:06d}.safetensors")
-            scores = evaluate(weights, prompts, images, args.n, args.steps)
+            scores = evaluate(weights, prompts, images, args.n, args.steps, args.sampler)
             weights.unlink()  # large, and reproducible from the checkpoint
         rows.append({"minutes": round(minutes, 2), "step": step, **scores})
         print(rows[-1], flush=True)
@@ -166,6 +175,7 @@ def main() -> None:
             args.out / "images" / f"final_{step:06d}",
             args.n,
             args.steps,
+            args.sampler,
         )
         rows.append({"minutes": float(minutes), "step": step, **scores})
     rows.sort(key=lambda r: r["step"])
