@@ -38,7 +38,8 @@ def swept_keys(sweep_dir: str | Path) -> list[str]:
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():
         return []
-    task = list(OmegaConf.load(path).hydra.overrides.task)
+    # Unresolved: an override may hold an interpolation (`x=${root:}/...`) only train.py resolves.
+    task = OmegaConf.to_container(OmegaConf.load(path))["hydra"]["overrides"]["task"]
     return [
         o.get_key_element()
         for o in OverridesParser.create().parse_overrides(task)

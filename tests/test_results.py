@@ -42,6 +42,14 @@ def test_swept_keys_are_the_comma_overrides_of_the_multirun(tmp_path):
     assert swept_keys(tmp_path) == []  # no multirun.yaml
 
 
+def test_swept_keys_leave_interpolations_in_overrides_unresolved(tmp_path):
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - optim.lr=1e-3,2e-3\n"
+        "    - data.train_shards=${root:}/x/*.tar\n"
+    )
+    assert swept_keys(tmp_path) == ["optim.lr"]
+
+
 def test_summarize_writes_table_csv_and_plot_and_counts_skipped_jobs(tmp_path, capsys):
     paths = summarize(fake_sweep(tmp_path))
     assert "skipped 1 job(s) without metrics: 2" in capsys.readouterr().err
