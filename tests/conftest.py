@@ -25,10 +25,14 @@ def single_thread():
 
 @functools.cache
 def tiny_configs():
-    """configs/{unet,vae,text_encoder}/tiny.yaml, composed as train.py composes them."""
+    """configs/{unet,vae,text_encoder}/tiny.yaml, composed as train.py composes them (with the
+    text encoder trainable, as its config has it; the default experiment freezes it)."""
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose("train", overrides=["unet=tiny", "vae=tiny", "text_encoder=tiny"])
+        return compose(
+            "train",
+            overrides=["unet=tiny", "vae=tiny", "text_encoder=tiny", "text_encoder.frozen=false"],
+        )
 
 
 def tiny_parts():

@@ -36,11 +36,15 @@ def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def tiny_train_overrides(tmp: Path) -> list[str]:
+    """The default run on the tiny parts, on images encoded each step and a trainable text
+    encoder (test_default_run_caches_latents_and_text covers the default's cached data)."""
     shards = tmp / "shards"
     return [
         "unet=tiny",
         "vae=tiny",
         "text_encoder=tiny",
+        "text_encoder.frozen=false",
+        "data=shapes",
         f"data.prepare.out_dir={shards}",
         "data.prepare.n_train=64",
         "data.prepare.n_val=16",
@@ -68,6 +72,30 @@ def trained(tmp_path_factory) -> Path:
     result = run("train.py", *tiny_train_overrides(tmp), cwd=tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run"
+
+
+def test_default_run_caches_latents_and_text_then_trains_on_them(tmp_path):
+    """The default's data (data=shapes_cached, text encoder frozen): the cache is built from the
+    rendered shards before the first step, with the text embeddings, and training reads it."""
+    from ldm.data.latents import read_cache_metadata
+
+    overrides = [
+        o for o in tiny_train_overrides(tmp_path) if not o.startswith(("data=", "text_encoder."))
+    ]
+    cache = tmp_path / "latents"
+    args = [
+        *overrides,
+        f"data.source_shards={tmp_path}/shards/train/*.tar",
+        f"data.train_shards={cache}/*.tar",
+        "trainer.max_steps=2",
+        "callbacks.sample_grid=null",
+    ]
+    result = run("train.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta, empty = read_cache_metadata(sorted(map(str, cache.glob("*.tar"))))
+    assert meta["complete"] and meta["counts"]["written"] == 64
+    assert meta["text_encoder"] is not None and empty is not None
+    assert (tmp_path / "run/model.safetensors").is_file()
 
 
 def test_train_writes_weights_grids_checkpoint_and_offline_wandb_history(trained):
@@ -338,6 +366,8 @@ def test_dreambooth_makes_class_images_once_and_trains_with_them(trained, tmp_pa
         if not o.startswith(
             (
                 "hydra.",
+                "data=",
+                "text_encoder.frozen",
                 "data.train_shards",
                 "data.val_shards",
                 "data.prepare",

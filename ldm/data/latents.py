@@ -416,8 +416,9 @@ class LatentDataModule(L.LightningDataModule):
     the model's frozen encoders (train.py does it once the model exists): `setup` then refuses
     encoders the cache was not made with, and where `source_shards` names the image shards the
     cache comes from, `prepare_data` (Lightning runs it on one process per node) first builds a
-    missing, unfinished or outdated cache from them: latents only, or with text embeddings when
-    `cache_text` (the text encoder must then be frozen). Validation needs images (the module's
+    missing, unfinished or outdated cache from them: with text embeddings when `cache_text`
+    (the text encoder must then be frozen), else latents only; `cache_text=None` caches them
+    exactly when the text encoder is frozen. Validation needs images (the module's
     validation step encodes them): point `val_shards` at image shards.
     """
 
@@ -433,7 +434,7 @@ class LatentDataModule(L.LightningDataModule):
         flip: bool = False,
         shuffle_buffer: int = 1000,
         source_shards: str | list[str] | None = None,
-        cache_text: bool = False,
+        cache_text: bool | None = None,
         cache_dtype: str = "float16",
         prepare: Callable[[], object] | None = None,
     ) -> None:
@@ -484,10 +485,18 @@ class LatentDataModule(L.LightningDataModule):
             )
         return Path(self.train_shards[: -len("/*.tar")])
 
+    def text_to_cache(self, text_encoder: nn.Module) -> nn.Module | None:
+        """The text encoder whose embeddings the cache holds, or None for latents only."""
+        frozen = not any(p.requires_grad for p in text_encoder.parameters())
+        if self.cache_text is None:
+            return text_encoder if frozen else None
+        if self.cache_text:
+            require_frozen(text_encoder)
+            return text_encoder
+        return None
+
     def build(self, vae: nn.Module, text_encoder: nn.Module) -> None:
-        out, text = self.cache_dir(), text_encoder if self.cache_text else None
-        if text is not None:
-            require_frozen(text)
+        out, text = self.cache_dir(), self.text_to_cache(text_encoder)
         meta = out / META_FILE
         if meta.is_file():
             wanted = _identity(

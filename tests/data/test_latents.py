@@ -462,3 +462,30 @@ def test_data_module_builds_its_cache_once_and_rebuilds_it_for_another_vae(cache
     dm.prepare_data()  # another VAE: rebuilt in place, and then accepted
     dm.setup("fit")
     assert read_cache_metadata([str(shard)])[0]["vae"]["sha256"] != meta["vae"]["sha256"]
+
+
+def test_data_module_caches_text_exactly_when_the_text_encoder_is_frozen(cache, tmp_path):
+    root, _ = cache
+    module = make_module(text=tiny_parts()[2].requires_grad_(False))
+
+    def data(cache_text):
+        return LatentDataModule(
+            str(tmp_path / "latents/*.tar"),
+            image_size=SIZE,
+            num_workers=0,
+            batch_size=4,
+            source_shards=str(root / "src.tar"),
+            cache_text=cache_text,
+            cache_dtype="float32",
+        )
+
+    dm = data(None)
+    dm.use_encoders(module.vae, module.text_encoder)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert read_cache_metadata([str(tmp_path / "latents/00000.tar")])[0]["text_encoder"]
+    assert data(False).text_to_cache(module.text_encoder) is None
+    module.text_encoder.requires_grad_(True)
+    assert data(None).text_to_cache(module.text_encoder) is None
+    with pytest.raises(CacheError, match="trainable"):
+        data(True).text_to_cache(module.text_encoder)
