@@ -395,9 +395,7 @@ def test_latents_configs_compose_and_instantiate():
 
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(
-            "train", overrides=["data.cache_text=true", "text_encoder.frozen=true"]
-        )
+        cfg = compose("train", overrides=["data.cache_text=true", "text_encoder.frozen=true"])
         plain = compose("train", overrides=["data=latents", "data.train_shards=x/*.tar"])
     dm = instantiate(cfg.data)
     assert isinstance(dm, LatentDataModule) and dm.image_size == 64 and not dm.random_crop
