@@ -3,8 +3,9 @@
     python bench/step_time.py [--steps 10] [--warmup 3] [--precision auto] \
         --variant NAME "OVERRIDE ..." [--variant NAME "OVERRIDE ..." ...]
 
-Each variant is a set of train.py overrides (default: the default run on images, on cached
-latents, and on cached latents with a frozen, cached text encoder). A step is what
+Each variant is a set of train.py overrides (default: the default run as it was, on images
+with a text encoder that trains; on cached latents; and as it is, on cached latents and text
+embeddings of the frozen text encoder). A step is what
 `LatentDiffusion.training_step` does plus backward, optimizer step and EMA update, on one batch
 of the configured size held in memory (loading is not counted: `bench/loader.py` measures it).
 The variants alternate step by step, so that all see the same machine load; reported are the
@@ -32,9 +33,9 @@ from ldm.config import ROOT, register_resolvers
 from ldm.data.shapes import random_prompts
 
 DEFAULT_VARIANTS = {
-    "images": "data=shapes",
-    "cached_latents": "data=shapes_cached",
-    "cached_latents_and_text": "data=shapes_cached data.cache_text=true text_encoder.frozen=true",
+    "images": "data=shapes text_encoder.frozen=false",
+    "cached_latents": "text_encoder.frozen=false",
+    "cached_latents_and_text": "",
 }
 
 
@@ -66,7 +67,8 @@ def build(overrides: list[str]):
     with torch.no_grad():
         post = module.vae.posterior(images)
         batch = {"latent_mean": post.mean, "latent_std": post.std, "caption": captions}
-        if cfg.data.get("cache_text"):
+        dm = instantiate(cfg.data)
+        if dm.text_to_cache(module.text_encoder) is not None:
             batch.update(
                 context=module.text_encoder(captions), empty_context=module.text_encoder([""])
             )
