@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import lightning as L
@@ -36,9 +37,18 @@ def augment_tags(caption: str, shuffle: bool, keep_first: int, dropout: float) -
     return ", ".join(t for t in head + tail if t)
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """Linear learning-rate warmup from 0, then constant."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def warmup_lambda(warmup_steps: int, decay_steps: int | None = None) -> Callable[[int], float]:
+    """Linear learning-rate warmup from 0, then constant, or with `decay_steps` a cosine decay
+    to 0 at that step (a short fine-tune at a high rate ends on settled weights)."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        if decay_steps is None or step < warmup_steps:
+            return warm
+        done = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
 
 
 class LatentDiffusion(L.LightningModule):
@@ -69,6 +79,7 @@ class LatentDiffusion(L.LightningModule):
         objective: DiffusionObjective,
         optimizer: Callable,
         warmup_steps: int = 100,
+        decay_steps: int | None = None,
         caption_dropout: float = 0.1,
         ema_decay: float | None = 0.999,
         lora: Callable[[nn.Module], LoRANetwork] | None = None,
@@ -100,7 +111,8 @@ class LatentDiffusion(L.LightningModule):
         if text_lora is not None:
             self.text_lora = text_lora(text_encoder).attach()
         self.ema = EMA(unet, ema_decay) if ema_decay else None
-        self.optimizer_factory, self.warmup_steps, self.text_lr = optimizer, warmup_steps, text_lr
+        self.optimizer_factory, self.text_lr = optimizer, text_lr
+        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
         self.caption_dropout = caption_dropout
 
     @torch.no_grad()
@@ -235,7 +247,8 @@ class LatentDiffusion(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameter_groups())
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
+        schedule = warmup_lambda(self.warmup_steps, self.decay_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ldm.training.module import keep_mask, warmup_lambda
@@ -49,6 +50,14 @@ def test_ema_tracks_the_unet(tiny_module):
 def test_warmup_is_linear_then_constant():
     f = warmup_lambda(4)
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_cosine_decay_after_warmup_reaches_zero_at_decay_steps():
+    f = warmup_lambda(2, decay_steps=6)
+    got = [f(s) for s in range(8)]
+    assert got[:3] == [0.5, 1.0, 1.0] and got[4] == pytest.approx(0.5)
+    assert got[6] == pytest.approx(0.0, abs=1e-12) and got[7] == got[6]
+    assert all(a >= b for a, b in zip(got[1:], got[2:]))
 
 
 def test_tag_augmentation_keeps_the_first_tags_and_shuffles_or_drops_the_rest():
