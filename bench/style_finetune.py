@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,7 @@ def main() -> int:
     extra = [e for e in extra if e != "--"]
     work = ROOT / "bench/runs/style"
     captions = write_style_folder(work / "pastel", n=args.style_images, seed=0)
+    shutil.rmtree(work / "shards", ignore_errors=True)  # the folder is remade the same each run
     run("data/folder/prepare.py", str(work / "pastel"), str(work / "shards"), "--quiet")
     prompts = held_out_prompts(captions)
     results = {"held_out_prompts": len(prompts), "seeds": args.n, "models": {}}
