@@ -10,7 +10,8 @@ prompts (captions the style set does not hold) x `--n` seeds twice, with and wit
 ", pastel style", from the base and from each fine-tune (with its LoRA file, embedding or
 weights), and `ldm.evaluation.pastel` judges them. Written to OUT: results.json, results.md
 (one row per model: training minutes, steps, file size, and on each prompt set the hue and
-shape adherence and the pastel / plain fractions), and a grid per model and prompt set.
+shape adherence and the pastel / plain fractions), and comparison_{pastel,plain}.png: a row
+per model, the same prompts and seeds.
 """
 
 from __future__ import annotations
@@ -113,7 +114,29 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(table(results))
+    for label in ("pastel", "plain"):
+        comparison(args.out, list(results["models"]), label, args.n)
     return 0
+
+
+def comparison(out: Path, models: list[str], label: str, n: int, prompts: int = 12) -> None:
+    """OUT/comparison_LABEL.png: a row per model, `prompts` prompts spread over the held-out
+    set (their first seed), the same in every row."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ldm.pipeline import image_grid
+
+    total = len((out / models[0] / label / "prompts.txt").read_text().splitlines())
+    picked = np.linspace(0, total - 1, prompts).round().astype(int)
+    rows = [
+        np.asarray(Image.open(out / m / label / "images" / f"{i * n:06d}.png").convert("RGB"))
+        for m in models
+        for i in picked
+    ]
+    grid = image_grid(torch.from_numpy(np.stack(rows)), ncols=prompts)
+    grid.save(out / f"comparison_{label}.png")
 
 
 def table(results: dict) -> str:
