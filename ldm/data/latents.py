@@ -38,6 +38,7 @@ from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import make_dataset
 from ldm.fileio import add_member, atomic_path, write_text
+from ldm.models.text_encoder import TextEncoder
 from ldm.precision import autocast as precision_autocast
 from ldm.precision import device_type
 from ldm.precision import resolve as resolve_precision
@@ -323,9 +324,9 @@ def check_data_settings(meta: dict, image_size: int, random_crop: bool, flip: bo
         )
 
 
-def require_frozen(text_encoder: nn.Module) -> None:
+def require_frozen(text_encoder: TextEncoder) -> None:
     """Cached text embeddings never change, so a text encoder that trains cannot use them."""
-    if any(p.requires_grad for p in text_encoder.parameters()):
+    if text_encoder.trains:
         raise CacheError(
             "the text encoder is trainable, but cached text embeddings never change; "
             "freeze it (text_encoder.frozen=true) or train on images"
@@ -485,11 +486,10 @@ class LatentDataModule(L.LightningDataModule):
             )
         return Path(self.train_shards[: -len("/*.tar")])
 
-    def text_to_cache(self, text_encoder: nn.Module) -> nn.Module | None:
+    def text_to_cache(self, text_encoder: TextEncoder) -> TextEncoder | None:
         """The text encoder whose embeddings the cache holds, or None for latents only."""
-        frozen = not any(p.requires_grad for p in text_encoder.parameters())
         if self.cache_text is None:
-            return text_encoder if frozen else None
+            return None if text_encoder.trains else text_encoder
         if self.cache_text:
             require_frozen(text_encoder)
             return text_encoder

@@ -169,8 +169,13 @@ class TextEncoder(nn.Module):
         new = extra[(ids - vocab).clamp(min=0, max=extra.shape[0] - 1)]
         return torch.where((ids >= vocab)[..., None], new, known)
 
+    @property
+    def trains(self) -> bool:
+        """Whether its output can change in training: the tower's weights or a new word's
+        vectors (held outside the state dict) require grad."""
+        return any(p.requires_grad for p in [*self.parameters(), *self._words.values()])
+
     def forward(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenize(prompts).to(self.model.positional_embedding.device)
-        trains = any(p.requires_grad for p in [*self.parameters(), *self._words.values()])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):
             return self.encode_tokens(ids)

@@ -146,7 +146,7 @@ class LatentDiffusion(L.LightningModule):
         them (the empty prompt's swapped in), else the text encoder on the kept captions."""
         keep = keep_mask(len(batch["caption"]), self.caption_dropout)
         if "context" in batch:
-            if any(p.requires_grad for p in self.text_encoder.parameters()):
+            if self.text_encoder.trains:
                 raise ValueError(
                     "cached text embeddings cannot train the text encoder; freeze it "
                     "(text_encoder.frozen=true) or cache latents only"

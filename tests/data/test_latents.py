@@ -483,6 +483,9 @@ def test_data_module_caches_text_exactly_when_the_text_encoder_is_frozen(cache, 
     dm.setup("fit")
     assert read_cache_metadata([str(tmp_path / "latents/00000.tar")])[0]["text_encoder"]
     assert data(False).text_to_cache(module.text_encoder) is None
+    word = frozen_text()  # a frozen tower with a new word that trains: its text changes
+    word.add_embedding("<w>", torch.nn.Parameter(torch.zeros(1, 32)))
+    assert data(None).text_to_cache(word) is None
     module.text_encoder.requires_grad_(True)
     assert data(None).text_to_cache(module.text_encoder) is None
     with pytest.raises(CacheError, match="trainable"):
