@@ -225,6 +225,7 @@ def test_shard_pattern_that_matches_nothing_leaves_no_run_behind(tmp_path):
     result = run(
         "train.py",
         "data.prepare=null",
+        f"data.source_shards={tmp_path}/none/*.tar",  # the default caches from these
         f"data.train_shards={tmp_path}/none/*.tar",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
