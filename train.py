@@ -16,14 +16,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoints import CheckpointError, load_weights
 from ldm.checkpoints.export import export_run
-from ldm.config import exit_on, register_resolvers
+from ldm.config import ConfigError, exit_on, register_resolvers
 from ldm.data.shards import DataError, expand_shards
 from ldm.results import swept_keys
-from ldm.training.trainer import make_trainer
+from ldm.training.checkpointing import find_resume, stored_wandb_id
+from ldm.training.trainer import apply_global_batch, make_trainer
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -80,8 +81,26 @@ def make_class_images(cfg: DictConfig, module: L.LightningModule) -> None:
         module.text_encoder.train(was_training)
 
 
+def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """`resume`: a checkpoint path, or `auto`: the newest complete checkpoint of this run
+    directory (a fresh start when there is none), and the W&B run it was logged to."""
+    if cfg.resume != "auto":
+        path = cfg.resume
+    else:
+        found = find_resume(run_dir / "checkpoints")
+        log.info("resume=auto: %s", f"continuing from {found}" if found else "no checkpoint yet")
+        path = str(found) if found else None
+    if path and "group" in cfg.logger and cfg.logger.get("id") is None:
+        run_id = stored_wandb_id(path)
+        if run_id:  # the same W&B run continues
+            with open_dict(cfg):
+                cfg.logger.id, cfg.logger.resume = run_id, "allow"
+    return path
+
+
 def fit(cfg: DictConfig, run_dir: Path) -> Path:
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resume_path(cfg, run_dir)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
     if cfg.get("init"):
@@ -98,9 +117,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=logger)
+    apply_global_batch(trainer, datamodule, getattr(datamodule, "global_batch_size", None))
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a multirun starts its own W&B run
@@ -120,12 +140,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-@exit_on(CheckpointError, DataError, FileNotFoundError)
+@exit_on(CheckpointError, ConfigError, DataError, FileNotFoundError)
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         fit(cfg, run_dir)
-    except (CheckpointError, DataError, FileNotFoundError):
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError):
         if not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value yet: leave no husk
         raise

@@ -26,6 +26,10 @@ def architecture(node):
     return node
 
 
+class ConfigError(ValueError):
+    """Settings that cannot work together (or on this machine); the message says what to set."""
+
+
 def fail(message: object) -> NoReturn:
     """End a command line with one `error: ...` line on stderr and exit status 2."""
     print(f"error: {message}", file=sys.stderr)

@@ -246,7 +246,7 @@ def lora_run(trained, tmp_path_factory) -> Path:
         "model.ema_decay=null",
         f"init={trained / 'model.safetensors'}",
         "export=lora.safetensors",
-        "+callbacks.checkpoint.save_top_k=-1",
+        "callbacks.checkpoint.keep=-1",
         f"hydra.run.dir={tmp / 'run'}",
         cwd=tmp,
     )

@@ -428,6 +428,7 @@ class LatentDataModule(L.LightningDataModule):
         train_shards: str | list[str],
         val_shards: str | list[str] | None = None,
         batch_size: int = 64,
+        global_batch_size: int | None = None,
         image_size: int = 256,
         num_workers: int = 1,
         batches_per_epoch: int = 1000,
@@ -440,6 +441,7 @@ class LatentDataModule(L.LightningDataModule):
         prepare: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
+        self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer

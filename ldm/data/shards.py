@@ -139,6 +139,7 @@ def read_shard(url: str, count: Callable[[str], None]) -> Iterator[dict]:
                 if sample is None:
                     sample = {"__key__": key, "__url__": url}
                 data = tar.extractfile(member).read()
+                sample.setdefault("__offsets__", {})[ext] = (member.offset_data, member.size)
                 if len(data) != member.size:  # a stream read past the end comes back short
                     raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
                 sample[ext] = data
@@ -149,6 +150,40 @@ def read_shard(url: str, count: Callable[[str], None]) -> Iterator[dict]:
         return  # the sample being read when the tar broke may be incomplete: dropped
     if sample is not None:
         yield sample
+
+
+_local_copies: dict[str, str] = {}
+
+
+def local_path(url: str) -> str:
+    """A local file with the shard's bytes: the path itself, or (remote and `pipe:` shards) a
+    copy fetched once per process into a temporary folder, so samples can be read by offset."""
+    if "://" not in url and not url.startswith("pipe:") or url.startswith("file://"):
+        return url.removeprefix("file://")
+    if url not in _local_copies:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="ldm-shard-")
+        atexit.register(shutil.rmtree, folder, True)
+        path = str(Path(folder) / "shard.tar")
+        with open_shard(url) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        _local_copies[url] = path
+    return _local_copies[url]
+
+
+def read_sample(url: str, key: str, offsets: dict[str, tuple[int, int]]) -> dict:
+    """One sample by the member offsets `read_shard` recorded (uncompressed tars)."""
+    sample = {"__key__": key, "__url__": url}
+    with open(local_path(url), "rb") as f:
+        for ext, (offset, size) in offsets.items():
+            f.seek(offset)
+            sample[ext] = f.read(size)
+            if len(sample[ext]) != size:
+                raise DataError(f"{url}: {key}.{ext} is cut short; was the shard rewritten?")
+    return sample
 
 
 def read_stats_count(urls: list[str]) -> int | None:
@@ -179,18 +214,41 @@ def resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
         yield urls[rng.randrange(len(urls))]
 
 
-def exact_assignment(
-    n: int, epoch: int, seed: int, slot: int, n_slots: int, drop_remainder: bool = False
-) -> list[int]:
-    """Indices (into a fixed sample list) that `slot` (= rank * workers + worker) reads this epoch.
+def dealt_batches(
+    n: int,
+    epoch: int,
+    seed: int,
+    batch_size: int,
+    world_size: int,
+    shuffle: bool = True,
+    drop_remainder: bool = False,
+) -> list[list[int]]:
+    """One epoch of global batches: indices into a fixed sample list, `batch_size * world_size`
+    per batch, rank r's part of each batch the r-th contiguous slice (`rank_part`).
 
-    A per-epoch seeded permutation is dealt round-robin to the `n_slots` readers, so each sample
-    goes to exactly one reader and each epoch shuffles differently. Every slot gets the same
-    count (so every rank the same number of batches): the remainder is padded by repeating the
-    first `n_slots - n % n_slots` permuted samples (DistributedSampler's rule), or dropped.
+    The order is a per-epoch seeded permutation (`shuffle`) or the list's own. The sample list is
+    padded by repeating its first samples to a multiple of `world_size` (every rank gets the same
+    number of equal-sized batches: DDP never waits on a rank), or cut to whole global batches
+    (`drop_remainder`). A global batch holds the same samples whatever the number of ranks that
+    share it, so 1 process with batch 8 and 2 with batch 4 train on the same data.
     """
     order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    per_slot = n // n_slots if drop_remainder else math.ceil(n / n_slots)
-    order = (order * (1 + per_slot * n_slots // max(n, 1)))[: per_slot * n_slots]
-    return order[slot::n_slots]
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    size = batch_size * world_size
+    total = n // size * size if drop_remainder else math.ceil(n / world_size) * world_size
+    order = (order * (1 + total // max(n, 1)))[:total]
+    return [order[i : i + size] for i in range(0, total, size)]
+
+
+def rank_part(batch: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s contiguous share of a global batch (its length divides by world_size)."""
+    share = len(batch) // world_size
+    return batch[rank * share : (rank + 1) * share]
+
+
+def worker_batches(n_batches: int, worker: int, workers: int, skip: int = 0) -> range:
+    """Which batches of a rank's epoch a dataloader worker makes: every `workers`-th, as the
+    DataLoader collects them round-robin, less the first `skip` of the rank (already trained)."""
+    first = worker + max(0, skip - worker + workers - 1) // workers * workers
+    return range(first, n_batches, workers)

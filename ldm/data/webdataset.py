@@ -10,15 +10,21 @@ readers are worker processes, so the counts travel with the data, and the `DataC
 Modes (every rank gets the same number of batches in both, so DDP never waits on a rank):
 - "stream": shards drawn with replacement from each source, sources mixed per sample by weight,
   a fixed number of batches per epoch. For LAION-scale sets.
-- "exact": each sample once per epoch across all ranks and workers (a per-epoch permutation
-  dealt round-robin, see `exact_assignment`), the remainder padded with a few repeats (or
-  dropped). Needs a key index (one pass over the tar headers at start): for small sets.
-Validation reads each shard once, shards split across ranks and workers.
+- "exact": each sample once per epoch: a per-epoch permutation cut into global batches, each
+  rank taking its slice of each (`ldm.data.shards.dealt_batches`), the remainder padded with a
+  few repeats (or dropped). A global batch holds the same samples whatever the number of ranks.
+  Needs an index (one pass over the tar headers at start): for small sets.
+Validation deals its samples the same way, in their own order: every rank gets the same number
+of batches (a rank without data would leave the others waiting in a collective).
+
+Resuming: `EpochLoader` is stateful for Lightning (its state is the epoch and the batches the
+rank trained of it), so a resumed run reads exactly the batches the uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -35,12 +41,15 @@ from ldm.data.filters import MetadataFilter, add_counts, new_counts, rejection_r
 from ldm.data.shards import (
     IMAGE_EXTS,
     DataError,
-    exact_assignment,
+    dealt_batches,
     loss_weights,
     parse_sources,
+    rank_part,
+    read_sample,
     read_shard,
     read_stats_count,
     resampled,
+    worker_batches,
 )
 from ldm.data.transforms import ImageTransform
 
@@ -91,7 +100,16 @@ def precheck(
 
 
 class ImageTextStream(IterableDataset):
-    """The reader run in each dataloader worker; yields collated batches (see module doc)."""
+    """The reader run in each dataloader worker; yields collated batches (see module doc).
+
+    A batch is made in two stages: samples are read, checked (metadata, caption, image present)
+    and grouped without decoding, then the group is decoded. A resumed run (`resume_at`) thus
+    skips the batches its rank already trained by reading, not decoding: a stream replays the
+    current epoch's reading (bounded by `batches_per_epoch`), exact epochs and validation jump
+    straight to the batch (samples are read by their offset in the shard). An image that fails
+    to decode leaves its batch one sample short; a batch that loses every image repeats the
+    previous one, so each reader still yields its fixed number of batches.
+    """
 
     def __init__(
         self,
@@ -108,7 +126,7 @@ class ImageTextStream(IterableDataset):
         buckets: list[tuple[int, int]] | None = None,
         seed: int = 0,
         drop_remainder: bool = False,
-        index: list[tuple[str, str]] | None = None,
+        index: list[dict] | None = None,
         index_counts: dict[str, int] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
@@ -130,37 +148,51 @@ class ImageTextStream(IterableDataset):
         self.skip_empty_captions, self.buckets, self.seed = skip_empty_captions, buckets, seed
         self.drop_remainder, self.index, self.index_counts = drop_remainder, index, index_counts
         self.rank, self.world_size = (rank, world_size) if rank is not None else rank_and_world()
-        self.epoch, self._iterations = 0, 0
+        self.epoch, self.resume_at = 0, 0
         self.counts = new_counts()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, resume_at: int = 0) -> None:
+        """The epoch to read next, and how many of this rank's batches of it to skip."""
+        self.epoch, self.resume_at = epoch, resume_at
+
+    def worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
 
     def slot(self) -> tuple[int, int]:
         """(this reader's index, number of readers) over all ranks and workers."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, workers = self.worker()
         return self.rank * workers + worker, self.world_size * workers
 
     def count(self, name: str) -> None:
         self.counts[name if name == "kept" else f"rejected/{name}"] += 1
 
-    # -- decoding ---------------------------------------------------------------------------
-    def decode(self, sample: dict) -> dict | None:
-        key = sample["__key__"]
+    # -- checking and decoding ----------------------------------------------------------------
+    def check(self, sample: dict) -> dict | None:
+        """The sample with its caption, image extension (and bucket), or None if rejected."""
         reason, caption, ext = precheck(
             sample, self.filters, self.caption_key, self.skip_empty_captions
         )
+        bucket = None
+        if reason is None and self.buckets:
+            try:  # the header alone gives the size
+                with Image.open(io.BytesIO(sample[ext])) as im:
+                    bucket = nearest_bucket(*im.size, self.buckets)
+            except Exception:
+                reason = "bad_image"
         if reason is not None:
             self.count(reason)
             # broken input is news; a metadata filter at work is not
             level = logging.WARNING if reason in BROKEN else logging.DEBUG
-            log.log(level, "skipping %s (%s): %s", key, sample.get("__url__"), reason)
+            log.log(level, "skipping %s (%s): %s", sample["__key__"], sample.get("__url__"), reason)
             return None
+        return {**sample, "__caption__": caption, "__ext__": ext, "bucket": bucket}
+
+    def decode(self, sample: dict) -> dict | None:
+        key, ext = sample["__key__"], sample["__ext__"]
         try:
             with Image.open(io.BytesIO(sample[ext])) as im:
-                bucket = nearest_bucket(*im.size, self.buckets) if self.buckets else None
-                image = self.transform(im, bucket)
+                image = self.transform(im, sample["bucket"])
         except Exception as e:  # a corrupt image must not end a long run
             self.count("bad_image")
             log.warning("skipping %s (%s): bad_image: %s", key, sample.get("__url__"), e)
@@ -168,9 +200,8 @@ class ImageTextStream(IterableDataset):
         self.count("kept")
         return {
             "image": image,
-            "caption": caption,
+            "caption": sample["__caption__"],
             "key": key,
-            "bucket": bucket,
             "loss_weight": sample.get("__loss_weight__"),
         }
 
@@ -186,13 +217,7 @@ class ImageTextStream(IterableDataset):
             batch["loss_weight"] = torch.tensor([s["loss_weight"] for s in samples])
         return batch
 
-    # -- sample streams -----------------------------------------------------------------------
-    def _rng(self) -> random.Random:
-        slot, _ = self.slot()
-        return random.Random(
-            f"{self.seed}/{slot}/{self.epoch}/{self._iterations}/{torch.initial_seed()}"
-        )
-
+    # -- streams --------------------------------------------------------------------------
     def _read(self, urls) -> Iterator[dict]:
         failures = 0
         for url in urls:
@@ -216,22 +241,6 @@ class ImageTextStream(IterableDataset):
                 sample["__loss_weight__"] = self.loss_weights[i]
             yield sample
 
-    def _exact(self, rng: random.Random) -> Iterator[dict]:
-        slot, n_slots = self.slot()
-        mine = exact_assignment(
-            len(self.index), self.epoch, self.seed, slot, n_slots, self.drop_remainder
-        )
-        wanted: dict[tuple[str, str], int] = {}
-        for i in mine:  # a padding repeat may land on the reader that has the original
-            wanted[self.index[i]] = wanted.get(self.index[i], 0) + 1
-        urls = sorted({url for url, _ in wanted})
-        rng.shuffle(urls)
-        if slot == 0 and self.index_counts:  # rejections of the index pass, once per epoch
-            add_counts(self.counts, self.index_counts)
-        for sample in self._read(urls):
-            for _ in range(wanted.get((sample["__url__"], sample["__key__"]), 0)):
-                yield sample
-
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         buffer = []
         for sample in samples:
@@ -241,23 +250,9 @@ class ImageTextStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[dict]:
-        rng = self._rng()
-        self._iterations += 1  # persistent workers keep this object: a new order each epoch
-        if self.mode == "stream":
-            raw = self._mixed(rng)
-        elif self.mode == "exact":
-            raw = self._exact(rng)
-        else:
-            slot, n_slots = self.slot()
-            raw = self._read([u for urls in self.sources for u in urls][slot::n_slots])
-        if self.mode != "once" and self.shuffle_buffer > 1:
-            raw = self._shuffled(raw, rng)
-        yield from self._batches(self._decoded(raw))
-
-    def _decoded(self, raw: Iterator[dict]) -> Iterator[dict]:
+    def _checked(self, raw: Iterator[dict]) -> Iterator[dict]:
         rejected = 0
-        for sample in map(self.decode, raw):
+        for sample in map(self.check, raw):
             if sample is not None:
                 rejected = 0
                 yield sample
@@ -270,43 +265,63 @@ class ImageTextStream(IterableDataset):
                     f"check the filters and caption_key against the shards' json"
                 )
 
-    def _batches(self, decoded: Iterator[dict]) -> Iterator[dict]:
-        partial = self.mode != "stream"
+    def stream_groups(self) -> Iterator[list[dict]]:
+        """This worker's groups of checked, undecoded samples of a streaming epoch, seeded by
+        (seed, reader, epoch) alone, so a resumed run reads the same ones."""
+        slot, _ = self.slot()
+        rng = random.Random(f"{self.seed}/{slot}/{self.epoch}")
+        samples = self._checked(self._shuffled(self._mixed(rng), rng))
         if self.buckets:
-            groups = bucket_batches(decoded, self.batch_size, partial)
+            groups = bucket_batches(samples, self.batch_size, partial=False)
         else:
-            groups = _fixed_batches(decoded, self.batch_size, partial)
-        limit = self.batches_per_worker if self.mode == "stream" else None
-        if self.mode == "exact":
-            slot, n_slots = self.slot()
-            n = len(exact_assignment(len(self.index), 0, 0, slot, n_slots, self.drop_remainder))
-            limit = -(-n // self.batch_size)
-        n_out, last = 0, None
+            groups = _fixed_batches(samples, self.batch_size)
+        worker, workers = self.worker()
+        done = len(range(worker, self.resume_at, workers))  # made before a resume: skipped
+        for i, group in enumerate(itertools.islice(groups, self.batches_per_worker)):
+            if i >= done:
+                yield group
+            elif i == done - 1:
+                self.counts = new_counts()  # counted before the resume already
+
+    def indexed_groups(self) -> Iterator[list[dict]]:
+        """This worker's share of the dealt global batches (`dealt_batches`), read by offset."""
+        worker, workers = self.worker()
+        batches = dealt_batches(
+            len(self.index),
+            self.epoch,
+            self.seed,
+            self.batch_size,
+            self.world_size,
+            shuffle=self.mode == "exact",
+            drop_remainder=self.drop_remainder and self.mode == "exact",
+        )
+        if worker == 0 and self.rank == 0 and self.index_counts:  # the index pass's rejections
+            add_counts(self.counts, self.index_counts)
+        for t in worker_batches(len(batches), worker, workers, self.resume_at):
+            part = rank_part(batches[t], self.rank, self.world_size)
+            yield [s for s in (self.check(read_sample(**self.index[i])) for i in part) if s]
+
+    def __iter__(self) -> Iterator[dict]:
+        groups = self.stream_groups() if self.mode == "stream" else self.indexed_groups()
+        last = None
         for group in groups:
-            yield self.collate(group)
-            n_out, last = n_out + 1, group
-            if limit is not None and n_out >= limit:
-                return
-        if self.mode == "exact" and n_out < limit:  # images that failed to decode: same count
-            if last is None:
+            samples = [s for s in map(self.decode, group) if s is not None]
+            if samples:
+                last = samples
+            elif last is None:
                 raise DataError(
-                    "every sample of this reader failed to decode; nothing to pad "
-                    "the epoch with (see the bad_image warnings)"
+                    "every image of this reader's first batch failed to decode; nothing "
+                    "to pad it with (see the bad_image warnings)"
                 )
-            log.warning("padding %d batches with repeats of decoded samples", limit - n_out)
-            for _ in range(limit - n_out):
-                yield self.collate(last)
+            else:
+                log.warning("a batch lost every image: repeating the previous one")
+            yield self.collate(samples or last)
 
 
-def _fixed_batches(samples: Iterator[dict], batch_size: int, partial: bool):
-    batch = []
-    for sample in samples:
-        batch.append(sample)
+def _fixed_batches(samples: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
+    while batch := list(itertools.islice(samples, batch_size)):
         if len(batch) == batch_size:
             yield batch
-            batch = []
-    if batch and partial:
-        yield batch
 
 
 def build_index(
@@ -314,19 +329,26 @@ def build_index(
     filters: MetadataFilter,
     caption_key: str = "txt",
     skip_empty_captions: bool = True,
-) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    """(url, key) of every sample that passes the checks short of decoding, and the counts of
-    those that do not: what an exact epoch deals out. One read of every shard."""
+) -> tuple[list[dict], dict[str, int]]:
+    """{url, key, offsets} of every sample that passes the checks short of decoding, and the
+    counts of those that do not: what an exact epoch or a validation deals out. One read of
+    every shard (uncompressed tars: samples are then read by offset)."""
     index, counts = [], new_counts()
 
     def count(reason: str) -> None:
         counts[f"rejected/{reason}"] += 1
 
     for url in urls:
+        if url.endswith((".gz", ".tgz", ".xz", ".bz2", ".zst")):
+            raise DataError(f"{url}: exact epochs and validation read uncompressed tars only")
         for sample in read_shard(url, count):
             reason = precheck(sample, filters, caption_key, skip_empty_captions)[0]
+            if reason in BROKEN:
+                log.warning("skipping %s (%s): %s", sample["__key__"], url, reason)
             if reason is None:
-                index.append((url, sample["__key__"]))
+                index.append(
+                    {"url": url, "key": sample["__key__"], "offsets": sample["__offsets__"]}
+                )
             else:
                 count(reason)
     rejected = {k: v for k, v in counts.items() if v}
@@ -359,7 +381,7 @@ def make_dataset(
     """The batch stream over `urls` (a shard list, patterns, or `{urls, weight}` sources).
 
     Training streams (`batches_per_epoch` batches per worker) or reads exact epochs (`mode`);
-    validation (`train=False`) reads each shard once. `rank`/`world_size` default to
+    validation (`train=False`) reads each sample once, in order. `rank`/`world_size` default to
     torch.distributed's, else the RANK/WORLD_SIZE environment variables; `num_workers` (the
     loader's) only sizes the warning about fewer shards than readers.
     """
@@ -367,7 +389,7 @@ def make_dataset(
     filters = filters or MetadataFilter()
     mode = mode if train else "once"
     index, index_counts = None, None
-    if mode == "exact":
+    if mode != "stream":
         index, index_counts = build_index(
             [u for s in sources for u in s], filters, caption_key, skip_empty_captions
         )
@@ -392,44 +414,54 @@ def make_dataset(
         loss_weights(urls) if train else None,
     )
     n_shards, readers = sum(map(len, sources)), ds.world_size * max(1, num_workers)
-    if mode != "exact" and n_shards < readers:
+    if mode == "stream" and n_shards < readers:
         log.warning(
-            "%d shards for %d ranks x %d workers: %s",
+            "%d shards for %d ranks x %d workers: readers share shards (each in its own order)",
             n_shards,
             ds.world_size,
             max(1, num_workers),
-            "readers share shards (each in its own order)"
-            if train
-            else "some readers get no validation shard and idle",
         )
     return ds
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch before each pass (new workers are forked
-    with it), so an exact epoch reshuffles; the epoch comes from `epoch_fn` (the trainer's, so
-    a resumed run continues the sequence) or counts passes."""
+    """A DataLoader that tells its dataset the epoch before each pass (workers start anew each
+    pass, with it), so an exact epoch reshuffles; the epoch comes from `epoch_fn` (the
+    trainer's, so a resumed run continues the sequence) or counts passes.
+
+    Stateful for Lightning: `state_dict` is the epoch and the batches of it this rank trained
+    (from `position_fn`); after `load_state_dict` the next pass of that epoch skips them.
+    """
 
     def __init__(
         self,
         dataset,
         num_workers: int,
         epoch_fn: Callable[[], int | None] = lambda: None,
-        persistent_workers: bool = False,
+        position_fn: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
-        super().__init__(
-            dataset,
-            batch_size=None,
-            num_workers=num_workers,
-            persistent_workers=persistent_workers and num_workers > 0,
-        )
-        self.epoch_fn, self.passes = epoch_fn, 0
+        super().__init__(dataset, batch_size=None, num_workers=num_workers)
+        self.epoch_fn, self.position_fn, self.passes, self.resume = epoch_fn, position_fn, 0, None
 
     def __iter__(self):
         epoch = self.epoch_fn()
-        self.dataset.set_epoch(self.passes if epoch is None else epoch)
-        self.passes += 1
+        epoch = self.passes if epoch is None else epoch
+        skip = self.resume["batches"] if self.resume and self.resume["epoch"] == epoch else 0
+        self.dataset.set_epoch(epoch, skip)
+        self.passes, self.resume = self.passes + 1, None
         return super().__iter__()
+
+    def state_dict(self) -> dict:
+        epoch, batches = self.position_fn() if self.position_fn else (self.passes - 1, 0)
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume = state
+
+
+def trainer_position(trainer: L.Trainer) -> tuple[int, int]:
+    """(epoch, batches of it trained): what a checkpoint taken now has consumed of the data."""
+    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -452,6 +484,7 @@ class ImageTextDataModule(L.LightningDataModule):
         train_shards,
         val_shards=None,
         batch_size: int = 64,
+        global_batch_size: int | None = None,
         image_size: int = 64,
         num_workers: int = 1,
         batches_per_epoch: int | None = 1000,
@@ -470,6 +503,7 @@ class ImageTextDataModule(L.LightningDataModule):
         drop_remainder: bool = False,
     ) -> None:
         super().__init__()
+        self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
         self.train_shards, self.val_shards, self.prepare = train_shards, val_shards, prepare
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
@@ -506,6 +540,9 @@ class ImageTextDataModule(L.LightningDataModule):
     def _epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
 
+    def _position(self) -> tuple[int, int]:
+        return trainer_position(self.trainer)
+
     def train_dataloader(self) -> EpochLoader:
         stream = self.options["mode"] == "stream"
         ds = make_dataset(
@@ -518,7 +555,7 @@ class ImageTextDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             **self.options,
         )
-        return EpochLoader(ds, self.num_workers, self._epoch, persistent_workers=stream)
+        return EpochLoader(ds, self.num_workers, self._epoch, self._position)
 
     def val_dataloader(self) -> EpochLoader | list:
         if not self.val_shards:

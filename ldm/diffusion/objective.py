@@ -95,6 +95,26 @@ class DiffusionObjective:
         self.weighting, self.weight_fn = weighting, get_weighting(weighting)
         self.min_snr_gamma, self.input_perturbation = min_snr_gamma, input_perturbation
 
+    def draw(
+        self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(t, eps, xi) for a batch of latents of `shape`: timesteps, noise and the input
+        perturbation's noise (None without it), in this order from `generator`."""
+        t = sample_timesteps(
+            shape[0],
+            self.schedule.num_steps,
+            self.timestep_sampling,
+            self.logit_mean,
+            self.logit_std,
+            generator,
+            device,
+        )
+        eps = sample_noise(torch.empty(shape, device=device), self.offset_noise, generator)
+        xi = None
+        if self.input_perturbation:
+            xi = torch.randn(shape, generator=generator, device=device)
+        return t, eps, xi
+
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) weight of each sample's MSE at timesteps t."""
         return self.weight_fn(
@@ -110,10 +130,12 @@ class DiffusionObjective:
         eps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         sample_weight: torch.Tensor | None = None,
+        xi: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training loss for a batch of clean latents x0 (B, C, h, w) and text context (B, L, D).
 
-        `t` and `eps` may be given to evaluate at fixed points; otherwise drawn.
+        `t`, `eps` (and `xi`, the input perturbation's noise) may be given, e.g. from `draw`;
+        otherwise they are drawn.
         `sample_weight` (B,) multiplies each sample's loss, e.g. a prior-preservation weight on
         class images.
         """
@@ -131,7 +153,8 @@ class DiffusionObjective:
             eps = sample_noise(x0, self.offset_noise, generator)
         noise_in = eps
         if self.input_perturbation:
-            xi = torch.randn(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
+            if xi is None:
+                xi = torch.randn(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
             noise_in = eps + self.input_perturbation * xi
         alpha_bar = self.schedule.alpha_bar(t)
         out = model(q_sample(x0, noise_in, alpha_bar), t, context)

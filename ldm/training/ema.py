@@ -29,8 +29,9 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        weight = 1.0 - self.current_decay()
+    def update(self, model: nn.Module, steps: int = 1) -> None:
+        """One update, standing for `steps` optimizer steps (the decay raised to that power)."""
+        weight = 1.0 - self.current_decay() ** steps
         ema_params = list(self.shadow.parameters())
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, weight)

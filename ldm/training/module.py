@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -24,17 +25,36 @@ def keep_mask(n: int, p: float, generator: torch.Generator | None = None) -> tor
     return torch.rand(n, generator=generator) >= p
 
 
-def augment_tags(caption: str, shuffle: bool, keep_first: int, dropout: float) -> str:
+def augment_tags(
+    caption: str,
+    shuffle: bool,
+    keep_first: int,
+    dropout: float,
+    generator: torch.Generator | None = None,
+) -> str:
     """Tag-style captions ("tag, tag, tag"): drop each tag after the first `keep_first` with
     probability `dropout`, and shuffle those (kohya's shuffle_caption / keep_tokens /
     caption_tag_dropout_rate); the first tags (e.g. a trigger word) stay in place."""
     tags = [t.strip() for t in caption.split(",")]
     head, tail = tags[:keep_first], tags[keep_first:]
     if dropout:
-        tail = [t for t in tail if torch.rand(()) >= dropout]
+        tail = [t for t in tail if torch.rand((), generator=generator) >= dropout]
     if shuffle and len(tail) > 1:
-        tail = [tail[i] for i in torch.randperm(len(tail)).tolist()]
+        tail = [tail[i] for i in torch.randperm(len(tail), generator=generator).tolist()]
     return ", ".join(t for t in head + tail if t)
+
+
+def step_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
+    """The generator of one training batch's random draws: a function of the run's seed and
+    the batch's number alone, so a resumed run draws what the uninterrupted one did."""
+    g = torch.Generator(device=device)
+    return g.manual_seed(seed * 1_000_003 + batch)
+
+
+def my_share(draw: torch.Tensor, rank: int, n: int) -> torch.Tensor:
+    """Rank `rank`'s rows of a draw made for the whole global batch (n rows a rank): each sample
+    gets the same noise, timestep and dropout whatever the number of processes."""
+    return draw[rank * n : (rank + 1) * n]
 
 
 def warmup_lambda(warmup_steps: int, decay_steps: int | None = None) -> Callable[[int], float]:
@@ -62,6 +82,15 @@ class LatentDiffusion(L.LightningModule):
     from the token embeddings of `new_word_init`; only they train.
 
     Tag-style captions: `tag_shuffle`, `tag_keep_first`, `tag_dropout` (see `augment_tags`).
+
+    Randomness: every draw of a training batch (posterior sample, timestep, noise, caption
+    dropout) comes from `step_generator(seed, batch number)`, made for the global batch and
+    sliced per rank: a resumed run repeats the uninterrupted one bit for bit, and N processes
+    draw what one process with the same global batch draws.
+
+    A batch whose loss or gradients are not finite on any rank is skipped on every rank (the
+    flag is all-reduced) and counted (`train/nonfinite_steps`); `max_nonfinite_in_a_row` such
+    batches stop the run with the last checkpoint intact.
 
     LoRA: `lora` (and `text_lora`) build adapters for the U-Net (and text encoder), e.g. a
     `configs/lora_preset/*.yaml` preset; the adapted models are then frozen and only the
@@ -91,8 +120,14 @@ class LatentDiffusion(L.LightningModule):
         tag_shuffle: bool = False,
         tag_keep_first: int = 0,
         tag_dropout: float = 0.0,
+        seed: int = 0,
+        max_nonfinite_in_a_row: int = 20,
+        ema_every: int = 1,
     ) -> None:
         super().__init__()
+        self.ema_every, self._ema_step = ema_every, 0
+        self.seed, self.max_nonfinite_in_a_row = seed, max_nonfinite_in_a_row
+        self.nonfinite_steps, self.nonfinite_in_a_row, self.calls = 0, 0, 0
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.vae = vae.requires_grad_(False).eval()  # frozen: no grad, no optimizer state
         if (lora or text_lora or new_word) and ema_decay:
@@ -132,19 +167,32 @@ class LatentDiffusion(L.LightningModule):
         return self
 
     @torch.no_grad()
-    def latents(self, batch: dict) -> torch.Tensor:
-        """(B, C, h, w) scaled latents z ~ q(z|x) of the batch's images or cached posteriors."""
-        if "latent_mean" not in batch:
-            return self.vae.encode(batch["image"]).float()
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        # the draw DiagonalGaussian.sample makes, from the same generator state
-        z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-        return self.vae.scale_latents(z).float()
+    def posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of q(z|x), each (B, C, h, w): from the VAE or the cached posteriors."""
+        if "latent_mean" in batch:
+            return batch["latent_mean"], batch["latent_std"]
+        posterior = self.vae.posterior(batch["image"])
+        return posterior.mean, posterior.std
 
-    def condition(self, batch: dict) -> torch.Tensor:
-        """(B, L, D) text context after caption dropout: cached embeddings where the batch has
-        them (the empty prompt's swapped in), else the text encoder on the kept captions."""
-        keep = keep_mask(len(batch["caption"]), self.caption_dropout)
+    @torch.no_grad()
+    def latents(self, batch: dict, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) scaled latents z = mean + std * noise ~ q(z|x) of the batch."""
+        mean, std = self.posterior(batch)
+        if noise is None:
+            noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return self.vae.scale_latents(mean + std * noise.to(mean)).float()
+
+    def condition(
+        self,
+        batch: dict,
+        keep: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, L, D) text context after caption dropout (`keep`: which captions survive, drawn
+        here if not given): cached embeddings where the batch has them (the empty prompt's
+        swapped in), else the text encoder on the kept captions."""
+        if keep is None:
+            keep = keep_mask(len(batch["caption"]), self.caption_dropout)
         if "context" in batch:
             if self.text_encoder.trains:
                 raise ValueError(
@@ -156,21 +204,89 @@ class LatentDiffusion(L.LightningModule):
             return torch.where(keep, context, batch["empty_context"].to(context)).float()
         captions = batch["caption"]
         if self.tags[0] or self.tags[2]:  # shuffle or drop tags
-            captions = [augment_tags(c, *self.tags) for c in captions]
+            captions = [augment_tags(c, *self.tags, generator=generator) for c in captions]
         return self.text_encoder([c if k else "" for c, k in zip(captions, keep.tolist())])
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # latents drawn first, then the dropout mask: one order for every kind of batch
-        latents = self.latents(batch)
+    def position(self) -> tuple[int, int, int]:
+        """(number of this training batch in the run, rank, world size). Under a trainer the
+        number is Lightning's batch count, which a resumed run restores; without one (a
+        training step called directly) a counter of the calls."""
+        if self._trainer is None:
+            self.calls += 1
+            return self.calls, 0, 1
+        number = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return number, self.global_rank, self.trainer.world_size
+
+    def draws(self, n: int, latent_shape: torch.Size, device: torch.device) -> dict:
+        """This rank's share of the global batch's draws (see the class doc)."""
+        number, rank, world = self.position()
+        g = step_generator(self.seed, number, device)
+        shape = (n * world, *latent_shape[1:])
+        posterior = torch.randn(shape, generator=g, device=device)
+        t, eps, xi = self.objective.draw(shape, g, device)
+        keep = torch.rand(n * world, generator=g, device=device) >= self.caption_dropout
+        parts = {"posterior": posterior, "t": t, "eps": eps, "xi": xi, "keep": keep.cpu()}
+        out = {k: None if v is None else my_share(v, rank, n) for k, v in parts.items()}
+        return {**out, "generator": g}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        n = len(batch["caption"])
+        mean, std = self.posterior(batch)
+        d = self.draws(n, mean.shape, mean.device)
+        latents = self.vae.scale_latents(mean + std * d["posterior"].to(mean)).float()
+        context = self.condition(batch, d["keep"], d["generator"])
         loss = self.objective(
-            self.unet, latents, self.condition(batch), sample_weight=batch.get("loss_weight")
+            self.unet,
+            latents,
+            context,
+            t=d["t"],
+            eps=d["eps"],
+            xi=d["xi"],
+            sample_weight=batch.get("loss_weight"),
         )
-        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        if not self.all_finite(loss):
+            return None  # every rank skips: no backward, no step
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
+    # -- non-finite losses and gradients: skipped on every rank alike ------------------------
+    def all_finite(self, *tensors: torch.Tensor) -> bool:
+        """Whether the tensors are finite on every rank (one all-reduce); counts the skips."""
+        bad = sum(float(not torch.isfinite(t).all()) for t in tensors)
+        flag = torch.tensor(bad, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        if float(flag) == 0:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), rank_zero_only=True)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} batches in a row had a non-finite loss or gradient "
+                f"(and were skipped); stopping. The last checkpoint holds the weights before "
+                f"them: resume from it with a lower optim.lr, or check the data."
+            )
+        return False
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else None
+        if norms is not None and not self.all_finite(norms):
+            for group in optimizer.param_groups:  # an optimizer skips what has no gradient
+                for p in group["params"]:
+                    p.grad = None
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update(self.unet)
+        """The EMA follows each optimizer step (not each accumulated batch), every
+        `ema_every`-th with the decay of that many steps (cheaper on large models)."""
+        step = self.trainer.global_step
+        if self.ema is not None and step != self._ema_step and step % self.ema_every == 0:
+            full = getattr(self.trainer.strategy, "full_params", None)  # FSDP: gather shards
+            with full(self.unet) if full else contextlib.nullcontext():
+                self.ema.update(self.unet, steps=self.ema_every)
+            self._ema_step = step
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -179,16 +295,23 @@ class LatentDiffusion(L.LightningModule):
         val/loss is in the run's own prediction space and weighting; val/mse_x0, val/mse_eps and
         val/loss_min_snr are in a common space, so they also compare eps with v runs."""
         images = batch["image"]
+        n, rank, world = images.shape[0], self.global_rank, self.trainer.world_size
         g = torch.Generator(device=images.device).manual_seed(batch_idx)
-        # The posterior sample too comes from g, not the global RNG (which a run's history sets).
-        latents = self.vae.encode(images, generator=g).float()
-        n, T = latents.shape[0], self.objective.schedule.num_steps
-        t = (torch.arange(n, device=latents.device) * T // n).clamp(max=T - 1)
-        eps = torch.randn(latents.shape, generator=g, device=latents.device)
+        # Drawn for the global batch (this rank's slice kept) from g, not the global RNG (which
+        # a run's history sets): the same points whatever the number of processes.
+        posterior = self.vae.posterior(images)
+        shape = (n * world, *posterior.mean.shape[1:])
+        z = torch.randn(shape, generator=g, device=images.device)
+        eps = my_share(torch.randn(shape, generator=g, device=images.device), rank, n)
+        latents = posterior.mean + posterior.std * my_share(z, rank, n).to(posterior.mean)
+        latents = self.vae.scale_latents(latents).float()
+        T = self.objective.schedule.num_steps
+        t = (torch.arange(n * world, device=latents.device) * T // (n * world)).clamp(max=T - 1)
+        t = my_share(t, rank, n)
         context = self.text_encoder(batch["caption"])
         losses = self.objective.evaluate(self.sampling_unet, latents, context, t=t, eps=eps)
         for name, value in losses.items():
-            self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=n)
+            self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=n, sync_dist=True)
 
     def export_parts(self) -> dict[str, nn.Module]:
         """What a weights file holds: the EMA U-Net (the one to sample from), VAE, text encoder."""

@@ -6,35 +6,57 @@ import pytest
 
 from ldm.data.shards import (
     DataError,
-    exact_assignment,
+    dealt_batches,
     expand_shards,
     parse_sources,
+    rank_part,
     read_shard,
     read_stats_count,
     split_key,
+    worker_batches,
 )
 from tests.data.shard_helpers import sample, write_keyed_shards, write_shard
 
 
-@pytest.mark.parametrize("n, slots", [(15, 4), (16, 4), (3, 4), (101, 6)])
-def test_exact_assignment_deals_each_sample_once_with_equal_counts(n, slots):
+@pytest.mark.parametrize("n, batch, world", [(15, 2, 2), (16, 2, 2), (3, 1, 4), (101, 4, 3)])
+def test_dealt_batches_give_each_sample_once_and_every_rank_equal_batches(n, batch, world):
     for drop in (False, True):
-        parts = [exact_assignment(n, 0, 0, s, slots, drop) for s in range(slots)]
-        flat = [i for p in parts for i in p]
-        assert len({len(p) for p in parts}) == 1  # every reader the same count
+        batches = dealt_batches(n, 0, 0, batch, world, drop_remainder=drop)
+        parts = [[rank_part(b, r, world) for b in batches] for r in range(world)]
+        flat = [i for b in batches for i in b]
+        for b in batches:  # each rank an equal share of every batch
+            assert len({len(rank_part(b, r, world)) for r in range(world)}) == 1
+            assert sorted(i for r in range(world) for i in rank_part(b, r, world)) == sorted(b)
+        assert len({len(p) for p in parts}) == 1
         if drop:
-            assert len(flat) == n // slots * slots and len(set(flat)) == len(flat)
+            assert len(flat) == n // (batch * world) * batch * world
+            assert len(set(flat)) == len(flat) and all(len(b) == batch * world for b in batches)
         else:
-            assert set(flat) == set(range(n)) and len(flat) == -(-n // slots) * slots
-            # the padding repeats whole samples, each at most once more (n >= slots)
-            assert max(flat.count(i) for i in flat) <= (1 if n % slots == 0 else 2 + slots // n)
+            assert set(flat) == set(range(n)) and len(flat) == -(-n // world) * world
+            assert max(flat.count(i) for i in flat) <= (1 if n % world == 0 else 2 + world // n)
 
 
-def test_exact_assignment_reshuffles_each_epoch_and_is_seeded():
-    a, b = exact_assignment(50, 0, 0, 1, 2), exact_assignment(50, 1, 0, 1, 2)
-    assert (
-        a != b and a == exact_assignment(50, 0, 0, 1, 2) and a != exact_assignment(50, 0, 1, 1, 2)
-    )
+def test_a_global_batch_holds_the_same_samples_whatever_the_number_of_ranks():
+    one = dealt_batches(40, 3, 7, 8, 1)
+    for world in (2, 4, 8):
+        many = dealt_batches(40, 3, 7, 8 // world, world)
+        assert [sorted(b) for b in many] == [sorted(b) for b in one]
+        # rank r's slices, concatenated over ranks, are the one process's batch in order
+        assert [[i for r in range(world) for i in rank_part(b, r, world)] for b in many] == one
+
+
+def test_dealt_batches_reshuffle_each_epoch_and_are_seeded():
+    a, b = dealt_batches(50, 0, 0, 5, 2), dealt_batches(50, 1, 0, 5, 2)
+    assert a != b and a == dealt_batches(50, 0, 0, 5, 2) and a != dealt_batches(50, 0, 1, 5, 2)
+    assert [i for x in dealt_batches(7, 0, 0, 2, 1, shuffle=False) for i in x] == list(range(7))
+
+
+@pytest.mark.parametrize("workers, skip", [(1, 0), (2, 0), (3, 5), (2, 9), (4, 11)])
+def test_workers_make_every_batch_once_and_a_resume_skips_the_trained_ones(workers, skip):
+    made = sorted(t for w in range(workers) for t in worker_batches(11, w, workers, skip))
+    assert made == list(range(skip, 11))
+    for w in range(workers):  # round-robin: worker w makes the batches the loader asks it for
+        assert all(t % workers == w for t in worker_batches(11, w, workers, skip))
 
 
 def test_keys_follow_webdataset_naming():

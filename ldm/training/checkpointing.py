@@ -1,0 +1,97 @@
+"""Lightning checkpoints that survive a kill at any moment: written to a hidden temporary name,
+fsynced and renamed into place (`AtomicCheckpointIO`); the newest `keep` kept, `last.ckpt` a link
+moved in one rename after its target is complete (`Checkpoints`); `find_resume` picks the newest
+one of a run directory (`resume=auto`). A checkpoint also holds the W&B run id, so a resumed run
+logs into the same W&B run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+
+from ldm.fileio import atomic_path, temporary_path
+
+log = logging.getLogger(__name__)
+WANDB_ID = "wandb_run_id"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`torch.save` to `.NAME.tmp`, fsync, rename: a reader (or a resume after a crash) sees
+    the previous file or the whole new one, never half of one. Remote paths keep Lightning's
+    own writer (object stores replace whole objects anyway)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(path.parent)
+
+
+class Checkpoints(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` keeping the newest `keep` checkpoints (by step), with
+    `last.ckpt` a link to the newest that moves only once that file is complete, and the W&B
+    run id stored in each checkpoint."""
+
+    def __init__(self, keep: int = 3, **kwargs) -> None:
+        kwargs.setdefault("save_last", "link")
+        super().__init__(save_top_k=keep, monitor="step", mode="max", **kwargs)
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            tmp = temporary_path(linkpath)
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+            os.replace(tmp, linkpath)  # one rename: the old link or the new, never none
+            fsync_dir(Path(linkpath).parent)
+        trainer.strategy.barrier()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                checkpoint[WANDB_ID] = logger.experiment.id
+        return super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+
+def find_resume(folder: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in `folder` (`last.ckpt`'s target, else the newest
+    `*.ckpt`), or None; leftovers of a write cut short are removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    last = folder / "last.ckpt"
+    if last.exists():  # a dangling link does not exist
+        return last.resolve()
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def stored_wandb_id(path: str | os.PathLike) -> str | None:
+    """The W&B run id a checkpoint was written under, if any (read without its tensors)."""
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint.get(WANDB_ID)
