@@ -1,9 +1,10 @@
 """Lightning callbacks: sample grids, throughput, validation metrics to CSV, shapes adherence,
-data counts."""
+data counts, the keys of each batch."""
 
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -122,9 +123,19 @@ class MetricsCSV(L.Callback):
     def __init__(self, filename: str = "metrics.csv") -> None:
         self.filename, self.rows = filename, []
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run keeps the rows of the steps its checkpoint had seen."""
+        path = Path(trainer.default_root_dir) / self.filename
+        if trainer.global_step and path.is_file() and not self.rows:
+            with open(path, newline="") as f:
+                rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+            self.rows = [{**r, "step": int(r["step"])} for r in rows]
+            self.rows = [r for r in self.rows if r["step"] <= trainer.global_step]
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        self.rows = [r for r in self.rows if r["step"] != trainer.global_step]  # a re-validation
         row = {"step": trainer.global_step}
         row.update(
             {
@@ -201,3 +212,34 @@ class DataCounts(L.Callback):
             total = trainer.strategy.reduce(local, reduce_op="sum")
             self.reduced = {f"data/{k}": v for k, v in zip(names, total)}
         pl_module.log_dict(self.reduced, on_step=True, on_epoch=False)
+
+
+class BatchKeys(L.Callback):
+    """Appends, for every training batch, `{"batch": n, "step": global step, "loss": this rank's
+    loss (None for a skipped batch), "keys": [...]}` to
+    `<run dir>/batch_keys/rank<R>.jsonl` (flushed each line): which samples each rank trained on,
+    to audit a run's data or check that a resumed run read what an uninterrupted one did."""
+
+    def __init__(self, folder: str = "batch_keys") -> None:
+        self.folder, self.file = folder, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.file is None:
+            path = Path(trainer.default_root_dir) / self.folder / f"rank{trainer.global_rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a")
+        number = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        line = {
+            "batch": number,
+            "step": trainer.global_step,
+            "loss": None if loss is None else float(loss),
+            "keys": list(batch["key"]),
+        }
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -51,13 +51,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoints(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint` keeping the newest `keep` checkpoints (by step), with
+    """Lightning's `ModelCheckpoint` keeping the newest `keep` checkpoints of the folder (-1:
+    all; counted on disk, so a resumed run prunes what an earlier attempt wrote), with
     `last.ckpt` a link to the newest that moves only once that file is complete, and the W&B
-    run id stored in each checkpoint."""
+    run id stored in each checkpoint. A name already there is replaced, not versioned: a
+    resumed run writes where the interrupted one did."""
 
     def __init__(self, keep: int = 3, **kwargs) -> None:
         kwargs.setdefault("save_last", "link")
-        super().__init__(save_top_k=keep, monitor="step", mode="max", **kwargs)
+        super().__init__(save_top_k=-1, enable_version_counter=False, **kwargs)
+        self.keep = keep
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep < 0 or not trainer.is_global_zero or self.dirpath is None:
+            return
+        folder = Path(self.dirpath)
+        files = [p for p in folder.glob("*.ckpt") if p.is_file() and not p.is_symlink()]
+        for old in sorted(files, key=lambda p: p.stat().st_mtime_ns)[: -self.keep or None]:
+            if old.resolve() != Path(filepath).resolve():
+                old.unlink(missing_ok=True)
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:

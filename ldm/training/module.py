@@ -125,7 +125,7 @@ class LatentDiffusion(L.LightningModule):
         ema_every: int = 1,
     ) -> None:
         super().__init__()
-        self.ema_every, self._ema_step = ema_every, 0
+        self.ema_every = ema_every
         self.seed, self.max_nonfinite_in_a_row = seed, max_nonfinite_in_a_row
         self.nonfinite_steps, self.nonfinite_in_a_row, self.calls = 0, 0, 0
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
@@ -278,15 +278,16 @@ class LatentDiffusion(L.LightningModule):
                 for p in group["params"]:
                     p.grad = None
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """The EMA follows each optimizer step (not each accumulated batch), every
-        `ema_every`-th with the decay of that many steps (cheaper on large models)."""
-        step = self.trainer.global_step
-        if self.ema is not None and step != self._ema_step and step % self.ema_every == 0:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """After each optimizer step (not each accumulated batch), and before any callback sees
+        the step (a checkpoint holds the EMA of every step it counts), the EMA follows the
+        U-Net: every `ema_every`-th step, with the decay of that many steps."""
+        super().optimizer_step(*args, **kwargs)
+        step = self.trainer.global_step + 1  # Lightning counts the step once this returns
+        if self.ema is not None and step % self.ema_every == 0:
             full = getattr(self.trainer.strategy, "full_params", None)  # FSDP: gather shards
             with full(self.unet) if full else contextlib.nullcontext():
                 self.ema.update(self.unet, steps=self.ema_every)
-            self._ema_step = step
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
