@@ -60,6 +60,7 @@ def tiny_train_overrides(tmp: Path) -> list[str]:
         "callbacks.sample_grid.every_n_steps=2",
         "callbacks.sample_grid.sampler.steps=2",
         "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.throughput.window=2",
         "callbacks.adherence.n_prompts=2",
         "callbacks.adherence.sampler.steps=2",
         f"hydra.run.dir={tmp / 'run'}",
@@ -108,8 +109,14 @@ def test_train_writes_weights_grids_checkpoint_and_offline_wandb_history(trained
     assert (trained / "checkpoints" / "last.ckpt").is_file()
     run_files = list((trained / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
-    losses = [row["train/loss"] for row in history(run_files[0]) if "train/loss" in row]
+    rows = history(run_files[0])
+    losses = [row["train/loss"] for row in rows if "train/loss" in row]
     assert len(losses) == 4 and all(loss > 0 for loss in losses)
+    perf = [row for row in rows if "perf/unet_tflops" in row]
+    assert len(perf) == 2 and all(
+        r["perf/unet_tflops"] > 0 and r["perf/images_per_s"] > 0 for r in perf
+    )
+    assert all(0 <= r["perf/data_wait"] < 1 and r["perf/peak_mem_gib"] > 0 for r in perf)
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["precision"] == precision.resolve("auto", "cpu").value  # this CPU's choice
 

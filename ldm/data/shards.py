@@ -248,7 +248,7 @@ def rank_part(batch: list[int], rank: int, world_size: int) -> list[int]:
 
 
 def worker_batches(n_batches: int, worker: int, workers: int, skip: int = 0) -> range:
-    """Which batches of a rank's epoch a dataloader worker makes: every `workers`-th, as the
-    DataLoader collects them round-robin, less the first `skip` of the rank (already trained)."""
-    first = worker + max(0, skip - worker + workers - 1) // workers * workers
-    return range(first, n_batches, workers)
+    """Which batches of a rank's epoch a dataloader worker makes: the DataLoader collects them
+    round-robin from worker 0, so with the first `skip` already trained (a resumed run),
+    worker w makes batches skip + w, skip + w + workers, ..."""
+    return range(skip + worker, n_batches, workers)

@@ -266,17 +266,20 @@ class ImageTextStream(IterableDataset):
                 )
 
     def stream_groups(self) -> Iterator[list[dict]]:
-        """This worker's groups of checked, undecoded samples of a streaming epoch, seeded by
-        (seed, reader, epoch) alone, so a resumed run reads the same ones."""
-        slot, _ = self.slot()
-        rng = random.Random(f"{self.seed}/{slot}/{self.epoch}")
+        """This worker's groups of checked, undecoded samples of a streaming epoch.
+
+        Batch t of a rank's epoch is group t // W of stream t % W (W workers; a stream seeded
+        by seed, rank, its number and the epoch alone). The loader asks worker 0 first, so
+        after `resume_at` = k batches worker w serves batches k + w + jW: stream (k + w) % W
+        from its group (k + w) // W, and the resumed run reads what the first one did."""
+        worker, workers = self.worker()
+        stream, done = (self.resume_at + worker) % workers, (self.resume_at + worker) // workers
+        rng = random.Random(f"{self.seed}/{self.rank * workers + stream}/{self.epoch}")
         samples = self._checked(self._shuffled(self._mixed(rng), rng))
         if self.buckets:
             groups = bucket_batches(samples, self.batch_size, partial=False)
         else:
             groups = _fixed_batches(samples, self.batch_size)
-        worker, workers = self.worker()
-        done = len(range(worker, self.resume_at, workers))  # made before a resume: skipped
         for i, group in enumerate(itertools.islice(groups, self.batches_per_worker)):
             if i >= done:
                 yield group

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from lightning.pytorch.loggers import WandbLogger
 from ldm.data.filters import add_counts, new_counts
 from ldm.diffusion.samplers import SamplerConfig
 from ldm.pipeline import Pipeline, image_grid
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -95,22 +98,104 @@ class SampleGrid(L.Callback):
         return path
 
 
-class Throughput(L.Callback):
-    """Logs training images per second (wall clock, averaged over `window` steps)."""
+# Dense bf16 / TF32 tensor-core peaks (TFLOP/s, without sparsity) by GPU name, for MFU.
+GPU_PEAK_TFLOPS = {
+    "H200": (989.0, 494.0),
+    "H100": (989.0, 494.0),  # SXM; the PCIe card: ~756 / 378
+    "A100": (312.0, 156.0),
+    "L40S": (362.0, 183.0),
+    "A10G": (70.0, 35.0),
+    "L4": (121.0, 60.0),
+    "4090": (165.0, 83.0),
+    "3090": (71.0, 36.0),
+}
 
-    def __init__(self, window: int = 20) -> None:
-        self.window, self._t0, self._n = window, None, 0
+
+def device_peak_tflops(device: torch.device, half: bool) -> float | None:
+    """The device's peak dense TFLOP/s in bf16/fp16 (`half`) or TF32, if known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return bf16 if half else tf32
+    return None
+
+
+@torch.no_grad()
+def unet_train_flops(unet: torch.nn.Module, latents: torch.Tensor, context: torch.Tensor) -> float:
+    """FLOPs of one training image through the U-Net: torch's count of a forward, times 3
+    (the backward costs about twice the forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t = torch.zeros(1, dtype=torch.long, device=latents.device)
+    with FlopCounterMode(display=False) as counter:
+        unet(latents[:1], t, context[:1])
+    return 3.0 * counter.get_total_flops()
+
+
+class Throughput(L.Callback):
+    """Every `window` batches, logs (perf/...): images/s over all ranks and per device, U-Net
+    TFLOP/s per device and MFU (model FLOPs utilisation: against the device's peak, from
+    `GPU_PEAK_TFLOPS` or `peak_tflops`), the fraction of the time spent waiting for data
+    (between one batch's end and the next one's start), and the peak memory (GPU: allocated
+    by torch; CPU: the process's resident set)."""
+
+    def __init__(self, window: int = 20, peak_tflops: float | None = None) -> None:
+        self.window, self.peak_tflops = window, peak_tflops
+        self.flops_per_image, self._t0, self._end, self._n, self._wait = None, None, None, 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
         if self._t0 is None:
-            self._t0, self._n = time.perf_counter(), 0
+            self._t0, self._n, self._wait = now, 0, 0.0
+        elif self._end is not None:
+            self._wait += now - self._end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._end = time.perf_counter()
         self._n += len(batch["caption"])
-        if (batch_idx + 1) % self.window == 0:
-            rate = self._n / (time.perf_counter() - self._t0)
-            pl_module.log("perf/images_per_s", rate, prog_bar=True)
-            self._t0 = None
+        if self.flops_per_image is None and hasattr(pl_module, "unet"):
+            try:
+                self.flops_per_image = self.count_flops(pl_module, batch)
+            except Exception as e:  # e.g. a sharded U-Net: report the rest
+                log.warning("no U-Net FLOP count (%s): no TFLOP/s or MFU", e)
+                self.flops_per_image = 0.0
+        if (batch_idx + 1) % self.window == 0 and self._t0 is not None:
+            seconds = self._end - self._t0
+            pl_module.log_dict(self.measure(trainer, pl_module, seconds), rank_zero_only=True)
+            self._t0, self._end = None, None
+
+    def count_flops(self, pl_module, batch) -> float:
+        mean, _ = pl_module.posterior({k: v[:1] for k, v in batch.items() if torch.is_tensor(v)})
+        context = (
+            batch["context"][:1].float()
+            if "context" in batch
+            else pl_module.text_encoder(batch["caption"][:1])
+        )
+        return unet_train_flops(pl_module.unet, mean.float(), context)
+
+    def measure(self, trainer, pl_module, seconds: float) -> dict[str, float]:
+        rate = self._n / seconds
+        out = {
+            "perf/images_per_s": rate * trainer.world_size,
+            "perf/images_per_s_per_device": rate,
+            "perf/data_wait": self._wait / seconds,
+        }
+        if self.flops_per_image:
+            tflops = rate * self.flops_per_image / 1e12
+            out["perf/unet_tflops"] = tflops
+            half = "16" in str(trainer.precision)
+            peak = self.peak_tflops or device_peak_tflops(pl_module.device, half)
+            if peak:
+                out["perf/mfu"] = tflops / peak
+        if pl_module.device.type == "cuda":
+            out["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        else:
+            import resource
+
+            out["perf/peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return out
 
 
 class MetricsCSV(L.Callback):

@@ -153,3 +153,30 @@ def test_two_gloo_ranks_with_two_workers_each(tmp_path, mode):
             assert len(per_rank[0]) == 8 and all(len(b) == 3 for b in per_rank[0] + per_rank[1])
     if mode == "exact":
         assert gathered[0][0] != gathered[0][1]
+
+
+@pytest.mark.parametrize("mode, workers", [("stream", 2), ("stream", 3), ("exact", 2), ("exact", 0)])
+def test_a_loader_resumed_after_k_batches_yields_exactly_the_rest_of_the_epoch(
+    tmp_path, mode, workers
+):
+    write_keyed_shards(tmp_path, UNEVEN)
+    ds = make_dataset(
+        str(tmp_path / "*.tar"),
+        ImageTransform(8),
+        3,
+        True,
+        shuffle_buffer=4,
+        batches_per_epoch=4 if mode == "stream" else None,
+        mode=mode,
+        num_workers=workers,
+    )
+    loader = EpochLoader(ds, workers, epoch_fn=lambda: 1)
+    whole = [b["key"] for b in loader]
+    assert len(whole) == (4 * workers if mode == "stream" else 10)
+    for k in range(len(whole) + 1):
+        resumed = EpochLoader(ds, workers, epoch_fn=lambda: 1)
+        resumed.load_state_dict({"epoch": 1, "batches": k})
+        assert [b["key"] for b in resumed] == whole[k:]
+    other = EpochLoader(ds, workers, epoch_fn=lambda: 2)  # a state of another epoch: ignored
+    other.load_state_dict({"epoch": 1, "batches": 3})
+    assert len(list(other)) == len(whole)

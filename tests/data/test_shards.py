@@ -55,8 +55,8 @@ def test_dealt_batches_reshuffle_each_epoch_and_are_seeded():
 def test_workers_make_every_batch_once_and_a_resume_skips_the_trained_ones(workers, skip):
     made = sorted(t for w in range(workers) for t in worker_batches(11, w, workers, skip))
     assert made == list(range(skip, 11))
-    for w in range(workers):  # round-robin: worker w makes the batches the loader asks it for
-        assert all(t % workers == w for t in worker_batches(11, w, workers, skip))
+    for w in range(workers):  # round-robin from worker 0: the batches the loader asks it for
+        assert all((t - skip) % workers == w for t in worker_batches(11, w, workers, skip))
 
 
 def test_keys_follow_webdataset_naming():

@@ -1,16 +1,11 @@
 """Runs killed with SIGKILL and resumed with `resume=auto` (Lightning's own checkpointing with our
 atomic writer and stateful loader) against the run left alone: the same samples per step, the
-same losses and final weights, bit for bit; a NaN on one DDP rank skipped by both.
+same losses and final weights, bit for bit.
 
 The fast tests kill a 1-process run twice; the slow ones (-m slow) ten times, and 2 DDP ranks.
 """
 
-import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,90 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wandb_records import history
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def overrides(tmp: Path, ranks: int = 1, steps: int = 16) -> list[str]:
-    """The tiny parts on a small rendered set, exact epochs of 48 samples (3 global batches of 16
-    an epoch, so resumes land inside and at the end of epochs), 2 loader workers a rank,
-    validation and sample callbacks on, a checkpoint every 2 steps."""
-    shards = tmp / "shards"
-    return [
-        "unet=tiny",
-        "vae=tiny",
-        "text_encoder=tiny",
-        "text_encoder.frozen=false",
-        "data=shapes",
-        f"data.prepare.out_dir={shards}",
-        "data.prepare.n_train=48",
-        "data.prepare.n_val=12",
-        "data.prepare.shard_size=16",
-        f"data.train_shards={shards}/train/*.tar",
-        f"data.val_shards={shards}/val/*.tar",
-        "+data.mode=exact",
-        f"data.batch_size={16 // ranks}",
-        "data.num_workers=2",
-        f"trainer.max_steps={steps}",
-        "trainer.val_check_interval=4",
-        "trainer.limit_val_batches=2",
-        "trainer.log_every_n_steps=1",
-        "callbacks.sample_grid.every_n_steps=8",
-        "callbacks.sample_grid.sampler.steps=2",
-        "callbacks.checkpoint.every_n_train_steps=2",
-        "callbacks.adherence.n_prompts=2",
-        "callbacks.adherence.sampler.steps=2",
-        "+callbacks.batch_keys._target_=ldm.training.callbacks.BatchKeys",
-        "resume=auto",
-        *(
-            ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={ranks}"]
-            if ranks > 1
-            else []
-        ),
-    ]
-
-
-def start(args: list[str], run_dir: Path, home: Path) -> subprocess.Popen:
-    env = {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(home),
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
-        cwd=home,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: a kill reaches the workers and ranks
-    )
-
-
-def batches_done(run_dir: Path) -> int:
-    path = run_dir / "batch_keys" / "rank0.jsonl"
-    return path.read_text().count("\n") if path.is_file() else 0
-
-
-def kill(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def wait(proc: subprocess.Popen, until, timeout: float = 300) -> bool:
-    """Poll until `until()` (True) or the process ended (False)."""
-    deadline = time.time() + timeout
-    while proc.poll() is None:
-        if until():
-            return True
-        if time.time() > deadline:
-            kill(proc)
-            pytest.fail("a run did not finish in time: hung")
-        time.sleep(0.002)
-    return False
+from tests.training.runs import batches_done, kill, overrides, per_batch, start, wait, wandb_losses
 
 
 def run_with_kills(args, run_dir: Path, home: Path, kills: int, seed: int) -> int:
@@ -128,29 +40,6 @@ def run_with_kills(args, run_dir: Path, home: Path, kills: int, seed: int) -> in
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-3000:]
         return attempts
-
-
-def per_batch(run_dir: Path, rank: int = 0) -> dict[int, tuple[list[str], float]]:
-    """batch number -> (keys, loss) of a rank, from the BatchKeys callback's file (flushed each
-    line); a batch trained again after a resume must be the same batch with the same loss."""
-    seen = {}
-    for line in (run_dir / "batch_keys" / f"rank{rank}.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        entry = (row["keys"], row["loss"])
-        assert seen.setdefault(row["batch"], entry) == entry
-    return seen
-
-
-def wandb_losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss over every W&B run file of the run (one per attempt; a kill may lose
-    the records W&B had not written yet)."""
-    out = {}
-    for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        for row in history(f):
-            if "train/loss" in row:
-                step, loss = row["trainer/global_step"], row["train/loss"]
-                assert out.setdefault(step, loss) == loss
-    return out
 
 
 def check_same_run(alone: Path, killed: Path, ranks: int, epochs_of: int = 3) -> None:

@@ -1,0 +1,83 @@
+"""train.py over 2 DDP processes (CPU, gloo) against 1 process at the same global batch, with
+validation (one validation shard for 2 ranks x 2 workers) and every default callback on; a NaN
+on one rank only. Each run has a time limit: a rank left waiting in a collective fails the test
+instead of hanging the suite."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.training.runs import overrides, per_batch, start, wandb_losses
+
+
+def finish(args: list[str], run_dir: Path, home: Path) -> None:
+    proc = start(args, run_dir, home)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except Exception:
+        proc.kill()
+        pytest.fail(f"{run_dir.name}: still running after 240 s: a rank hangs")
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+def val_rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    return [dict(zip(head, map(float, line.split(",")))) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory) -> tuple[Path, Path, Path]:
+    home = tmp_path_factory.mktemp("ddp")
+    one = overrides(home, ranks=1, steps=8) + ["data.prepare.n_val=6", "data.prepare.shard_size=6"]
+    two = overrides(home, ranks=2, steps=8) + ["data.prepare.n_val=6", "data.prepare.shard_size=6"]
+    finish([a for a in one if a != "resume=auto"], home / "one", home)
+    finish([a for a in two if a != "resume=auto"], home / "two", home)
+    return home, home / "one", home / "two"
+
+
+def test_two_processes_write_one_run_directory_one_weights_file_one_wandb_run(one_and_two):
+    home, _, two = one_and_two
+    assert sorted(p.name for p in home.iterdir() if p.is_dir()) == ["one", "shards", "two"]
+    assert [p.name for p in two.glob("*.safetensors")] == ["model.safetensors"]
+    assert len(list((two / "wandb").glob("offline-run-*"))) == 1
+    assert not [p for p in two.rglob("*") if p.is_dir() and "rank" in p.name and p.name != "."]
+    assert json.loads((two / "train_summary.json").read_text())["step"] == 8
+    assert sorted(p.name for p in (two / "samples").glob("*.png")) == [
+        "step_000000.png",
+        "step_000008.png",
+    ]
+
+
+def test_two_processes_train_on_the_same_batches_with_the_same_losses_as_one(one_and_two):
+    _, one, two = one_and_two
+    alone, ranks = per_batch(one), [per_batch(two, r) for r in range(2)]
+    for b, (keys, _) in alone.items():  # each global batch split between the ranks
+        assert keys == ranks[0][b][0] + ranks[1][b][0]
+    l1, l2 = wandb_losses(one), wandb_losses(two)  # train/loss: the mean over the ranks
+    assert l1.keys() == l2.keys() and len(l1) == 8
+    torch.testing.assert_close(torch.tensor(list(l2.values())), torch.tensor(list(l1.values())))
+    for r1, r2 in zip(val_rows(one), val_rows(two), strict=True):  # validation on 1 shard
+        assert r1.keys() == r2.keys() and r1["step"] == r2["step"]
+        for k in r1:
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), k
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst < 1e-4  # reduction order: float rounding, not a different run
+
+
+def test_a_nan_on_one_rank_is_skipped_by_both_and_the_run_finishes(tmp_path):
+    args = overrides(tmp_path, ranks=2, steps=6) + [
+        "+callbacks.nan._target_=tests.training.faults.NaNOnRank",
+        "+callbacks.nan.rank=1",
+        "+callbacks.nan.batch=3",
+    ]
+    finish(args, tmp_path / "run", tmp_path)
+    ranks = [per_batch(tmp_path / "run", r) for r in range(2)]
+    for seen in ranks:  # batch 3 skipped on both ranks; 6 optimizer steps took 7 batches
+        assert sorted(seen) == list(range(1, 8)) and seen[3][1] is None
+        assert all(loss is not None for b, (_, loss) in seen.items() if b != 3)
+    assert json.loads((tmp_path / "run/train_summary.json").read_text())["step"] == 6
