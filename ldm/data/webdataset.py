@@ -151,6 +151,22 @@ class ImageTextStream(IterableDataset):
         self.epoch, self.resume_at = 0, 0
         self.counts = new_counts()
 
+    def batches_per_epoch(self, workers: int) -> int:
+        """Batches a rank reads in one epoch (every epoch the same) with `workers` workers."""
+        if self.mode == "stream":
+            return self.batches_per_worker * workers
+        return len(
+            dealt_batches(
+                len(self.index),
+                0,
+                self.seed,
+                self.batch_size,
+                self.world_size,
+                shuffle=False,
+                drop_remainder=self.drop_remainder and self.mode == "exact",
+            )
+        )
+
     def set_epoch(self, epoch: int, resume_at: int = 0) -> None:
         """The epoch to read next, and how many of this rank's batches of it to skip."""
         self.epoch, self.resume_at = epoch, resume_at
@@ -428,43 +444,34 @@ def make_dataset(
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch before each pass (workers start anew each
-    pass, with it), so an exact epoch reshuffles; the epoch comes from `epoch_fn` (the
-    trainer's, so a resumed run continues the sequence) or counts passes.
-
-    Stateful for Lightning: `state_dict` is the epoch and the batches of it this rank trained
-    (from `position_fn`); after `load_state_dict` the next pass of that epoch skips them.
-    """
+    """A DataLoader whose passes are the dataset's epochs, placed by `batches_done()`: the
+    batches this rank has trained in the run (Lightning's count, which a resumed run restores).
+    Epoch e is the batches e * B ... (e + 1) * B - 1 (B = `dataset.batches_per_epoch()`), so a
+    pass started after n batches reads epoch n // B from its batch n % B: a run resumed from
+    any checkpoint reads exactly what the uninterrupted run read next, whatever Lightning's own
+    epoch counter says. Without `batches_done` each pass is the next epoch, from its start.
+    Workers start anew each pass, with the epoch (so an exact epoch reshuffles)."""
 
     def __init__(
-        self,
-        dataset,
-        num_workers: int,
-        epoch_fn: Callable[[], int | None] = lambda: None,
-        position_fn: Callable[[], tuple[int, int]] | None = None,
+        self, dataset, num_workers: int, batches_done: Callable[[], int] | None = None
     ) -> None:
         super().__init__(dataset, batch_size=None, num_workers=num_workers)
-        self.epoch_fn, self.position_fn, self.passes, self.resume = epoch_fn, position_fn, 0, None
+        self.batches_done, self.passes = batches_done, 0
 
     def __iter__(self):
-        epoch = self.epoch_fn()
-        epoch = self.passes if epoch is None else epoch
-        skip = self.resume["batches"] if self.resume and self.resume["epoch"] == epoch else 0
+        if self.batches_done is None:
+            epoch, skip = self.passes, 0
+        else:
+            per_epoch = self.dataset.batches_per_epoch(max(1, self.num_workers))
+            epoch, skip = divmod(self.batches_done(), per_epoch)
         self.dataset.set_epoch(epoch, skip)
-        self.passes, self.resume = self.passes + 1, None
+        self.passes += 1
         return super().__iter__()
 
-    def state_dict(self) -> dict:
-        epoch, batches = self.position_fn() if self.position_fn else (self.passes - 1, 0)
-        return {"epoch": epoch, "batches": batches}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.resume = state
-
-
-def trainer_position(trainer: L.Trainer) -> tuple[int, int]:
-    """(epoch, batches of it trained): what a checkpoint taken now has consumed of the data."""
-    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+def batches_trained(trainer: L.Trainer) -> int:
+    """Training batches started in the run so far (restored with a checkpoint)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -540,11 +547,8 @@ class ImageTextDataModule(L.LightningDataModule):
             log.info("epoch sized from _stats.json: %d samples -> %d batches per rank", n, per_rank)
         return max(1, per_rank // max(1, self.num_workers))
 
-    def _epoch(self) -> int | None:
-        return self.trainer.current_epoch if self.trainer is not None else None
-
-    def _position(self) -> tuple[int, int]:
-        return trainer_position(self.trainer)
+    def _batches_done(self) -> int:
+        return batches_trained(self.trainer) if self.trainer is not None else 0
 
     def train_dataloader(self) -> EpochLoader:
         stream = self.options["mode"] == "stream"
@@ -558,7 +562,7 @@ class ImageTextDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             **self.options,
         )
-        return EpochLoader(ds, self.num_workers, self._epoch, self._position)
+        return EpochLoader(ds, self.num_workers, self._batches_done)
 
     def val_dataloader(self) -> EpochLoader | list:
         if not self.val_shards:

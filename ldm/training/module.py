@@ -229,7 +229,7 @@ class LatentDiffusion(L.LightningModule):
         out = {k: None if v is None else my_share(v, rank, n) for k, v in parts.items()}
         return {**out, "generator": g}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         n = len(batch["caption"])
         mean, std = self.posterior(batch)
         d = self.draws(n, mean.shape, mean.device)
@@ -244,12 +244,13 @@ class LatentDiffusion(L.LightningModule):
             xi=d["xi"],
             sample_weight=batch.get("loss_weight"),
         )
-        if not self.all_finite(loss):
-            return None  # every rank skips: no backward, no step
+        # Logged by every rank (sync_dist is a collective) and returned even when not finite
+        # (Lightning's DDP cannot skip a step by returning None): its gradients are not finite
+        # either, and on_before_optimizer_step skips the step.
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
-    # -- non-finite losses and gradients: skipped on every rank alike ------------------------
+    # -- non-finite gradients: the step skipped on every rank alike --------------------------
     def all_finite(self, *tensors: torch.Tensor) -> bool:
         """Whether the tensors are finite on every rank (one all-reduce); counts the skips."""
         bad = sum(float(not torch.isfinite(t).all()) for t in tensors)
@@ -272,8 +273,7 @@ class LatentDiffusion(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norms = torch.stack([g.detach().float().norm() for g in grads]) if grads else None
-        if norms is not None and not self.all_finite(norms):
+        if grads and not self.all_finite(torch.nn.utils.get_total_norm(grads)):
             for group in optimizer.param_groups:  # an optimizer skips what has no gradient
                 for p in group["params"]:
                     p.grad = None

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.training.runs import overrides, per_batch, start, wandb_losses
+from wandb_records import history
 
 
 def finish(args: list[str], run_dir: Path, home: Path) -> None:
@@ -41,7 +42,8 @@ def one_and_two(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def test_two_processes_write_one_run_directory_one_weights_file_one_wandb_run(one_and_two):
     home, _, two = one_and_two
-    assert sorted(p.name for p in home.iterdir() if p.is_dir()) == ["one", "shards", "two"]
+    made = sorted(p.name for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert made == ["one", "shards", "two"]  # (hidden ones: caches under HOME)
     assert [p.name for p in two.glob("*.safetensors")] == ["model.safetensors"]
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1
     assert not [p for p in two.rglob("*") if p.is_dir() and "rank" in p.name and p.name != "."]
@@ -76,8 +78,10 @@ def test_a_nan_on_one_rank_is_skipped_by_both_and_the_run_finishes(tmp_path):
         "+callbacks.nan.batch=3",
     ]
     finish(args, tmp_path / "run", tmp_path)
-    ranks = [per_batch(tmp_path / "run", r) for r in range(2)]
-    for seen in ranks:  # batch 3 skipped on both ranks; 6 optimizer steps took 7 batches
-        assert sorted(seen) == list(range(1, 8)) and seen[3][1] is None
-        assert all(loss is not None for b, (_, loss) in seen.items() if b != 3)
+    for rank in range(2):  # batch 3 skipped on both ranks: 6 optimizer steps took 7 batches
+        rows = (tmp_path / "run/batch_keys" / f"rank{rank}.jsonl").read_text().splitlines()
+        steps = [json.loads(row)["step"] for row in rows]
+        assert steps == [1, 2, 2, 3, 4, 5, 6]
     assert json.loads((tmp_path / "run/train_summary.json").read_text())["step"] == 6
+    logged = [r for r in history(next((tmp_path / "run/wandb").glob("*/run-*.wandb")))]
+    assert [r["train/nonfinite_steps"] for r in logged if "train/nonfinite_steps" in r] == [1]

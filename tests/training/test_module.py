@@ -112,3 +112,22 @@ def test_textual_inversion_trains_the_new_word_only(batch):
     module.training_step(words, 0).backward()
     opt.step()
     assert not torch.equal(text.embedding("<pastel>"), start)
+
+
+def test_a_non_finite_gradient_skips_the_step_and_too_many_in_a_row_stop_the_run(tiny_module):
+    tiny_module.max_nonfinite_in_a_row = 3
+    opt = torch.optim.AdamW(tiny_module.trainable_parameters(), lr=1e-3)
+    params = tiny_module.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[0].grad[0] = torch.nan
+    tiny_module.on_before_optimizer_step(opt)
+    opt.step()  # no gradient left: nothing moves, no optimizer state made
+    assert all(torch.equal(a, p) for a, p in zip(before, params)) and not opt.state
+    assert tiny_module.nonfinite_steps == 1
+    assert tiny_module.all_finite(torch.ones(2)) and tiny_module.nonfinite_in_a_row == 0
+    tiny_module.all_finite(torch.tensor(float("inf")))
+    tiny_module.all_finite(torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="3 batches in a row.*last checkpoint"):
+        tiny_module.all_finite(torch.tensor(float("nan")))
