@@ -95,7 +95,7 @@ def step(module, opt, batch, chosen: precision.Precision) -> dict[str, float]:
         lambda: (
             opt.step(),
             opt.zero_grad(set_to_none=True),
-            module.on_train_batch_end(None, batch, 0),
+            module.ema is not None and module.ema.update(module.unet),
         ),
         parts,
         "optimizer_ema",

@@ -57,6 +57,23 @@ def my_share(draw: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     return draw[rank * n : (rank + 1) * n]
 
 
+def attention_backend(name: str | None):
+    """A context choosing PyTorch's attention kernel (flash, efficient, cudnn, math), or none."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    if name not in kinds:
+        raise ValueError(f"attention_backend {name!r}: use one of {sorted(kinds)} or null")
+    return sdpa_kernel(kinds[name])
+
+
 def warmup_lambda(warmup_steps: int, decay_steps: int | None = None) -> Callable[[int], float]:
     """Linear learning-rate warmup from 0, then constant, or with `decay_steps` a cosine decay
     to 0 at that step (a short fine-tune at a high rate ends on settled weights)."""
@@ -88,9 +105,14 @@ class LatentDiffusion(L.LightningModule):
     sliced per rank: a resumed run repeats the uninterrupted one bit for bit, and N processes
     draw what one process with the same global batch draws.
 
-    A batch whose loss or gradients are not finite on any rank is skipped on every rank (the
-    flag is all-reduced) and counted (`train/nonfinite_steps`); `max_nonfinite_in_a_row` such
-    batches stop the run with the last checkpoint intact.
+    A batch whose gradients are not finite on any rank changes nothing on every rank (the flag
+    is all-reduced; the optimizer step runs without gradients, so Lightning still counts it)
+    and is counted (`train/nonfinite_steps`); `max_nonfinite_in_a_row` such batches stop the
+    run with the last checkpoint intact.
+
+    Speed options: `channels_last` (NHWC convolutions), `compile` (torch.compile of the U-Net
+    for training), `attention_backend` (flash / efficient / cudnn / math), `ema_every` (an EMA
+    update every k steps); the U-Net's `use_checkpoint` trades compute for memory.
 
     LoRA: `lora` (and `text_lora`) build adapters for the U-Net (and text encoder), e.g. a
     `configs/lora_preset/*.yaml` preset; the adapted models are then frozen and only the
@@ -123,8 +145,17 @@ class LatentDiffusion(L.LightningModule):
         seed: int = 0,
         max_nonfinite_in_a_row: int = 20,
         ema_every: int = 1,
+        channels_last: bool = False,
+        compile: bool = False,
+        attention_backend: str | None = None,
     ) -> None:
         super().__init__()
+        if channels_last:  # NHWC convolutions (faster with tensor cores); the EMA copies it
+            unet.to(memory_format=torch.channels_last)
+        self.channels_last, self.attention_backend = channels_last, attention_backend
+        # The compiled U-Net trains; kept outside the module's children, so the state dict
+        # keeps the U-Net's own names (the compiled wrapper shares its parameters).
+        object.__setattr__(self, "train_unet", torch.compile(unet) if compile else unet)
         self.ema_every = ema_every
         self.seed, self.max_nonfinite_in_a_row = seed, max_nonfinite_in_a_row
         self.nonfinite_steps, self.nonfinite_in_a_row, self.calls = 0, 0, 0
@@ -235,15 +266,18 @@ class LatentDiffusion(L.LightningModule):
         d = self.draws(n, mean.shape, mean.device)
         latents = self.vae.scale_latents(mean + std * d["posterior"].to(mean)).float()
         context = self.condition(batch, d["keep"], d["generator"])
-        loss = self.objective(
-            self.unet,
-            latents,
-            context,
-            t=d["t"],
-            eps=d["eps"],
-            xi=d["xi"],
-            sample_weight=batch.get("loss_weight"),
-        )
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        with attention_backend(self.attention_backend):
+            loss = self.objective(
+                self.train_unet,
+                latents,
+                context,
+                t=d["t"],
+                eps=d["eps"],
+                xi=d["xi"],
+                sample_weight=batch.get("loss_weight"),
+            )
         # Logged by every rank (sync_dist is a collective) and returned even when not finite
         # (Lightning's DDP cannot skip a step by returning None): its gradients are not finite
         # either, and on_before_optimizer_step skips the step.
