@@ -8,7 +8,7 @@ curve. Usage:
     python train.py +callbacks.checkpoint.train_time_interval._target_=datetime.timedelta \
         +callbacks.checkpoint.train_time_interval.minutes=2 \
         callbacks.checkpoint.every_n_train_steps=null \
-        +callbacks.checkpoint.save_top_k=-1 hydra.run.dir=bench/runs/shapes
+        callbacks.checkpoint.keep=-1 hydra.run.dir=bench/runs/shapes
     python bench/shapes_quality.py bench/runs/shapes [bench/runs/shapes_resumed ...]
 """
 

@@ -92,7 +92,9 @@ class Ours:
 class Diffusers:
     """The loop of diffusers' train_text_to_image.py on the same U-Net weights."""
 
-    def __init__(self, cfg, unet: torch.nn.Module, device: str, foreach_ema: bool) -> None:
+    def __init__(
+        self, cfg, unet: torch.nn.Module, shift_scale: tuple, device: str, foreach_ema: bool
+    ) -> None:
         import diffusers
         from diffusers.training_utils import EMAModel
 
@@ -100,6 +102,7 @@ class Diffusers:
         self.unet = diffusers.UNet2DConditionModel(**diffusers_unet_config(ucfg))
         self.unet.load_state_dict(sd_unet_to_diffusers(unet.state_dict(), ucfg))
         self.unet.to(device).train()
+        self.shift, self.scale = shift_scale  # the VAE's latent shift and scale
         diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
         sched = {k: v for k, v in scheduler_config(diffusion).items() if not k.startswith("_")}
         sched = {k: v for k, v in sched.items() if k not in ("set_alpha_to_one", "steps_offset")}
@@ -117,12 +120,15 @@ class Diffusers:
     def step(self, batch: dict, ctx) -> None:
         mean, std, context = batch["latent_mean"], batch["latent_std"], batch["context"]
         latents = mean + std * torch.randn_like(mean)  # the posterior sample (then scaled)
-        latents = latents * 0.18215
+        latents = (latents - self.shift) * self.scale
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],))
         t = t.to(latents.device)
         noisy = self.noise.add_noise(latents, noise, t)
-        target = self.noise.get_velocity(latents, noise, t)
+        if self.noise.config.prediction_type == "v_prediction":
+            target = self.noise.get_velocity(latents, noise, t)
+        else:
+            target = noise
         with ctx():
             pred = self.unet(noisy, t, context).sample
         loss = F.mse_loss(pred.float(), target.float())
@@ -210,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = make_batch(ours, batch_size, cfg.data.image_size, args.device)
     loops = {"ours": ours}
     start_unet = copy.deepcopy(ours.module.unet).cpu()
-    loops["diffusers"] = Diffusers(cfg, start_unet, args.device, foreach_ema=False)
+    vae = ours.module.vae
+    scale = (float(vae.shift_factor), float(vae.scale_factor))
+    loops["diffusers"] = Diffusers(cfg, start_unet, scale, args.device, foreach_ema=False)
     if not args.no_diffusers_foreach:
-        loops["diffusers_foreach_ema"] = Diffusers(cfg, start_unet, args.device, True)
+        loops["diffusers_foreach_ema"] = Diffusers(cfg, start_unet, scale, args.device, True)
     variants = dict(FLAGS) if args.flags else {}
     if args.compile:
         variants["compile"] = ["model.compile=true"]

@@ -122,14 +122,13 @@ def device_peak_tflops(device: torch.device, half: bool) -> float | None:
     return None
 
 
-@torch.no_grad()
 def unet_train_flops(unet: torch.nn.Module, latents: torch.Tensor, context: torch.Tensor) -> float:
     """FLOPs of one training image through the U-Net: torch's count of a forward, times 3
     (the backward costs about twice the forward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     t = torch.zeros(1, dtype=torch.long, device=latents.device)
-    with FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:  # its hooks need grad
         unet(latents[:1], t, context[:1])
     return 3.0 * counter.get_total_flops()
 
@@ -163,7 +162,10 @@ class Throughput(L.Callback):
                 self.flops_per_image = 0.0
         if (batch_idx + 1) % self.window == 0 and self._t0 is not None:
             seconds = self._end - self._t0
-            pl_module.log_dict(self.measure(trainer, pl_module, seconds), rank_zero_only=True)
+            metrics = self.measure(trainer, pl_module, seconds)
+            if trainer.is_global_zero:  # straight to the loggers: logged once, at this step
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
             self._t0, self._end = None, None
 
     def count_flops(self, pl_module, batch) -> float:

@@ -202,7 +202,14 @@ class LatentDiffusion(L.LightningModule):
         """(mean, std) of q(z|x), each (B, C, h, w): from the VAE or the cached posteriors."""
         if "latent_mean" in batch:
             return batch["latent_mean"], batch["latent_std"]
-        posterior = self.vae.posterior(batch["image"])
+        images = batch["image"]
+        device = images.device.type
+        # fp16 autocast: the VAE encoder's activations overflow float16; it runs in float32
+        fp16 = (
+            torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        )
+        with torch.autocast(device, enabled=False) if fp16 else contextlib.nullcontext():
+            posterior = self.vae.posterior(images.float() if fp16 else images)
         return posterior.mean, posterior.std
 
     @torch.no_grad()

@@ -131,3 +131,11 @@ def test_a_non_finite_gradient_skips_the_step_and_too_many_in_a_row_stop_the_run
     tiny_module.all_finite(torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="3 batches in a row.*last checkpoint"):
         tiny_module.all_finite(torch.tensor(float("nan")))
+
+
+def test_under_fp16_autocast_the_vae_encodes_in_float32(tiny_module, batch):
+    seen = []
+    tiny_module.vae.encoder.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.float16):
+        mean, std = tiny_module.posterior(batch)
+    assert seen == [torch.float32] and mean.dtype == std.dtype == torch.float32
