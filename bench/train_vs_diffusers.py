@@ -14,11 +14,14 @@ settings, gradient clipping at 1.0 and an EMA of the U-Net:
   steps, the EMA update (what Lightning runs each step, without Lightning's own overhead);
 - diffusers: `UNet2DConditionModel` with the same weights (our diffusers export's key map and
   config), the loop of diffusers' `train_text_to_image.py`: `DDPMScheduler.add_noise`,
-  `get_velocity`, MSE, backward, clipping, AdamW, `EMAModel.step` (its default, a Python loop
-  over the parameters; `diffusers_foreach_ema` uses its `foreach=True`).
+  `get_velocity` (or the noise, for eps models), MSE, backward, clipping, the same optimizer as
+  ours (the config's AdamW, fused by default), `EMAModel(foreach=True)`;
+- diffusers_example: that loop as the example script writes it: `torch.optim.AdamW` with the
+  same hyperparameters but PyTorch's default implementation, and `EMAModel`'s default (a
+  Python loop over the parameters).
 
 The loops alternate step by step (every one sees the same machine load); reported are median
-seconds per step, images/s and the ratio to the diffusers loop. `--flags` adds our speed
+seconds per step, images/s and the ratio to the `diffusers` loop. `--flags` adds our speed
 options one at a time (channels_last, fused AdamW, the math attention kernel, gradient
 checkpointing, EMA every 10 steps; `--compile` adds torch.compile, which compiles for minutes
 on a CPU). On a GPU (`--device cuda`) it also reports U-Net TFLOP/s, MFU and peak memory.
@@ -93,7 +96,7 @@ class Diffusers:
     """The loop of diffusers' train_text_to_image.py on the same U-Net weights."""
 
     def __init__(
-        self, cfg, unet: torch.nn.Module, shift_scale: tuple, device: str, foreach_ema: bool
+        self, cfg, unet: torch.nn.Module, shift_scale: tuple, device: str, as_written: bool
     ) -> None:
         import diffusers
         from diffusers.training_utils import EMAModel
@@ -107,13 +110,17 @@ class Diffusers:
         sched = {k: v for k, v in scheduler_config(diffusion).items() if not k.startswith("_")}
         sched = {k: v for k, v in sched.items() if k not in ("set_alpha_to_one", "steps_offset")}
         self.noise = diffusers.DDPMScheduler(**sched)
-        self.opt = instantiate(cfg.optim)(self.unet.parameters())
+        optim = instantiate(cfg.optim)
+        if as_written:  # the example's torch.optim.AdamW(lr, betas, weight_decay, eps)
+            optim.keywords.pop("fused", None)
+        self.opt = optim(self.unet.parameters())
         warmup = cfg.model.warmup_steps
         self.lr = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
         )
+        # The example's EMAModel(...) steps parameter by parameter; foreach=True in one call.
         self.ema = EMAModel(
-            self.unet.parameters(), decay=cfg.model.ema_decay or 0.999, foreach=foreach_ema
+            self.unet.parameters(), decay=cfg.model.ema_decay or 0.999, foreach=not as_written
         )
         self.ema.to(device)
 
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--flags", action="store_true", help="also each speed option of ours")
     p.add_argument("--compile", action="store_true", help="also torch.compile (slow to build)")
-    p.add_argument("--no-diffusers-foreach", action="store_true")
+    p.add_argument("--no-diffusers-example", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     register_resolvers()
@@ -218,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     start_unet = copy.deepcopy(ours.module.unet).cpu()
     vae = ours.module.vae
     scale = (float(vae.shift_factor), float(vae.scale_factor))
-    loops["diffusers"] = Diffusers(cfg, start_unet, scale, args.device, foreach_ema=False)
-    if not args.no_diffusers_foreach:
-        loops["diffusers_foreach_ema"] = Diffusers(cfg, start_unet, scale, args.device, True)
+    loops["diffusers"] = Diffusers(cfg, start_unet, scale, args.device, as_written=False)
+    if not args.no_diffusers_example:
+        loops["diffusers_example"] = Diffusers(cfg, start_unet, scale, args.device, True)
     variants = dict(FLAGS) if args.flags else {}
     if args.compile:
         variants["compile"] = ["model.compile=true"]
