@@ -3,7 +3,7 @@ and the gain of each speed option of ours.
 
     python bench/train_vs_diffusers.py [--steps 10] [--warmup 3] [--out FILE.json] \
         [--config "OVERRIDES"] [--device cpu|cuda] [--precision auto|32-true|bf16-mixed] \
-        [--batch N] [--flags] [--compile]
+        [--batch N] [--flags all|NAME,...] [--compile]
 
 Both loops train the U-Net of the composed config (default: the default run's shapes U-Net,
 batch 64) on one batch held in memory of cached VAE posteriors and text embeddings (what the
@@ -21,11 +21,14 @@ settings, gradient clipping at 1.0 and an EMA of the U-Net:
   Python loop over the parameters).
 
 The loops alternate step by step (every one sees the same machine load); reported are median
-seconds per step, images/s and the ratio to the `diffusers` loop. `--flags` adds our speed
-options one at a time (channels_last, fused AdamW, the math attention kernel, gradient
-checkpointing, EMA every 10 steps; `--compile` adds torch.compile, which compiles for minutes
-on a CPU). On a GPU (`--device cuda`) it also reports U-Net TFLOP/s, MFU and peak memory.
-Write the CPU kind beside the figures: on CPUs without bf16 instructions `auto` is float32.
+seconds per step, images/s and the ratio to the `diffusers` loop. `--flags all` (or a comma
+list) adds our speed options one at a time: channels_last, the math attention kernel,
+gradient checkpointing, EMA every 10 steps, and AdamW without fusing (fused is the default);
+`--compile` adds torch.compile, which compiles for minutes on a CPU. On a GPU
+(`--device cuda`) it also reports MFU and the memory a step needs beyond the persistent state
+(every loop keeps its own weights, gradients, optimizer state and EMA, so compare a few loops
+at a time on big U-Nets: bench/gpu_train_speed.sh). Write the CPU kind beside the figures: on
+CPUs without bf16 instructions `auto` is float32.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from ldm.training.callbacks import device_peak_tflops, unet_train_flops
 
 FLAGS = {
     "channels_last": ["model.channels_last=true"],
-    "fused_adamw": ["optim.fused=true"],
+    "adamw_unfused": ["optim.fused=false"],
     "attention_math": ["model.attention_backend=math"],
     "gradient_checkpointing": ["unet.use_checkpoint=true"],
     "ema_every_10": ["model.ema_every=10"],
@@ -165,14 +168,20 @@ def make_batch(ours: Ours, batch_size: int, image_size: int, device: str) -> dic
     }
 
 
-def timed_step(loop, batch: dict, ctx, device: str) -> float:
+def timed_step(loop, batch: dict, ctx, device: str) -> tuple[float, float]:
+    """(seconds, GiB the step needed beyond the memory held before it: activations and
+    temporaries; GPU only, else 0)."""
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
     start = time.perf_counter()
     loop.step(batch, ctx)
+    extra = 0.0
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+        extra = (torch.cuda.max_memory_allocated() - held) / 2**30
+    return time.perf_counter() - start, extra
 
 
 def describe_machine(device: str) -> str:
@@ -202,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: data.batch_size")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--flags", action="store_true", help="also each speed option of ours")
+    p.add_argument(
+        "--flags", default="", help="also these speed options of ours: all, or NAME,NAME,..."
+    )
     p.add_argument("--compile", action="store_true", help="also torch.compile (slow to build)")
     p.add_argument("--no-diffusers-example", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -228,15 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     loops["diffusers"] = Diffusers(cfg, start_unet, scale, args.device, as_written=False)
     if not args.no_diffusers_example:
         loops["diffusers_example"] = Diffusers(cfg, start_unet, scale, args.device, True)
-    variants = dict(FLAGS) if args.flags else {}
+    wanted = list(FLAGS) if args.flags == "all" else [f for f in args.flags.split(",") if f]
+    variants = {name: FLAGS[name] for name in wanted}
     if args.compile:
         variants["compile"] = ["model.compile=true"]
     for name, extra in variants.items():
         loops[f"ours+{name}"] = Ours(compose_cfg(base + extra), args.device)
     times: dict[str, list[float]] = {name: [] for name in loops}
+    memory: dict[str, float] = {name: 0.0 for name in loops}
     for i in range(args.warmup + args.steps):
         for name, loop in loops.items():
-            seconds = timed_step(loop, batch, ctx, args.device)
+            seconds, extra = timed_step(loop, batch, ctx, args.device)
+            memory[name] = max(memory[name], extra)
             if i >= args.warmup:
                 times[name].append(seconds)
             print(f"step {i} {name}: {seconds:.3f} s", file=sys.stderr)
@@ -265,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         if peak:
             row["mfu"] = row["unet_tflops"] / peak
+        if args.device == "cuda":
+            row["step_memory_gib"] = memory[name]  # beyond weights, gradients, optimizer, EMA
         result["loops"][name] = row
         print(
             f"{name:>30}: {row['images_per_s']:8.1f} img/s  {med:.3f} s/step  "
             f"x{row['speedup_vs_diffusers']:.2f} vs diffusers  {row['unet_tflops']:.3f} TFLOP/s"
             + (f"  MFU {row['mfu']:.1%}" if peak else "")
         )
-    if args.device == "cuda":
-        result["peak_memory_gib_all_loops"] = torch.cuda.max_memory_allocated() / 2**30
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

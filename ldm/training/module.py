@@ -394,6 +394,7 @@ class LatentDiffusion(L.LightningModule):
         state = checkpoint["state_dict"]
         frozen = self.frozen_keys(state)
         checkpoint["frozen_fingerprint"] = fingerprint(state, frozen)
+        checkpoint["prediction"] = self.objective.prediction.value
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -407,14 +408,41 @@ class LatentDiffusion(L.LightningModule):
                 "from those the checkpoint was trained with: resume with the same "
                 "init= weights and configs"
             )
-        for k, v in own.items():
-            checkpoint["state_dict"].setdefault(k, v)
+        for k in self.frozen_keys(own):
+            checkpoint["state_dict"].setdefault(k, own[k])
+        check_same_model(checkpoint, own, self.objective.prediction.value)
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameter_groups())
         schedule = warmup_lambda(self.warmup_steps, self.decay_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_same_model(checkpoint: dict, own: dict[str, torch.Tensor], prediction: str) -> None:
+    """A clear error for a checkpoint of another architecture or objective (rather than
+    Lightning's list of every mismatched tensor)."""
+    theirs = checkpoint["state_dict"]
+    unexpected = [k for k in theirs if k not in own]
+    missing = [k for k in own if k not in theirs]
+    reshaped = [k for k in own if k in theirs and theirs[k].shape != own[k].shape]
+    stored = checkpoint.get("prediction", prediction)
+    if unexpected or missing or reshaped or stored != prediction:
+        problems = [
+            f"{len(missing)} tensors it lacks (e.g. {missing[:2]})" if missing else "",
+            f"{len(unexpected)} tensors this model does not have (e.g. {unexpected[:2]})"
+            if unexpected
+            else "",
+            f"{len(reshaped)} of another shape (e.g. {reshaped[:2]})" if reshaped else "",
+            f"trained for {stored!r} prediction, configured {prediction!r}"
+            if stored != prediction
+            else "",
+        ]
+        raise CheckpointError(
+            "the checkpoint is of another model or config: "
+            + "; ".join(p for p in problems if p)
+            + ". Resume with the configs it was trained with (its run's .hydra/config.yaml)."
+        )
 
 
 def fingerprint(state: dict[str, torch.Tensor], keys: set[str]) -> dict[str, list]:

@@ -139,3 +139,23 @@ def test_under_fp16_autocast_the_vae_encodes_in_float32(tiny_module, batch):
     with torch.autocast("cpu", dtype=torch.float16):
         mean, std = tiny_module.posterior(batch)
     assert seen == [torch.float32] and mean.dtype == std.dtype == torch.float32
+
+
+def test_a_checkpoint_of_another_model_or_objective_is_a_clear_error(tiny_module):
+    from ldm.checkpoints.files import CheckpointError
+
+    state = {k: v.clone() for k, v in tiny_module.state_dict().items()}
+    checkpoint = {"state_dict": dict(state)}
+    tiny_module.on_save_checkpoint(checkpoint)
+    tiny_module.on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
+    wider = dict(checkpoint["state_dict"])
+    wider["unet.out.2.weight"] = torch.zeros(5, 1, 1, 1)
+    with pytest.raises(CheckpointError, match="another model or config: 1 of another shape"):
+        tiny_module.on_load_checkpoint({**checkpoint, "state_dict": wider})
+    fewer = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ema.")}
+    with pytest.raises(CheckpointError, match="tensors it lacks"):
+        tiny_module.on_load_checkpoint({**checkpoint, "state_dict": fewer})
+    with pytest.raises(CheckpointError, match="trained for 'eps' prediction, configured 'v'"):
+        tiny_module.on_load_checkpoint(
+            {**checkpoint, "state_dict": dict(checkpoint["state_dict"]), "prediction": "eps"}
+        )
