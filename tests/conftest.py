@@ -1,6 +1,7 @@
 """Tiny parts shared by the tests: every model at its smallest, built from the library's classes."""
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,14 @@ def batch():
         "image": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
         "caption": ["a red circle on a blue background"] * 4,
     }
+
+
+@pytest.fixture(scope="session")
+def alone_run(tmp_path_factory) -> Path:
+    """The small deterministic training run of `tests/training/runs.py` (1 process, 16 steps)
+    left alone: what a killed and resumed run, and a 2-process run, are compared with."""
+    from tests.training.runs import finish, overrides
+
+    home = tmp_path_factory.mktemp("alone")
+    finish(overrides(home), home / "alone", home)
+    return home / "alone"

@@ -118,3 +118,14 @@ def wandb_losses(run_dir: Path) -> dict[int, float]:
                 step, loss = row["trainer/global_step"], row["train/loss"]
                 assert out.setdefault(step, loss) == loss
     return out
+
+
+def finish(args: list[str], run_dir: Path, home: Path, timeout: float = 240) -> None:
+    """Run to the end; a run still going after `timeout` s fails the test (a hung rank)."""
+    proc = start(args, run_dir, home)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        pytest.fail(f"{run_dir.name}: still running after {timeout} s: a rank hangs")
+    assert proc.returncode == 0, err.decode()[-3000:]

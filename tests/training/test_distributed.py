@@ -10,18 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.runs import overrides, per_batch, start, wandb_losses
+from tests.training.runs import finish, overrides, per_batch, wandb_losses
 from wandb_records import history
-
-
-def finish(args: list[str], run_dir: Path, home: Path) -> None:
-    proc = start(args, run_dir, home)
-    try:
-        _, err = proc.communicate(timeout=240)
-    except Exception:
-        proc.kill()
-        pytest.fail(f"{run_dir.name}: still running after 240 s: a rank hangs")
-    assert proc.returncode == 0, err.decode()[-3000:]
 
 
 def val_rows(run_dir: Path) -> list[dict]:
@@ -31,26 +21,26 @@ def val_rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_and_two(tmp_path_factory) -> tuple[Path, Path, Path]:
+def one_and_two(alone_run, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The 1-process run (shared with the resume tests) and the same run on 2 ranks, in a
+    folder of its own (to count what it writes)."""
     home = tmp_path_factory.mktemp("ddp")
-    one = overrides(home, ranks=1, steps=8) + ["data.prepare.n_val=6", "data.prepare.shard_size=6"]
-    two = overrides(home, ranks=2, steps=8) + ["data.prepare.n_val=6", "data.prepare.shard_size=6"]
-    finish([a for a in one if a != "resume=auto"], home / "one", home)
-    finish([a for a in two if a != "resume=auto"], home / "two", home)
-    return home, home / "one", home / "two"
+    finish(overrides(home, ranks=2), home / "two", home)
+    return home, alone_run, home / "two"
 
 
 def test_two_processes_write_one_run_directory_one_weights_file_one_wandb_run(one_and_two):
     home, _, two = one_and_two
     made = sorted(p.name for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert made == ["one", "shards", "two"]  # (hidden ones: caches under HOME)
+    assert made == ["shards", "two"]  # (hidden ones: caches under HOME)
     assert [p.name for p in two.glob("*.safetensors")] == ["model.safetensors"]
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1
     assert not [p for p in two.rglob("*") if p.is_dir() and "rank" in p.name and p.name != "."]
-    assert json.loads((two / "train_summary.json").read_text())["step"] == 8
+    assert json.loads((two / "train_summary.json").read_text())["step"] == 16
     assert sorted(p.name for p in (two / "samples").glob("*.png")) == [
         "step_000000.png",
         "step_000008.png",
+        "step_000016.png",
     ]
 
 
@@ -60,7 +50,7 @@ def test_two_processes_train_on_the_same_batches_with_the_same_losses_as_one(one
     for b, (keys, _) in alone.items():  # each global batch split between the ranks
         assert keys == ranks[0][b][0] + ranks[1][b][0]
     l1, l2 = wandb_losses(one), wandb_losses(two)  # train/loss: the mean over the ranks
-    assert l1.keys() == l2.keys() and len(l1) == 8
+    assert l1.keys() == l2.keys() and len(l1) == 16
     torch.testing.assert_close(torch.tensor(list(l2.values())), torch.tensor(list(l1.values())))
     for r1, r2 in zip(val_rows(one), val_rows(two), strict=True):  # validation on 1 shard
         assert r1.keys() == r2.keys() and r1["step"] == r2["step"]
