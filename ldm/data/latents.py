@@ -34,9 +34,16 @@ import webdataset as wds
 from PIL import Image
 from torch import nn
 
+from ldm.data.filters import new_counts
 from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards
 from ldm.data.transforms import ImageTransform
-from ldm.data.webdataset import make_dataset
+from ldm.data.webdataset import (
+    EpochLoader,
+    ImageTextStream,
+    batches_trained,
+    build_index,
+    make_dataset,
+)
 from ldm.fileio import add_member, atomic_path, write_text
 from ldm.models.text_encoder import TextEncoder
 from ldm.precision import autocast as precision_autocast
@@ -356,29 +363,61 @@ def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
 # Reading and training
 
 
-def decode_cached(sample: dict, flip: bool, with_context: bool = True) -> dict | None:
-    """One cached sample -> tensors; with `flip`, the mirrored posterior half of the time."""
-    suffix = "_flip" if flip and random.random() < 0.5 else ""
-    try:
-        out = {
-            "latent_mean": _load_npy(sample[f"mean{suffix}.npy"]),
-            "latent_std": _load_npy(sample[f"std{suffix}.npy"]),
-        }
-        if with_context:
-            out["context"] = _load_npy(sample["context.npy"])
-    except (KeyError, ValueError) as e:
-        log.warning("skipping %s: incomplete cached sample (%s)", sample.get("__key__"), e)
-        return None
-    caption = sample.get("txt", b"").decode("utf-8", "replace")
-    return {**out, "caption": caption, "key": sample["__key__"]}
+class CachedLatentStream(ImageTextStream):
+    """The shard reader of `ldm.data.webdataset` (streaming, exact resumption, validation dealt
+    evenly over ranks) over cached samples: batches {"latent_mean", "latent_std": (B, C, h, w),
+    "caption", "key", "counts"} and, from a cache with text, {"context": (B, L, D),
+    "empty_context": (1, L, D)}. With `flip`, each sample's mirrored posterior is taken half of
+    the time (a coin of the seed, epoch and key: a resumed run tosses the same)."""
 
+    def __init__(
+        self, sources, empty_context: torch.Tensor | None, flip: bool, batch_size: int, **kw
+    ) -> None:
+        super().__init__(sources, [1.0 / len(sources)] * len(sources), None, batch_size, **kw)
+        self.empty_context, self.flip = empty_context, flip
+        self.members = ("mean", "std") + (("context",) if empty_context is not None else ())
 
-def collate_cached(samples: list[dict], empty_context: torch.Tensor | None) -> dict:
-    names = ("latent_mean", "latent_std") + (("context",) if empty_context is not None else ())
-    batch = {k: torch.stack([s[k] for s in samples]) for k in names}
-    if empty_context is not None:
-        batch["empty_context"] = empty_context  # (1, L, D): caption dropout's replacement
-    return {**batch, "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+    def rejection(self, sample: dict) -> str | None:
+        wanted = [f"{m}.npy" for m in self.members] + (["mean_flip.npy"] if self.flip else [])
+        return "incomplete_cache" if any(w not in sample for w in wanted) else None
+
+    def check(self, sample: dict) -> dict | None:
+        reason = self.rejection(sample)
+        if reason is not None:
+            self.count(reason)
+            log.warning("skipping %s: %s", sample.get("__key__"), reason)
+            return None
+        return sample
+
+    def decode(self, sample: dict) -> dict | None:
+        key = sample["__key__"]
+        coin = random.Random(f"{self.seed}/{self.epoch}/{key}").random()
+        suffix = "_flip" if self.flip and self.mode == "stream" and coin < 0.5 else ""
+        try:
+            out = {
+                "latent_mean": _load_npy(sample[f"mean{suffix}.npy"]),
+                "latent_std": _load_npy(sample[f"std{suffix}.npy"]),
+            }
+            if self.empty_context is not None:
+                out["context"] = _load_npy(sample["context.npy"])
+        except (KeyError, ValueError) as e:
+            self.count("incomplete_cache")
+            log.warning("skipping %s: incomplete cached sample (%s)", key, e)
+            return None
+        self.count("kept")
+        caption = sample.get("txt", b"").decode("utf-8", "replace")
+        return {**out, "caption": caption, "key": key}
+
+    def collate(self, samples: list[dict]) -> dict:
+        counts, self.counts = self.counts, new_counts()
+        names = ("latent_mean", "latent_std") + (
+            ("context",) if self.empty_context is not None else ()
+        )
+        batch = {k: torch.stack([s[k] for s in samples]) for k in names}
+        if self.empty_context is not None:
+            batch["empty_context"] = self.empty_context  # (1, L, D): caption dropout's stand-in
+        keys = [s["key"] for s in samples]
+        return {**batch, "caption": [s["caption"] for s in samples], "key": keys, "counts": counts}
 
 
 def make_latent_dataset(
@@ -389,24 +428,23 @@ def make_latent_dataset(
     flip: bool = False,
     shuffle_buffer: int = 1000,
     batches_per_epoch: int | None = None,
-) -> wds.DataPipeline:
-    """Batches of cached samples; the same streaming as the image pipeline (resampled shards and
-    a shuffle buffer for training, each shard once, split over ranks and workers, otherwise)."""
-    stages = [wds.ResampledShards(urls) if train else wds.SimpleShardList(urls)]
+    seed: int = 0,
+) -> CachedLatentStream:
+    """Batches of cached samples: streamed for training (`batches_per_epoch` a worker),
+    each sample once, dealt evenly over ranks, otherwise."""
+    ds = CachedLatentStream(
+        [list(urls)],
+        empty_context,
+        flip,
+        batch_size,
+        mode="stream" if train else "once",
+        batches_per_worker=batches_per_epoch,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+    )
     if not train:
-        stages += [wds.split_by_node, wds.split_by_worker]
-    stages += [wds.tarfile_to_samples(handler=wds.warn_and_continue)]
-    if train:
-        stages += [wds.shuffle(shuffle_buffer)]
-    stages += [
-        wds.map(lambda s: decode_cached(s, flip and train, empty_context is not None)),
-        wds.select(lambda s: s is not None),
-        wds.batched(
-            batch_size, collation_fn=lambda b: collate_cached(b, empty_context), partial=not train
-        ),
-    ]
-    pipeline = wds.DataPipeline(*stages)
-    return pipeline.with_epoch(batches_per_epoch) if batches_per_epoch else pipeline
+        ds.index, ds.index_counts = build_index(list(urls), ds.rejection)
+    return ds
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -439,8 +477,10 @@ class LatentDataModule(L.LightningDataModule):
         cache_text: bool | None = None,
         cache_dtype: str = "float16",
         prepare: Callable[[], object] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = seed
         self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
@@ -535,7 +575,7 @@ class LatentDataModule(L.LightningDataModule):
                 part.to(device)
         self._meta = None
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> EpochLoader:
         meta, empty = self.cache()
         per_worker = max(1, self.batches_per_epoch // max(1, self.num_workers))
         ds = make_latent_dataset(
@@ -546,17 +586,20 @@ class LatentDataModule(L.LightningDataModule):
             self.flip,
             self.shuffle_buffer,
             per_worker,
+            self.seed,
         )
-        return wds.WebLoader(
-            ds,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        done = (lambda: batches_trained(self.trainer)) if self.trainer is not None else None
+        return EpochLoader(ds, self.num_workers, done)
 
-    def val_dataloader(self) -> wds.WebLoader | list:
+    def val_dataloader(self) -> EpochLoader | list:
         if not self.val_shards:
             return []
         transform = ImageTransform(self.image_size)  # the cache's centre crop, no flip
-        ds = make_dataset(expand_shards(self.val_shards), transform, self.batch_size, train=False)
-        return wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers)
+        ds = make_dataset(
+            expand_shards(self.val_shards),
+            transform,
+            self.batch_size,
+            train=False,
+            num_workers=self.num_workers,
+        )
+        return EpochLoader(ds, self.num_workers)

@@ -181,9 +181,14 @@ class ImageTextStream(IterableDataset):
         return self.rank * workers + worker, self.world_size * workers
 
     def count(self, name: str) -> None:
-        self.counts[name if name == "kept" else f"rejected/{name}"] += 1
+        name = name if name == "kept" else f"rejected/{name}"
+        self.counts[name] = self.counts.get(name, 0) + 1
 
-    # -- checking and decoding ----------------------------------------------------------------
+    # -- checking and decoding (what a reader of other sample kinds overrides) ---------------
+    def rejection(self, sample: dict) -> str | None:
+        """Why a sample is rejected short of decoding it, or None."""
+        return precheck(sample, self.filters, self.caption_key, self.skip_empty_captions)[0]
+
     def check(self, sample: dict) -> dict | None:
         """The sample with its caption, image extension (and bucket), or None if rejected."""
         reason, caption, ext = precheck(
@@ -344,24 +349,21 @@ def _fixed_batches(samples: Iterator[dict], batch_size: int) -> Iterator[list[di
 
 
 def build_index(
-    urls: list[str],
-    filters: MetadataFilter,
-    caption_key: str = "txt",
-    skip_empty_captions: bool = True,
+    urls: list[str], rejection: Callable[[dict], str | None]
 ) -> tuple[list[dict], dict[str, int]]:
-    """{url, key, offsets} of every sample that passes the checks short of decoding, and the
-    counts of those that do not: what an exact epoch or a validation deals out. One read of
-    every shard (uncompressed tars: samples are then read by offset)."""
+    """{url, key, offsets} of every sample that passes the checks short of decoding (a reader's
+    `rejection`), and the counts of those that do not: what an exact epoch or a validation
+    deals out. One read of every shard (uncompressed tars: samples are then read by offset)."""
     index, counts = [], new_counts()
 
     def count(reason: str) -> None:
-        counts[f"rejected/{reason}"] += 1
+        counts[f"rejected/{reason}"] = counts.get(f"rejected/{reason}", 0) + 1
 
     for url in urls:
         if url.endswith((".gz", ".tgz", ".xz", ".bz2", ".zst")):
             raise DataError(f"{url}: exact epochs and validation read uncompressed tars only")
         for sample in read_shard(url, count):
-            reason = precheck(sample, filters, caption_key, skip_empty_captions)[0]
+            reason = rejection(sample)
             if reason in BROKEN:
                 log.warning("skipping %s (%s): %s", sample["__key__"], url, reason)
             if reason is None:
@@ -407,11 +409,6 @@ def make_dataset(
     sources, weights = parse_sources(urls)
     filters = filters or MetadataFilter()
     mode = mode if train else "once"
-    index, index_counts = None, None
-    if mode != "stream":
-        index, index_counts = build_index(
-            [u for s in sources for u in s], filters, caption_key, skip_empty_captions
-        )
     ds = ImageTextStream(
         sources,
         weights,
@@ -426,12 +423,14 @@ def make_dataset(
         buckets,
         seed,
         drop_remainder,
-        index,
-        index_counts,
+        None,
+        None,
         rank,
         world_size,
         loss_weights(urls) if train else None,
     )
+    if mode != "stream":
+        ds.index, ds.index_counts = build_index([u for s in sources for u in s], ds.rejection)
     n_shards, readers = sum(map(len, sources)), ds.world_size * max(1, num_workers)
     if mode == "stream" and n_shards < readers:
         log.warning(

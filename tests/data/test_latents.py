@@ -490,3 +490,32 @@ def test_data_module_caches_text_exactly_when_the_text_encoder_is_frozen(cache, 
     assert data(None).text_to_cache(module.text_encoder) is None
     with pytest.raises(CacheError, match="trainable"):
         data(True).text_to_cache(module.text_encoder)
+
+
+def test_a_resumed_latent_loader_reads_exactly_the_rest_of_its_epoch(cache):
+    """The cache is read by the same reader as image shards: a loader placed after n batches of
+    the run (a resume) yields what the uninterrupted run read next, flips included."""
+    from ldm.data.webdataset import EpochLoader
+
+    root, _ = cache
+    _, empty = read_cache_metadata([str(root / "cache/00000.tar")])
+    ds = make_latent_dataset(
+        [str(root / "cache/00000.tar")],
+        empty,
+        2,
+        True,
+        flip=True,
+        shuffle_buffer=3,
+        batches_per_epoch=3,
+    )
+
+    def read(n):
+        return [(b["key"], b["latent_mean"]) for b in EpochLoader(ds, 2, lambda: n)]
+
+    epochs = [read(0), read(6)]  # 2 workers x 3 batches an epoch
+    assert [len(e) for e in epochs] == [6, 6] and epochs[0] != epochs[1]
+    for n in range(12):
+        rest = read(n)
+        whole = epochs[n // 6][n % 6 :]
+        assert [k for k, _ in rest] == [k for k, _ in whole]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, whole))
