@@ -140,7 +140,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-@exit_on(CheckpointError, ConfigError, DataError, FileNotFoundError)
+@exit_on(CheckpointError, ConfigError, DataError, FileNotFoundError, FloatingPointError)
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
