@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results/train_speed}
-sd15="experiment=sd15_finetune"
+sd15="experiment=sd15_finetune unet.use_checkpoint=false"  # as the diffusers loop: no checkpointing
 run() { python bench/train_vs_diffusers.py --device cuda --precision bf16-mixed --steps 20 --warmup 5 "$@"; }
 run --batch 64 --config "$sd15 data.image_size=256" --out "$out/gpu_sd15_256.json"
 run --batch 32 --config "$sd15 data.image_size=512" --out "$out/gpu_sd15_512.json"
