@@ -17,8 +17,9 @@ Modes (every rank gets the same number of batches in both, so DDP never waits on
 Validation deals its samples the same way, in their own order: every rank gets the same number
 of batches (a rank without data would leave the others waiting in a collective).
 
-Resuming: `EpochLoader` is stateful for Lightning (its state is the epoch and the batches the
-rank trained of it), so a resumed run reads exactly the batches the uninterrupted one would.
+Resuming: `EpochLoader` places each pass by the batches the run has trained (a count Lightning
+restores with a checkpoint), so a resumed run reads exactly the batches the uninterrupted one
+would have read next.
 """
 
 from __future__ import annotations
