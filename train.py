@@ -94,7 +94,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
         run_id = stored_wandb_id(path)
         if run_id:  # the same W&B run continues
             with open_dict(cfg):
-                cfg.logger.id, cfg.logger.resume = run_id, "allow"
+                cfg.logger.id, cfg.logger.resume = run_id, "must"
     return path
 
 

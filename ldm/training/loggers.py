@@ -61,6 +61,8 @@ def wandb_logger(
     **kwargs,
 ) -> WandbLogger:
     mode, reason = resolve_mode(mode)
+    if kwargs.get("resume") == "must" and mode != "online":
+        kwargs["resume"] = "allow"  # offline, W&B cannot check that the run exists
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
         project=project, name=name, group=group, save_dir=save_dir, mode=mode, **kwargs

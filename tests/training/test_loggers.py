@@ -41,3 +41,11 @@ def test_offline_logger_prints_one_line_with_the_sync_command(tmp_path, monkeypa
     logger.experiment.finish()
     lines = [r.getMessage() for r in caplog.records if r.name == "ldm.training.loggers"]
     assert len(lines) == 1 and "W&B offline" in lines[0] and f"wandb sync {tmp_path}" in lines[0]
+
+
+def test_a_resumed_run_must_exist_online_and_is_allowed_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    offline = loggers.wandb_logger(
+        save_dir=str(tmp_path), mode="offline", id="abc123", resume="must"
+    )
+    assert offline._wandb_init["resume"] == "allow" and offline._wandb_init["id"] == "abc123"
