@@ -77,3 +77,17 @@ def test_a_nan_on_one_rank_is_skipped_by_both_and_the_run_finishes(tmp_path):
     assert {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {5}
     logged = history(next((tmp_path / "run/wandb").glob("*/run-*.wandb")))
     assert [r["train/nonfinite_steps"] for r in logged if "train/nonfinite_steps" in r] == [1]
+
+
+def test_a_hydra_sweep_over_ddp_runs_gives_one_directory_and_one_wandb_run_per_job(tmp_path):
+    args = [a for a in overrides(tmp_path, ranks=2, steps=2) if a != "resume=auto"]
+    sweep = tmp_path / "sweep"
+    finish(
+        ["-m", *args, "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"], tmp_path / "x", tmp_path
+    )
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert [p.name for p in (sweep / job).glob("*.safetensors")] == ["model.safetensors"]
+        assert len(list((sweep / job / "wandb").glob("offline-run-*"))) == 1
+        assert json.loads((sweep / job / "train_summary.json").read_text())["step"] == 2
