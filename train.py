@@ -65,18 +65,14 @@ def make_class_images(cfg: DictConfig, module: L.LightningModule) -> None:
 
     state = {k: v for k, v in module.state_dict().items() if k.startswith(("unet.", "text_"))}
     base = hashlib.sha256(json.dumps(fingerprint(state, set(state))).encode()).hexdigest()
-    pipe = Pipeline(
-        module.sampling_unet,
-        module.vae,
-        module.text_encoder,
-        module.objective.schedule,
-        module.objective.prediction,
-        resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator")),
-    )
+    precision = resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
     was_training = module.text_encoder.training
     module.text_encoder.eval()
     try:
-        instantiate(cfg.class_images).ensure(pipe, base, cfg.data.image_size)
+        with module.sampling_unet() as unet:
+            parts = (unet, module.vae, module.text_encoder, module.objective.schedule)
+            pipe = Pipeline(*parts, module.objective.prediction, precision)
+            instantiate(cfg.class_images).ensure(pipe, base, cfg.data.image_size)
     finally:
         module.text_encoder.train(was_training)
 

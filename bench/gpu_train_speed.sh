@@ -16,4 +16,4 @@ run --batch 32 --config "$sd15 data.image_size=512" --out "$out/gpu_sd15_512.jso
 run --batch 32 --config "$sd15 data.image_size=512" --no-diffusers-example \
     --flags channels_last,attention_math --out "$out/gpu_sd15_512_flags_a.json"
 run --batch 32 --config "$sd15 data.image_size=512" --no-diffusers-example \
-    --flags gradient_checkpointing,ema_every_10 --compile --out "$out/gpu_sd15_512_flags_b.json"
+    --flags gradient_checkpointing,ema_every_10,ema_cpu_every_10 --compile --out "$out/gpu_sd15_512_flags_b.json"

@@ -62,6 +62,7 @@ FLAGS = {
     "attention_math": ["model.attention_backend=math"],
     "gradient_checkpointing": ["unet.use_checkpoint=true"],
     "ema_every_10": ["model.ema_every=10"],
+    "ema_cpu_every_10": ["model.ema_device=cpu", "model.ema_every=10"],
 }
 
 
@@ -80,6 +81,9 @@ class Ours:
         opt = self.module.configure_optimizers()
         self.opt, self.sched = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
         self.every, self.steps = self.module.ema_every, 0
+
+    def state(self) -> list[torch.Tensor]:
+        return [*self.module.state_dict().values(), *optimizer_tensors(self.opt)]
 
     def step(self, batch: dict, ctx) -> None:
         m = self.module
@@ -127,6 +131,10 @@ class Diffusers:
         )
         self.ema.to(device)
 
+    def state(self) -> list[torch.Tensor]:
+        weights = [*self.unet.parameters(), *self.ema.shadow_params]
+        return weights + optimizer_tensors(self.opt)
+
     def step(self, batch: dict, ctx) -> None:
         mean, std, context = batch["latent_mean"], batch["latent_std"], batch["context"]
         latents = mean + std * torch.randn_like(mean)  # the posterior sample (then scaled)
@@ -166,6 +174,17 @@ def make_batch(ours: Ours, batch_size: int, image_size: int, device: str) -> dic
         "empty_context": empty,
         "caption": captions,
     }
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+def resident_gib(loop) -> float:
+    """GiB of GPU memory a loop keeps between steps (gradients are freed): weights, frozen parts
+    included, optimizer state, EMA."""
+    tensors = {t.data_ptr(): t for t in loop.state() if t.is_cuda}
+    return sum(t.nbytes for t in tensors.values()) / 2**30
 
 
 def timed_step(loop, batch: dict, ctx, device: str) -> tuple[float, float]:
@@ -281,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             row["mfu"] = row["unet_tflops"] / peak
         if args.device == "cuda":
             row["step_memory_gib"] = memory[name]  # beyond weights, gradients, optimizer, EMA
+            row["resident_gib"] = resident_gib(loops[name])  # those, between steps
         result["loops"][name] = row
         print(
             f"{name:>30}: {row['images_per_s']:8.1f} img/s  {med:.3f} s/step  "

@@ -32,17 +32,17 @@ def sample_ema(
 ) -> torch.Tensor:
     """Images (B, H, W, 3) uint8 from the EMA U-Net, in the trainer's precision (callbacks run
     outside its autocast), the text encoder in eval mode meanwhile."""
-    pipe = Pipeline(
-        pl_module.sampling_unet,
-        pl_module.vae,
-        pl_module.text_encoder,
-        pl_module.objective.schedule,
-        pl_module.objective.prediction,
-    )
     was_training = pl_module.text_encoder.training
     pl_module.text_encoder.eval()
     try:
-        with trainer.precision_plugin.forward_context():
+        with pl_module.sampling_unet() as unet, trainer.precision_plugin.forward_context():
+            pipe = Pipeline(
+                unet,
+                pl_module.vae,
+                pl_module.text_encoder,
+                pl_module.objective.schedule,
+                pl_module.objective.prediction,
+            )
             return pipe(prompts, seeds, sampler, height=height, width=width)
     finally:
         pl_module.text_encoder.train(was_training)

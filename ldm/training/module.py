@@ -112,7 +112,8 @@ class LatentDiffusion(L.LightningModule):
 
     Speed options: `channels_last` (NHWC convolutions), `compile` (torch.compile of the U-Net
     for training), `attention_backend` (flash / efficient / cudnn / math), `ema_every` (an EMA
-    update every k steps); the U-Net's `use_checkpoint` trades compute for memory.
+    update every k steps), `ema_device="cpu"` (the EMA in host memory, swapped into the U-Net to
+    validate and sample); the U-Net's `use_checkpoint` trades compute for memory.
 
     LoRA: `lora` (and `text_lora`) build adapters for the U-Net (and text encoder), e.g. a
     `configs/lora_preset/*.yaml` preset; the adapted models are then frozen and only the
@@ -145,6 +146,7 @@ class LatentDiffusion(L.LightningModule):
         seed: int = 0,
         max_nonfinite_in_a_row: int = 20,
         ema_every: int = 1,
+        ema_device: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
         attention_backend: str | None = None,
@@ -176,7 +178,9 @@ class LatentDiffusion(L.LightningModule):
             self.unet_lora = lora(unet).attach()
         if text_lora is not None:
             self.text_lora = text_lora(text_encoder).attach()
-        self.ema = EMA(unet, ema_decay) if ema_decay else None
+        self.ema = EMA(unet, ema_decay, ema_device) if ema_decay else None
+        if self.ema is not None and self.ema.offloaded:  # DDP would broadcast it from its device
+            self._ddp_params_and_buffers_to_ignore = [f"ema.{k}" for k in self.ema.state_dict()]
         self.optimizer_factory, self.text_lr = optimizer, text_lr
         self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
         self.caption_dropout = caption_dropout
@@ -187,10 +191,21 @@ class LatentDiffusion(L.LightningModule):
         ids = torch.tensor(self.text_encoder.tokenizer.encode(text) or [0])
         return self.text_encoder.model.token_embedding(ids).mean(0).repeat(n, 1)
 
-    @property
-    def sampling_unet(self) -> nn.Module:
-        """The U-Net to sample and validate with: the EMA, or the (adapted) U-Net itself."""
-        return self.ema.shadow if self.ema is not None else self.unet
+    @contextlib.contextmanager
+    def sampling_unet(self):
+        """The U-Net to sample and validate with: the EMA, or the (adapted) U-Net itself. An EMA
+        kept on another device (the CPU) is swapped into the U-Net for the block."""
+        if self.ema is None:
+            yield self.unet
+        elif self.ema.shadow_device() != next(self.unet.parameters()).device:
+            was_training = self.unet.training
+            with self.ema.swapped_into(self.unet.eval()) as unet:
+                try:
+                    yield unet
+                finally:
+                    self.unet.train(was_training)
+        else:
+            yield self.ema.shadow
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         super().train(mode)
@@ -351,13 +366,15 @@ class LatentDiffusion(L.LightningModule):
         t = (torch.arange(n * world, device=latents.device) * T // (n * world)).clamp(max=T - 1)
         t = my_share(t, rank, n)
         context = self.text_encoder(batch["caption"])
-        losses = self.objective.evaluate(self.sampling_unet, latents, context, t=t, eps=eps)
+        with self.sampling_unet() as unet:
+            losses = self.objective.evaluate(unet, latents, context, t=t, eps=eps)
         for name, value in losses.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=n, sync_dist=True)
 
     def export_parts(self) -> dict[str, nn.Module]:
         """What a weights file holds: the EMA U-Net (the one to sample from), VAE, text encoder."""
-        return {"unet": self.sampling_unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        unet = self.ema.shadow if self.ema is not None else self.unet
+        return {"unet": unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
     def adapters(self) -> dict[str, LoRANetwork]:
         """The LoRA networks that train, by the part they adapt."""

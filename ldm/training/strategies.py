@@ -8,6 +8,7 @@ import contextlib
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from ldm.config import ConfigError
 from ldm.models.attention import BasicTransformerBlock
 from ldm.models.unet import ResBlock
 
@@ -26,7 +27,14 @@ class UNetFSDP(FSDPStrategy):
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         lm = self.lightning_module
-        whole = [lm.vae, getattr(lm, "ema", None)]
+        ema = getattr(lm, "ema", None)
+        if ema is not None and ema.offloaded:
+            raise ConfigError(
+                "model.ema_device=cpu works on one device and with DDP, not with FSDP: the "
+                "U-Net's weights are sharded, so the EMA cannot be swapped in to sample. Drop "
+                "it (FSDP keeps the EMA whole on each GPU) or thin its updates: model.ema_every."
+            )
+        whole = [lm.vae, ema]
         if not lm.text_encoder.trains:
             whole.append(lm.text_encoder)
         self.kwargs["ignored_modules"] = [m for m in whole if m is not None]

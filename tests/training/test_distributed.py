@@ -23,9 +23,10 @@ def val_rows(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_and_two(alone_run, tmp_path_factory) -> tuple[Path, Path, Path]:
     """The 1-process run (shared with the resume tests) and the same run on 2 ranks, in a
-    folder of its own (to count what it writes)."""
+    folder of its own (to count what it writes), its EMA kept apart from DDP in host memory
+    (an option that must not change the result)."""
     home = tmp_path_factory.mktemp("ddp")
-    finish(overrides(home, ranks=2), home / "two", home)
+    finish(overrides(home, ranks=2) + ["model.ema_device=cpu"], home / "two", home)
     return home, alone_run, home / "two"
 
 

@@ -26,6 +26,17 @@ def test_fsdp_wraps_unet_blocks_and_leaves_the_frozen_parts_and_ema_whole(tiny_m
     assert set(seen["auto_wrap_policy"]._module_classes) == {ResBlock, BasicTransformerBlock}
 
 
+def test_fsdp_refuses_an_ema_kept_on_the_cpu(tiny_module, monkeypatch):
+    from ldm.config import ConfigError
+    from ldm.training.ema import EMA
+
+    strategy, module = UNetFSDP(), tiny_module
+    module.ema = EMA(module.unet, 0.9, device="cpu")
+    monkeypatch.setattr(UNetFSDP, "lightning_module", property(lambda self: module))
+    with pytest.raises(ConfigError, match="ema_device=cpu works on one device and with DDP"):
+        strategy._setup_model(module)
+
+
 @pytest.mark.parametrize("name", ["default", "cpu", "gpu", "ddp", "fsdp"])
 def test_each_trainer_config_composes(name):
     from hydra import compose, initialize_config_dir
