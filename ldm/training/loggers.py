@@ -1,4 +1,5 @@
-"""Weights & Biases logger that falls back to offline mode when there is no login or no network."""
+"""Weights & Biases logger that falls back to offline mode when there is no login or no network,
+and logs each step once across resumes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,43 @@ def resolve_mode(mode: str = "auto") -> tuple[str, str | None]:
     return "online", None
 
 
+class StepOnceWandbLogger(WandbLogger):
+    """A resumed run trains again, bit for bit, the steps between its checkpoint and the
+    interruption; this logger drops what the run logged for them already, so no step appears
+    twice in a W&B run. The last step logged is kept beside the run's W&B files (and, online,
+    is the resumed run's summary)."""
+
+    _logged_before: int | None = None
+
+    def _mark(self) -> Path:
+        return Path(self.save_dir or ".") / "wandb" / f"{self.experiment.id}.last_step"
+
+    def _last_logged_before(self) -> int:
+        if self._logged_before is None:
+            mark = self._mark()
+            text = mark.read_text().strip() if mark.is_file() else ""
+            stored = int(text) if text.isdigit() else -1
+            summary = (
+                self.experiment.summary.get("trainer/global_step")
+                if self.experiment.resumed
+                else None
+            )
+            self._logged_before = max(stored, int(summary) if summary is not None else -1)
+        return self._logged_before
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        if step is not None and step <= self._last_logged_before():
+            return
+        super().log_metrics(metrics, step)
+        if step is not None:
+            mark = self._mark()
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            tmp = mark.with_suffix(".tmp")
+            tmp.write_text(str(step))
+            os.replace(tmp, mark)
+
+
 def wandb_logger(
     project: str = "ldm",
     name: str | None = None,
@@ -59,12 +98,12 @@ def wandb_logger(
     save_dir: str = ".",
     mode: str = "auto",
     **kwargs,
-) -> WandbLogger:
+) -> StepOnceWandbLogger:
     mode, reason = resolve_mode(mode)
     if kwargs.get("resume") == "must" and mode != "online":
         kwargs["resume"] = "allow"  # offline, W&B cannot check that the run exists
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(
+    logger = StepOnceWandbLogger(
         project=project, name=name, group=group, save_dir=save_dir, mode=mode, **kwargs
     )
     if reason:

@@ -120,6 +120,21 @@ def wandb_losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def logged_twice(run_dir: Path) -> list[tuple[str, int]]:
+    """(metric, step) pairs found more than once over the run's W&B files (every attempt)."""
+    seen, twice = set(), []
+    for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        for row in history(f):
+            step = row.get("trainer/global_step")
+            for key in row:
+                if key.startswith("_") or key in ("trainer/global_step", "epoch"):
+                    continue  # W&B's own counters; Lightning adds the epoch to every row
+                if (key, step) in seen:
+                    twice.append((key, step))
+                seen.add((key, step))
+    return twice
+
+
 def finish(args: list[str], run_dir: Path, home: Path, timeout: float = 240) -> None:
     """Run to the end; a run still going after `timeout` s fails the test (a hung rank)."""
     proc = start(args, run_dir, home)

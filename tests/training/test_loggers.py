@@ -49,3 +49,33 @@ def test_a_resumed_run_must_exist_online_and_is_allowed_offline(tmp_path, monkey
         save_dir=str(tmp_path), mode="offline", id="abc123", resume="must"
     )
     assert offline._wandb_init["resume"] == "allow" and offline._wandb_init["id"] == "abc123"
+
+
+def test_a_resumed_run_does_not_log_again_the_steps_it_trains_again(tmp_path, monkeypatch):
+    from wandb_records import history
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = loggers.wandb_logger(project="t", save_dir=str(tmp_path), mode="offline", id="r1")
+    for step in range(6):  # then killed; its checkpoint was at step 3
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.log_metrics({"val/loss": 5.5}, step=5)  # a second row at the same step is kept
+    first.experiment.finish()
+    again = loggers.wandb_logger(
+        project="t", save_dir=str(tmp_path), mode="offline", id="r1", resume="must"
+    )
+    for step in range(4, 9):
+        again.log_metrics({"train/loss": 10.0 + step}, step=step)
+    again.experiment.finish()
+    rows = [r for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")) for r in history(f)]
+    losses = [(r["trainer/global_step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    assert losses == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)] + [
+        (6, 16.0),
+        (7, 17.0),
+        (8, 18.0),
+    ]
+    assert [r["val/loss"] for r in rows if "val/loss" in r] == [5.5]
+    other = loggers.wandb_logger(project="t", save_dir=str(tmp_path), mode="offline", id="r2")
+    other.log_metrics({"train/loss": 1.0}, step=0)  # another run in the same folder: its own
+    other.experiment.finish()
+    rows = history(next(tmp_path.glob("wandb/offline-run-*-r2/run-*.wandb")))
+    assert [r["train/loss"] for r in rows if "train/loss" in r] == [1.0]

@@ -18,6 +18,7 @@ from tests.training.runs import (
     batches_done,
     finish,
     kill,
+    logged_twice,
     overrides,
     per_batch,
     start,
@@ -54,7 +55,8 @@ def run_with_kills(args, run_dir: Path, home: Path, kills: int, seed: int) -> in
 
 def check_same_run(alone: Path, killed: Path, ranks: int, epochs_of: int = 3) -> None:
     """Same keys and losses every batch on every rank, each sample once an exact epoch, the
-    same W&B losses where the killed run's got written, bit-equal weights and checkpoint."""
+    same W&B losses where the killed run's got written and no step logged twice, bit-equal
+    weights and checkpoint."""
     for rank in range(ranks):
         a, k = per_batch(alone, rank), per_batch(killed, rank)
         assert a == k and len(a) == 16 and all(loss is not None for _, loss in a.values())
@@ -65,6 +67,7 @@ def check_same_run(alone: Path, killed: Path, ranks: int, epochs_of: int = 3) ->
         assert len(read) == len(set(read)) == 48
     logged, logged_killed = wandb_losses(alone), wandb_losses(killed)
     assert len(logged) == 16 and all(logged[s] == v for s, v in logged_killed.items())
+    assert logged_twice(killed) == []
     wa, wk = load_file(alone / "model.safetensors"), load_file(killed / "model.safetensors")
     assert wa.keys() == wk.keys() and all(torch.equal(wa[n], wk[n]) for n in wa)
     ca = torch.load(alone / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
