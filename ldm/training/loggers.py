@@ -56,9 +56,12 @@ def resolve_mode(mode: str = "auto") -> tuple[str, str | None]:
 
 class StepOnceWandbLogger(WandbLogger):
     """A resumed run trains again, bit for bit, the steps between its checkpoint and the
-    interruption; this logger drops what the run logged for them already, so no step appears
-    twice in a W&B run. The last step logged is kept beside the run's W&B files (and, online,
-    is the resumed run's summary)."""
+    interruption; this logger does not log again the steps W&B already holds, so no step
+    appears twice in a run. Online, those are the resumed run's (the server's summary holds
+    the last `trainer/global_step` it received). Offline, where W&B cannot resume a run, each
+    attempt writes a run folder of its own with the same id, and the last step handed to W&B
+    is kept beside them: the folders hold disjoint steps (a kill may cost the few rows W&B
+    had not written yet)."""
 
     _logged_before: int | None = None
 
@@ -67,15 +70,13 @@ class StepOnceWandbLogger(WandbLogger):
 
     def _last_logged_before(self) -> int:
         if self._logged_before is None:
-            mark = self._mark()
-            text = mark.read_text().strip() if mark.is_file() else ""
-            stored = int(text) if text.isdigit() else -1
-            summary = (
-                self.experiment.summary.get("trainer/global_step")
-                if self.experiment.resumed
-                else None
-            )
-            self._logged_before = max(stored, int(summary) if summary is not None else -1)
+            run, last = self.experiment, None
+            if run.resumed and not run.offline:
+                last = run.summary.get("trainer/global_step")
+            elif run.offline and self._mark().is_file():
+                text = self._mark().read_text().strip()
+                last = int(text) if text.isdigit() else None
+            self._logged_before = -1 if last is None else int(last)
         return self._logged_before
 
     @rank_zero_only
@@ -83,7 +84,7 @@ class StepOnceWandbLogger(WandbLogger):
         if step is not None and step <= self._last_logged_before():
             return
         super().log_metrics(metrics, step)
-        if step is not None:
+        if step is not None and self.experiment.offline:
             mark = self._mark()
             mark.parent.mkdir(parents=True, exist_ok=True)
             tmp = mark.with_suffix(".tmp")

@@ -79,3 +79,22 @@ def test_a_resumed_run_does_not_log_again_the_steps_it_trains_again(tmp_path, mo
     other.experiment.finish()
     rows = history(next(tmp_path.glob("wandb/offline-run-*-r2/run-*.wandb")))
     assert [r["train/loss"] for r in rows if "train/loss" in r] == [1.0]
+
+
+def test_online_the_resumed_runs_summary_says_which_steps_w_and_b_holds(tmp_path):
+    class ResumedOnline:  # what wandb.init(resume="must") gives online, the server's summary
+        id, resumed, offline = "r1", True, False
+        summary = {"trainer/global_step": 7}
+
+        def __init__(self):
+            self.rows = []
+
+        def log(self, row):
+            self.rows.append(row)
+
+    logger = loggers.StepOnceWandbLogger(project="t", save_dir=str(tmp_path), mode="offline")
+    logger._experiment = run = ResumedOnline()
+    for step in range(5, 10):
+        logger.log_metrics({"train/loss": float(step)}, step=step)
+    assert [r["trainer/global_step"] for r in run.rows] == [8, 9]
+    assert not (tmp_path / "wandb" / "r1.last_step").exists()  # online: no file of ours

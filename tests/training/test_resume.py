@@ -40,7 +40,13 @@ def run_with_kills(args, run_dir: Path, home: Path, kills: int, seed: int) -> in
             kind = plan.pop(rng.randrange(len(plan)))
             if kind == "checkpoint":
                 folder = run_dir / "checkpoints"
-                hit = wait(proc, lambda: folder.is_dir() and any(folder.glob(".*.tmp")))
+
+                # a later checkpoint than the first: the run then resumes from the one before
+                def writing() -> bool:
+                    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+                    return any(n.endswith(".tmp") for n in names) and "last.ckpt" in names
+
+                hit = wait(proc, writing)
             else:
                 target = batches_done(run_dir) + rng.randint(1, 3)
                 hit = wait(proc, lambda: batches_done(run_dir) >= target)
