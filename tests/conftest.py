@@ -1,6 +1,7 @@
 """Tiny parts shared by the tests: every model at its smallest, built from the library's classes."""
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from ldm.config import ROOT, register_resolvers
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.training.module import LatentDiffusion
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # parallel workers share the cores
+    torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +74,21 @@ def batch():
 
 
 @pytest.fixture(scope="session")
-def alone_run(tmp_path_factory) -> Path:
+def alone_run(tmp_path_factory, worker_id) -> Path:
     """The small deterministic training run of `tests/training/runs.py` (1 process, 16 steps)
-    left alone: what a killed and resumed run, and a 2-process run, are compared with."""
+    left alone: what a killed and resumed run, and a 2-process run, are compared with. Made
+    once per test session: under pytest-xdist the first worker to need it makes it, under a
+    lock, in the folder the workers share, and the others read it."""
+    from filelock import FileLock
+
     from tests.training.runs import finish, overrides
 
-    home = tmp_path_factory.mktemp("alone")
-    finish(overrides(home), home / "alone", home)
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if worker_id != "master" else shared  # gw0, gw1, ... share the parent
+    home, done = shared / "alone", shared / "alone.done"
+    with FileLock(str(shared / "alone.lock")):
+        if not done.exists():
+            home.mkdir(exist_ok=True)
+            finish(overrides(home), home / "alone", home)
+            done.touch()
     return home / "alone"

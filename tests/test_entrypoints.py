@@ -23,6 +23,7 @@ def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
         "PATH": "/usr/bin:/bin",
         "HOME": str(cwd),
         "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",  # tiny models: threads only add overhead; the suite is parallel
     }
     command = [script, *overrides] if script == "-m" else [str(ROOT / script), *overrides]
     return subprocess.run(
