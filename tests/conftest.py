@@ -48,20 +48,18 @@ def tiny_parts():
     return instantiate(cfg.unet), instantiate(cfg.vae), text
 
 
-@pytest.fixture
-def tiny_module():
+def make_tiny_module(**options) -> LatentDiffusion:
+    """The tiny parts as a training module (v-prediction, EMA 0.9), with these options."""
     unet, vae, text = tiny_parts()
     objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="v")
-    return LatentDiffusion(
-        unet,
-        vae,
-        text,
-        objective,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        warmup_steps=2,
-        caption_dropout=0.1,
-        ema_decay=0.9,
-    )
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
+    options = {"warmup_steps": 2, "caption_dropout": 0.1, "ema_decay": 0.9, **options}
+    return LatentDiffusion(unet, vae, text, objective, optimizer=optimizer, **options)
+
+
+@pytest.fixture
+def tiny_module():
+    return make_tiny_module()
 
 
 @pytest.fixture

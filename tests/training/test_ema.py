@@ -1,20 +1,7 @@
-import functools
-
 import torch
 
-from ldm.diffusion.objective import DiffusionObjective
-from ldm.diffusion.schedule import NoiseSchedule
 from ldm.training.ema import EMA
-from ldm.training.module import LatentDiffusion
-from tests.conftest import tiny_parts
-
-
-def module(**kwargs) -> LatentDiffusion:
-    torch.manual_seed(0)
-    unet, vae, text = tiny_parts()
-    objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="v")
-    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    return LatentDiffusion(unet, vae, text, objective, optimizer, ema_decay=0.9, **kwargs)
+from tests.conftest import make_tiny_module as module
 
 
 def test_an_offloaded_ema_stays_on_its_device_when_the_module_moves():
