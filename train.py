@@ -59,22 +59,14 @@ def make_class_images(cfg: DictConfig, module: L.LightningModule) -> None:
     (reused when the same base and settings made them before)."""
     import hashlib
 
-    from ldm.pipeline import Pipeline
     from ldm.precision import resolve
     from ldm.training.module import fingerprint
 
     state = {k: v for k, v in module.state_dict().items() if k.startswith(("unet.", "text_"))}
     base = hashlib.sha256(json.dumps(fingerprint(state, set(state))).encode()).hexdigest()
     precision = resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
-    was_training = module.text_encoder.training
-    module.text_encoder.eval()
-    try:
-        with module.sampling_unet() as unet:
-            parts = (unet, module.vae, module.text_encoder, module.objective.schedule)
-            pipe = Pipeline(*parts, module.objective.prediction, precision)
-            instantiate(cfg.class_images).ensure(pipe, base, cfg.data.image_size)
-    finally:
-        module.text_encoder.train(was_training)
+    with module.sampling_pipeline(precision) as pipe:
+        instantiate(cfg.class_images).ensure(pipe, base, cfg.data.image_size)
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from ldm.data.filters import add_counts, new_counts
 from ldm.diffusion.samplers import SamplerConfig
-from ldm.pipeline import Pipeline, image_grid
+from ldm.pipeline import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +32,8 @@ def sample_ema(
 ) -> torch.Tensor:
     """Images (B, H, W, 3) uint8 from the EMA U-Net, in the trainer's precision (callbacks run
     outside its autocast), the text encoder in eval mode meanwhile."""
-    was_training = pl_module.text_encoder.training
-    pl_module.text_encoder.eval()
-    try:
-        with pl_module.sampling_unet() as unet, trainer.precision_plugin.forward_context():
-            pipe = Pipeline(
-                unet,
-                pl_module.vae,
-                pl_module.text_encoder,
-                pl_module.objective.schedule,
-                pl_module.objective.prediction,
-            )
-            return pipe(prompts, seeds, sampler, height=height, width=width)
-    finally:
-        pl_module.text_encoder.train(was_training)
+    with pl_module.sampling_pipeline() as pipe, trainer.precision_plugin.forward_context():
+        return pipe(prompts, seeds, sampler, height=height, width=width)
 
 
 class SampleGrid(L.Callback):

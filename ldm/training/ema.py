@@ -32,9 +32,6 @@ class EMA(nn.Module):
     def offloaded(self) -> bool:
         return self.device is not None
 
-    def shadow_device(self) -> torch.device:
-        return self.num_updates.device
-
     def _apply(self, fn, recurse=True):
         if not self.offloaded:
             return super()._apply(fn, recurse)

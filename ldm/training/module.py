@@ -14,6 +14,8 @@ from ldm.checkpoints.files import CheckpointError
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.models.lora import LoRANetwork
 from ldm.models.text_encoder import TextEncoder
+from ldm.pipeline import Pipeline
+from ldm.precision import Precision
 from ldm.training.ema import EMA
 
 TRAINING_STATE = ("ema.", "unet_lora.", "text_lora.")  # kept in checkpoints whatever trains
@@ -197,7 +199,7 @@ class LatentDiffusion(L.LightningModule):
         kept on another device (the CPU) is swapped into the U-Net for the block."""
         if self.ema is None:
             yield self.unet
-        elif self.ema.shadow_device() != next(self.unet.parameters()).device:
+        elif self.ema.offloaded and self.ema.device != next(self.unet.parameters()).device:
             was_training = self.unet.training
             with self.ema.swapped_into(self.unet.eval()) as unet:
                 try:
@@ -206,6 +208,19 @@ class LatentDiffusion(L.LightningModule):
                     self.unet.train(was_training)
         else:
             yield self.ema.shadow
+
+    @contextlib.contextmanager
+    def sampling_pipeline(self, precision: Precision | None = None):
+        """A Pipeline over the sampling U-Net, the VAE and the text encoder (in eval mode for
+        the block)."""
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        try:
+            with self.sampling_unet() as unet:
+                parts = (unet, self.vae, self.text_encoder, self.objective.schedule)
+                yield Pipeline(*parts, self.objective.prediction, precision)
+        finally:
+            self.text_encoder.train(was_training)
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         super().train(mode)
