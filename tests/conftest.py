@@ -14,6 +14,27 @@ from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.training.module import LatentDiffusion
 
+# What decides which kind of CPU the code acts as (ldm/precision.py): a subprocess keeps them, so
+# a suite run with LDM_CPU_BF16=1, or held to AVX2, runs its train.py / sample.py calls alike.
+CPU_KIND_VARIABLES = ("LDM_CPU_BF16", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def subprocess_env(home) -> dict[str, str]:
+    """The environment of a train.py / sample.py subprocess: offline W&B, the repository on
+    the path, one thread (tiny models; the suite runs in parallel), this CPU kind's switches."""
+    root = Path(__file__).resolve().parent.parent
+    kind = {k: os.environ[k] for k in CPU_KIND_VARIABLES if k in os.environ}
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "PYTHONPATH": str(root),
+        "OMP_NUM_THREADS": "1",
+        **kind,
+    }
+
+
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # parallel workers share the cores
     torch.set_num_threads(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
@@ -53,8 +74,8 @@ def make_tiny_module(**options) -> LatentDiffusion:
     unet, vae, text = tiny_parts()
     objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="v")
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    options = {"warmup_steps": 2, "caption_dropout": 0.1, "ema_decay": 0.9, **options}
-    return LatentDiffusion(unet, vae, text, objective, optimizer=optimizer, **options)
+    defaults = {"optimizer": optimizer, "warmup_steps": 2, "caption_dropout": 0.1, "ema_decay": 0.9}
+    return LatentDiffusion(unet, vae, text, objective, **{**defaults, **options})
 
 
 @pytest.fixture

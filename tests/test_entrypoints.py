@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import subprocess_env
 from ldm import precision
 from ldm.checkpoints import read_config
 from wandb_records import history
@@ -17,14 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(cwd),
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",  # tiny models: threads only add overhead; the suite is parallel
-    }
+    env = subprocess_env(cwd)
     command = [script, *overrides] if script == "-m" else [str(ROOT / script), *overrides]
     return subprocess.run(
         [sys.executable, *command],

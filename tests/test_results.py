@@ -11,6 +11,7 @@ from pathlib import Path
 from test_entrypoints import ROOT, tiny_train_overrides
 from wandb.proto import wandb_internal_pb2 as pb
 
+from conftest import subprocess_env
 from ldm.results import main, summarize, swept_keys
 from wandb_records import _payloads
 
@@ -100,14 +101,7 @@ def test_multirun_gives_one_directory_and_one_wandb_run_per_combination(tmp_path
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_train_overrides(tmp_path) if not o.startswith("hydra.run.dir")]
     overrides = [o.replace("trainer.max_steps=4", "trainer.max_steps=2") for o in overrides]
-    env = {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = subprocess_env(tmp_path)
     result = subprocess.run(
         [
             sys.executable,

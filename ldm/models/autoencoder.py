@@ -343,8 +343,9 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self._arch["ch_mult"]) - 1)
 
     def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Image (B, C, H, W) in [-1, 1] -> q(z|x) over (B, embed_dim, H/f, W/f)."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        """Image (B, C, H, W) in [-1, 1] -> q(z|x) over (B, embed_dim, H/f, W/f), computed in the
+        weights' dtype (float32 inputs meet bf16 weights in a bf16-true run)."""
+        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))))
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.shift_factor) * self.scale_factor
@@ -362,7 +363,7 @@ class AutoencoderKL(nn.Module):
 
     def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents (B, embed_dim, h, w) -> image (B, out_channels, h*f, w*f)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, embed_dim, h, w) -> image (B, out_channels, h*f, w*f)."""

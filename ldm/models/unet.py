@@ -263,10 +263,12 @@ class UNetModel(nn.Module):
         """
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
+        dtype = self.time_embed[0].weight.dtype  # inputs in the weights' dtype: bf16-true runs
         t_emb = timestep_embedding(timesteps, self.model_channels)  # (B, model_channels) float32
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (B, 4 * model_channels)
+        emb = self.time_embed(t_emb.to(dtype))  # (B, 4 * model_channels)
+        context = None if context is None else context.to(dtype)
 
-        h = x
+        h = x.to(dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)

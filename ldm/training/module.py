@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoints.files import CheckpointError
+from ldm.config import ConfigError
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.models.lora import LoRANetwork
 from ldm.models.text_encoder import TextEncoder
@@ -221,6 +222,16 @@ class LatentDiffusion(L.LightningModule):
                 yield Pipeline(*parts, self.objective.prediction, precision)
         finally:
             self.text_encoder.train(was_training)
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before the first step, what the trainer's precision cannot train."""
+        cast = str(self.trainer.precision) in ("bf16-true", "16-true")
+        if cast and self.ema is not None:
+            raise ConfigError(
+                f"trainer.precision={self.trainer.precision} casts the EMA to half precision, "
+                f"where an update of (1 - decay) of a step is lost to rounding: use "
+                f"trainer.precision=bf16-mixed, or model.ema_decay=null (as LoRA runs do)"
+            )
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         super().train(mode)

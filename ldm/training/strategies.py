@@ -11,6 +11,7 @@ from torch import nn
 from ldm.config import ConfigError
 from ldm.models.attention import BasicTransformerBlock
 from ldm.models.unet import ResBlock
+from ldm.training.amp import ClippingFSDPPrecision
 
 
 class UNetFSDP(FSDPStrategy):
@@ -38,7 +39,10 @@ class UNetFSDP(FSDPStrategy):
         if not lm.text_encoder.trains:
             whole.append(lm.text_encoder)
         self.kwargs["ignored_modules"] = [m for m in whole if m is not None]
-        return super()._setup_model(model)
+        wrapped = super()._setup_model(model)
+        if isinstance(self.precision_plugin, ClippingFSDPPrecision):  # clips through the root
+            self.precision_plugin.root = wrapped
+        return wrapped
 
     def full_params(self, module: nn.Module):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

@@ -8,10 +8,12 @@ import logging
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
 from ldm import precision
 from ldm.config import ConfigError
+from ldm.training.amp import precision_plugin
 from ldm.training.checkpointing import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,8 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
 
 def make_trainer(trainer_cfg: DictConfig, **kwargs) -> L.Trainer:
     """`lightning.Trainer` from the `trainer` config node; `kwargs` (callbacks, logger) added.
-    Checkpoints are written atomically (`AtomicCheckpointIO`)."""
+    Checkpoints are written atomically (`AtomicCheckpointIO`); mixed precision and FSDP use the
+    plugins of `ldm.training.amp`, under which a fused optimizer clips its gradients."""
     if trainer_cfg.get("accelerator") == "gpu" and not torch.cuda.is_available():
         raise ConfigError(
             "trainer.accelerator=gpu but this machine has no CUDA device: use trainer=cpu "
@@ -34,9 +37,19 @@ def make_trainer(trainer_cfg: DictConfig, **kwargs) -> L.Trainer:
         )
     if torch.cuda.is_available():  # TF32 matmuls and convolutions where the GPU has them
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    plugins = [AtomicCheckpointIO()]
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not isinstance(strategy, str):
+        strategy = instantiate(strategy)
+    value = trainer_precision(trainer_cfg)
+    device = precision.device_type(trainer_cfg.get("accelerator"))
+    plugin = precision_plugin(value, device, fsdp=isinstance(strategy, FSDPStrategy))
+    plugins = [AtomicCheckpointIO(), *([plugin] if plugin else [])]
     return instantiate(
-        trainer_cfg, precision=trainer_precision(trainer_cfg), plugins=plugins, **kwargs
+        trainer_cfg,
+        strategy=strategy,
+        precision=None if plugin else value,
+        plugins=plugins,
+        **kwargs,
     )
 
 

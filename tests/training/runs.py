@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import subprocess_env
 from wandb_records import history
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,14 +57,7 @@ def overrides(tmp: Path, ranks: int = 1, steps: int = 16) -> list[str]:
 
 
 def start(args: list[str], run_dir: Path, home: Path) -> subprocess.Popen:
-    env = {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(home),
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = subprocess_env(home)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
         cwd=home,
