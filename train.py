@@ -24,7 +24,7 @@ from ldm.config import ConfigError, exit_on, register_resolvers
 from ldm.data.shards import DataError, expand_shards
 from ldm.results import swept_keys
 from ldm.training.checkpointing import find_resume, stored_wandb_id
-from ldm.training.trainer import apply_global_batch, make_trainer
+from ldm.training.trainer import apply_global_batch, make_trainer, trainer_precision
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -64,7 +64,8 @@ def make_class_images(cfg: DictConfig, module: L.LightningModule) -> None:
 
     state = {k: v for k, v in module.state_dict().items() if k.startswith(("unet.", "text_"))}
     base = hashlib.sha256(json.dumps(fingerprint(state, set(state))).encode()).hexdigest()
-    precision = resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    # Sampled as sample.py samples (float32 on a CPU): the same class images on every CPU kind.
+    precision = resolve(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"), sampling=True)
     with module.sampling_pipeline(precision) as pipe:
         instantiate(cfg.class_images).ensure(pipe, base, cfg.data.image_size)
 
@@ -89,6 +90,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 def fit(cfg: DictConfig, run_dir: Path) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_path(cfg, run_dir)
+    chosen = trainer_precision(cfg.trainer)  # resolved once, for the trainer and the cache
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
     if cfg.get("init"):
@@ -96,7 +98,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     if cfg.get("class_images") and rank_zero_only.rank == 0:
         make_class_images(cfg, module)
     if hasattr(datamodule, "use_encoders"):  # a latent cache: made with, and checked against, these
-        datamodule.use_encoders(module.vae, module.text_encoder)
+        datamodule.use_encoders(module.vae, module.text_encoder, chosen)
     if rank_zero_only.rank == 0:  # the other processes wait for it in Lightning's own prepare_data
         datamodule.prepare_data()  # renders embedded data, builds a latent cache, if missing
         expand_shards(cfg.data.train_shards)  # fail now, not in a worker, on a pattern with no file
@@ -104,7 +106,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     name_sweep_run(cfg)
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer = make_trainer(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer = make_trainer(cfg.trainer, chosen, callbacks=callbacks, logger=logger)
     apply_global_batch(trainer, datamodule, getattr(datamodule, "global_batch_size", None))
     start = time.perf_counter()
     try:

@@ -83,14 +83,15 @@ class Pipeline:
         **options,
     ) -> tuple[Pipeline, dict]:
         """Our file, an SD 1.x/2.x single file (.safetensors or .ckpt) or a diffusers folder, as
-        a Pipeline in `ldm.precision.resolve(precision, device)`, and its model config.
+        a Pipeline in `ldm.precision.resolve(precision, device, sampling=True)` (float32 on a
+        CPU unless asked otherwise), and its model config.
         `loras` (file, scale) are merged into its weights; `embeddings` (textual-inversion files)
         add their words to its text encoder. `options` go to
         `ldm.checkpoints.load_model` (prediction, use_ema, vae, text_encoder). Half-precision
-        files are held in float32 on the CPU (where bf16 autocast, if the CPU has it, does the
-        fast maths)."""
+        files are held in float32 on the CPU (bf16 autocast, when asked for, does the fast
+        maths)."""
         device = torch.device(device)
-        chosen = resolve(precision, device)
+        chosen = resolve(precision, device, sampling=True)
         log.info("precision: %s (%s)", chosen.value, chosen.reason)
         dtype = torch.float32 if device.type == "cpu" else None
         model = load_model(ckpt, device=device, dtype=dtype, **options)

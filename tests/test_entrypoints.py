@@ -17,8 +17,8 @@ from wandb_records import history
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = subprocess_env(cwd)
+def run(script: str, *overrides: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**subprocess_env(cwd), **env_vars}
     command = [script, *overrides] if script == "-m" else [str(ROOT / script), *overrides]
     return subprocess.run(
         [sys.executable, *command],
@@ -116,6 +116,46 @@ def test_train_writes_weights_grids_checkpoint_and_offline_wandb_history(trained
     assert summary["precision"] == precision.resolve("auto", "cpu").value  # this CPU's choice
 
 
+@pytest.mark.parametrize("setting", ["bf16-mixed", "16-mixed", "ddp"])
+def test_train_runs_in_each_precision_with_the_default_optimizer_and_clipping(setting, tmp_path):
+    """Fused AdamW and gradient_clip_val 1.0 as configured by default, in bf16 autocast, in fp16
+    with loss scaling, and on 2 DDP ranks in the precision `auto` picks (bf16 under
+    LDM_CPU_BF16=1): each run trains its steps and writes its weights."""
+    overrides = [
+        o for o in tiny_train_overrides(tmp_path) if "sample_grid" not in o and "adherence" not in o
+    ]
+    overrides += ["callbacks.sample_grid=null", "callbacks.adherence=null"]
+    overrides += ["trainer.limit_val_batches=0"]  # steps only: the callbacks are tested above
+    ranks = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    extra = ranks if setting == "ddp" else [f"trainer.precision={setting}"]
+    result = run("train.py", *overrides, "trainer.max_steps=2", *extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/train_summary.json").read_text())
+    wanted = precision.resolve("auto", "cpu").value if setting == "ddp" else setting
+    assert summary["step"] == 2 and summary["precision"] == wanted
+    assert (tmp_path / "run/model.safetensors").is_file()
+
+
+def test_sample_defaults_draw_the_same_picture_on_either_cpu_kind(trained, tmp_path):
+    """`precision=auto` samples in float32 on a CPU, so a bf16 CPU (LDM_CPU_BF16=1) and an
+    AVX2 one draw the same image; bf16 on request draws another (the check can tell)."""
+    args = [f"ckpt={trained / 'model.safetensors'}", "prompt=a red circle", "n=1", "steps=3"]
+    pictures = {}
+    for name, switch, extra in [
+        ("avx2", "0", []),
+        ("bf16", "1", []),
+        ("asked", "1", ["precision=bf16"]),
+    ]:
+        out = tmp_path / name
+        result = run(
+            "sample.py", *args, *extra, f"out_dir={out}", cwd=tmp_path, LDM_CPU_BF16=switch
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        pictures[name] = np.asarray(Image.open(out / "000000.png"), dtype=int)
+    assert np.abs(pictures["avx2"] - pictures["bf16"]).max() == 0
+    assert np.abs(pictures["asked"] - pictures["avx2"]).max() > 0
+
+
 def test_sample_writes_images_with_metadata_and_a_grid(trained, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a blue background\na green square on a white background\n")
@@ -144,7 +184,7 @@ def test_sample_writes_images_with_metadata_and_a_grid(trained, tmp_path):
         and meta["steps"] == "2"
         and float(meta["cfg_scale"]) == 4.0
     )
-    assert meta["precision"] == precision.resolve("auto", "cpu").value
+    assert meta["precision"] == "32-true"  # sampling on a CPU: float32 whatever its kind
     # The same seed gives the same image whatever else is in the batch (CPU kernels may round
     # differently for another batch size: equal up to a unit of the last 8-bit step).
     again = tmp_path / "again"

@@ -34,6 +34,38 @@ def test_auto_on_the_cpu_follows_its_bf16_instructions(cpu_bf16, has, expected):
     assert precision.resolve("auto", "cpu").dtype == (torch.bfloat16 if has else torch.float32)
 
 
+@pytest.mark.parametrize("has", [False, True])
+def test_sampling_on_a_cpu_is_float32_whatever_its_kind(cpu_bf16, has):
+    cpu_bf16(has)
+    chosen = precision.resolve("auto", "cpu", sampling=True)
+    assert chosen.value == "32-true" and "every kind of CPU" in chosen.reason
+    assert precision.resolve("bf16", "cpu", sampling=True).value == "bf16-mixed"
+
+
+def test_sampling_on_a_bf16_gpu_stays_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.resolve("auto", "cuda", sampling=True).value == "bf16-mixed"
+
+
+@pytest.mark.parametrize("switch, expected", [("1", "bf16-mixed"), ("0", "32-true")])
+def test_the_cpu_kind_switch_makes_auto_choose_as_on_that_kind(monkeypatch, switch, expected):
+    """LDM_CPU_BF16 (how CI runs the other kind's paths): it wins over the hardware and over
+    the oneDNN hold; a value other than 0/1 is a clear error."""
+    monkeypatch.setenv("LDM_CPU_BF16", switch)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert precision.resolve("auto", "cpu").value == expected
+    monkeypatch.setenv("LDM_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="LDM_CPU_BF16='yes'"):
+        precision.cpu_has_bf16()
+
+
+def test_lightning_aliases_resolve_to_full_names():
+    assert precision.resolve("bf16", "cpu").value == "bf16-mixed"
+    assert precision.resolve(16, "cpu").value == "16-mixed"
+    assert precision.resolve("32", "cpu").value == "32-true"
+
+
 @pytest.mark.parametrize("bf16_gpu, expected", [(True, "bf16-mixed"), (False, "32-true")])
 def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch, bf16_gpu, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -58,6 +90,7 @@ def test_explicit_bf16_without_bf16_instructions_runs_but_warns_once(cpu_bf16, c
 
 def test_onednn_held_to_avx2_counts_as_no_bf16(monkeypatch):
     """How a fast CPU imitates a slow one (ANCHORS.md): the auto choice follows the cap."""
+    monkeypatch.delenv("LDM_CPU_BF16", raising=False)  # the switch, where set, answers instead
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not precision.cpu_has_bf16()
     assert precision.resolve("auto", "cpu").value == "32-true"
@@ -65,8 +98,8 @@ def test_onednn_held_to_avx2_counts_as_no_bf16(monkeypatch):
 
 @pytest.mark.parametrize("has", [False, True])
 def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_path):
-    """train.py's trainer, sample.py's pipeline and the latent cache writer all choose what
-    ldm.precision.resolve chooses for this (simulated) CPU."""
+    """train.py's trainer and the latent cache writer choose what ldm.precision.resolve
+    chooses for this (simulated) CPU; sample.py's pipeline samples in float32 on either kind."""
     from ldm.pipeline import Pipeline
     from ldm.training.trainer import make_trainer
 
@@ -88,7 +121,9 @@ def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_pa
 
     ckpt = layout.save(tmp_path / "m.safetensors", sd_parts("sd1"))
     pipe, _ = Pipeline.load(str(ckpt), torch.device("cpu"))
-    assert pipe.precision.value == expected
+    assert pipe.precision.value == "32-true"
+    pipe, _ = Pipeline.load(str(ckpt), torch.device("cpu"), precision="bf16")  # on request
+    assert pipe.precision.value == "bf16-mixed"
 
     from ldm.data.latents import write_latent_shards
     from tests.data.test_latents import write_image_shard

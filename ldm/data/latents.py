@@ -340,6 +340,23 @@ def require_frozen(text_encoder: TextEncoder) -> None:
         )
 
 
+def warn_other_precision(meta: dict, precision: str) -> None:
+    """One warning line when the cache was encoded in another precision than the run trains in.
+    It is used all the same: the precision is not part of a cache's identity, since its latents
+    agree within the coarser dtype's rounding (a bf16-encoded cache is within bf16's ~2**-8 of a
+    float32 one), far below the noise training adds to them; rebuild it (delete the folder)
+    to encode in this run's precision."""
+    made = meta.get("precision")
+    if made is not None and made != precision:
+        log.warning(
+            "the latent cache was encoded in %s, this run trains in %s: using it as it is "
+            "(delete it to re-encode in %s)",
+            made,
+            precision,
+            precision,
+        )
+
+
 def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
     """Refuse a VAE other than the one the cache was made with and, where the cache holds text
     embeddings, another text encoder or one that trains (its cached output would never change)."""
@@ -491,11 +508,14 @@ class LatentDataModule(L.LightningDataModule):
             cache_text,
             cache_dtype,
         )
-        self.prepare, self.encoders = prepare, None
+        self.prepare, self.encoders, self.precision = prepare, None, "auto"
         self._meta: tuple[dict, torch.Tensor | None] | None = None
 
-    def use_encoders(self, vae: nn.Module, text_encoder: nn.Module) -> None:
-        self.encoders = vae, text_encoder
+    def use_encoders(
+        self, vae: nn.Module, text_encoder: nn.Module, precision: str = "auto"
+    ) -> None:
+        """The model's encoders, and the precision the run trains in (a cache is built in it)."""
+        self.encoders, self.precision = (vae, text_encoder), precision
 
     def prepare_data(self) -> None:
         if self.prepare is not None:
@@ -512,6 +532,7 @@ class LatentDataModule(L.LightningDataModule):
         meta, _ = self.cache()
         if self.encoders is not None:
             check_models(meta, *self.encoders)
+        warn_other_precision(meta, resolve_precision(self.precision, device_type("auto")).value)
 
     def cache(self) -> tuple[dict, torch.Tensor | None]:
         if self._meta is None:
@@ -568,6 +589,7 @@ class LatentDataModule(L.LightningDataModule):
             flips=self.flip,
             dtype=self.cache_dtype,
             device=device_type("auto"),
+            precision=self.precision,
             replace=True,
         )
         for part in (vae, text):  # back where the model keeps them

@@ -26,8 +26,9 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
     return chosen.value
 
 
-def make_trainer(trainer_cfg: DictConfig, **kwargs) -> L.Trainer:
-    """`lightning.Trainer` from the `trainer` config node; `kwargs` (callbacks, logger) added.
+def make_trainer(trainer_cfg: DictConfig, value: str | None = None, **kwargs) -> L.Trainer:
+    """`lightning.Trainer` from the `trainer` config node, in precision `value` (resolved from
+    the config when not given); `kwargs` (callbacks, logger) added.
     Checkpoints are written atomically (`AtomicCheckpointIO`); mixed precision and FSDP use the
     plugins of `ldm.training.amp`, under which a fused optimizer clips its gradients."""
     if trainer_cfg.get("accelerator") == "gpu" and not torch.cuda.is_available():
@@ -40,7 +41,7 @@ def make_trainer(trainer_cfg: DictConfig, **kwargs) -> L.Trainer:
     strategy = trainer_cfg.get("strategy", "auto")
     if not isinstance(strategy, str):
         strategy = instantiate(strategy)
-    value = trainer_precision(trainer_cfg)
+    value = value or trainer_precision(trainer_cfg)
     device = precision.device_type(trainer_cfg.get("accelerator"))
     plugin = precision_plugin(value, device, fsdp=isinstance(strategy, FSDPStrategy))
     plugins = [AtomicCheckpointIO(), *([plugin] if plugin else [])]
