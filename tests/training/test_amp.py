@@ -156,10 +156,11 @@ def test_each_precision_steps_like_an_unfused_explicitly_clipped_reference(preci
         assert update_error(ours.unet, fused.unet, start) == 0
 
 
+@torch.no_grad()
 def update_error(ours: torch.nn.Module, ref: torch.nn.Module, start: list) -> float:
     """|ours' update - the reference's| / |the reference's update|, over all the weights."""
-    d_ours = torch.cat([(p.detach().float() - s).flatten() for p, s in zip(ours.parameters(), start)])
-    d_ref = torch.cat([(p.detach().float() - s).flatten() for p, s in zip(ref.parameters(), start)])
+    d_ours = torch.cat([(p.float() - s).flatten() for p, s in zip(ours.parameters(), start)])
+    d_ref = torch.cat([(p.float() - s).flatten() for p, s in zip(ref.parameters(), start)])
     assert d_ref.norm() > 1.0  # the steps moved the weights: not a comparison of two inits
     return float((d_ours - d_ref).norm() / d_ref.norm())
 
