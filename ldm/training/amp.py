@@ -41,43 +41,34 @@ def scaled_optimizer_step(plugin, optimizer, model, closure: Callable[[], Any], 
     return output
 
 
-class ClippingMixedPrecision(MixedPrecision):
+class UnscaleThenClip:
+    """The step and clipping both plugins share: unscale for every optimizer, then clip."""
+
+    def optimizer_step(self, optimizer, model, closure, **kwargs) -> Any:
+        if self.scaler is None:  # bf16 or float32: nothing to unscale
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        return scaled_optimizer_step(self, optimizer, model, closure, **kwargs)
+
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clip_val: int | float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+
+
+class ClippingMixedPrecision(UnscaleThenClip, MixedPrecision):
     """Autocast to bf16 or fp16 (with loss scaling), on CUDA or the CPU, clipping allowed with
     a fused optimizer. On a CPU, 16-mixed is fp16 with a CPU GradScaler (Lightning's own plugin
     silently swaps it for bf16)."""
 
-    def optimizer_step(self, optimizer, model, closure, **kwargs) -> Any:
-        if self.scaler is None:  # bf16: nothing to unscale
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        return scaled_optimizer_step(self, optimizer, model, closure, **kwargs)
 
-    def clip_gradients(
-        self,
-        optimizer: torch.optim.Optimizer,
-        clip_val: int | float = 0.0,
-        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
-    ) -> None:
-        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
-
-
-class ClippingFSDPPrecision(FSDPPrecision):
+class ClippingFSDPPrecision(UnscaleThenClip, FSDPPrecision):
     """Lightning's FSDP precision with the unscale-then-clip order above and norm clipping by
     the root FSDP module (`root`, set by the strategy once it has wrapped the model)."""
 
     root: torch.nn.Module | None = None
-
-    def optimizer_step(self, optimizer, model, closure, **kwargs) -> Any:
-        if self.scaler is None:
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        return scaled_optimizer_step(self, optimizer, model, closure, **kwargs)
-
-    def clip_gradients(
-        self,
-        optimizer: torch.optim.Optimizer,
-        clip_val: int | float = 0.0,
-        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
-    ) -> None:
-        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
 
     def clip_grad_by_norm(self, optimizer: torch.optim.Optimizer, clip_val: int | float) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
