@@ -7,6 +7,7 @@ and worker (a sum across DDP ranks then lines up, and never waits on a key one r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 # Why a sample or a shard was skipped; `data/rejected/<reason>` in the logs.
@@ -22,7 +23,23 @@ REASONS = (
     "no_caption",  # caption missing or empty
     "shard_unreadable",  # a shard that cannot be opened or is not a tar (counted per shard)
     "shard_truncated",  # a shard that ends mid-file (the samples before the cut are kept)
+    "bad_metadata",  # KEY.json that does not parse (or too big, too deep, not an object), or a
+    # field a filter needs that is not a number
+    "too_many_pixels",  # an image whose header claims more pixels than the limit
+    "bad_aspect",  # an image whose header claims too extreme a shape (long / short side)
+    "member_too_large",  # a tar member over the size limit (skipped unread, with its sample)
 )
+# img2dataset's KEY.json is ~1 KB, a few KB with every parquet column kept: a bigger one is not
+# metadata, and JSON parsing a hostile one is time and memory spent for nothing.
+MAX_JSON_BYTES = 1 << 20
+
+
+# LAION-aesthetic parquet columns arrive as either name, depending on the release
+AESTHETIC_NAMES = ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score")
+
+
+class _NotANumber(ValueError):
+    """A metadata field a filter needs holds something other than a number."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +68,31 @@ def add_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
     return total
 
 
+def parse_metadata(data: bytes | str | None) -> dict | None:
+    """KEY.json's object ({} without one), or None for one that is not: bad JSON, over
+    MAX_JSON_BYTES, nested deeper than the parser's recursion limit, or not an object."""
+    if data is None:
+        return {}
+    if len(data) > MAX_JSON_BYTES:
+        return None
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError):  # "[" * 100000 is a RecursionError, not a ValueError
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _first(meta: dict, *names: str) -> float | None:
     for name in names:
         value = meta.get(name)
-        if value is not None and value == value:  # NaN (a blank parquet cell) counts as absent
+        if value is None or value != value:  # NaN (a blank parquet cell) counts as absent
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _NotANumber(f"{name} = {str(value)[:40]!r}")
+        try:
             return float(value)
+        except OverflowError:  # an int of hundreds of digits
+            raise _NotANumber(f"{name} is a {len(str(value))}-digit number") from None
     return None
 
 
@@ -65,24 +102,28 @@ def original_size(meta: dict) -> tuple[float | None, float | None]:
 
 
 def aesthetic_score(meta: dict) -> float | None:
-    # LAION-aesthetic parquet columns arrive as either name, depending on the release
-    return _first(meta, "aesthetic", "AESTHETIC_SCORE", "aesthetic_score")
+    return _first(meta, *AESTHETIC_NAMES)
 
 
 def rejection_reason(meta: dict, f: MetadataFilter) -> str | None:
-    """The first filter that rejects `meta`, as one of REASONS; None keeps the sample."""
-    width, height = original_size(meta)
-    checks = (  # (threshold, value, passes, reason)
-        (f.min_width, width, lambda v, t: v >= t, "too_small"),
-        (f.min_height, height, lambda v, t: v >= t, "too_small"),
-        (f.min_aesthetic, aesthetic_score(meta), lambda v, t: v >= t, "low_aesthetic"),
-        (f.max_punsafe, _first(meta, "punsafe"), lambda v, t: v <= t, "unsafe"),
-        (f.max_pwatermark, _first(meta, "pwatermark"), lambda v, t: v <= t, "watermark"),
-        (f.min_similarity, _first(meta, "similarity"), lambda v, t: v >= t, "low_similarity"),
+    """The first filter that rejects `meta`, as one of REASONS; None keeps the sample. A field
+    is read only when its filter is set, so a broken field no filter needs is harmless."""
+    at_least, at_most = (lambda v, t: v >= t), (lambda v, t: v <= t)
+    checks = (  # (threshold, field names (the first present is read), passes, reason)
+        (f.min_width, ("original_width", "width"), at_least, "too_small"),
+        (f.min_height, ("original_height", "height"), at_least, "too_small"),
+        (f.min_aesthetic, AESTHETIC_NAMES, at_least, "low_aesthetic"),
+        (f.max_punsafe, ("punsafe",), at_most, "unsafe"),
+        (f.max_pwatermark, ("pwatermark",), at_most, "watermark"),
+        (f.min_similarity, ("similarity",), at_least, "low_similarity"),
     )
-    for threshold, value, passes, reason in checks:
+    for threshold, names, passes, reason in checks:
         if threshold is None:
             continue
+        try:
+            value = _first(meta, *names)
+        except _NotANumber:
+            return "bad_metadata"
         if value is None:
             return "missing_metadata"
         if not passes(value, threshold):

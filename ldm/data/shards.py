@@ -21,6 +21,10 @@ from braceexpand import braceexpand
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 INFO_FILE = "_info.json"  # written last into a shard folder by the tools that make one
+# A tar member is read whole into memory, so its size is checked from its header first. 64 MiB
+# is far above any sample image (LAION's are under 1 MiB; a JPEG at the 67 Mpx pixel limit of
+# `ldm.data.transforms` is 10-30 MiB) and bounds what one member, read, can cost.
+MAX_MEMBER_BYTES = 64 << 20
 
 
 class DataError(RuntimeError):
@@ -120,24 +124,38 @@ class _StrictHeader(tarfile.TarInfo):
         return super().frombuf(buf, encoding, errors)
 
 
-def read_shard(url: str, count: Callable[[str], None]) -> Iterator[dict]:
+def _open_tar(stream, url: str) -> tarfile.TarFile:
+    """A local file is read with seeks (a member skipped unread costs nothing: a sparse 10 KB
+    tar may claim a 1 GiB member); a remote or piped stream can only be read past, in blocks."""
+    local = "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+    mode = "r:*" if local and stream.seekable() else "r|*"
+    return tarfile.open(fileobj=stream, mode=mode, tarinfo=_StrictHeader)
+
+
+def read_shard(
+    url: str, count: Callable[[str], None], max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[dict]:
     """Samples {'__key__', '__url__', ext: bytes, ...} of one tar; never raises. An unreadable
-    shard counts `shard_unreadable`, a truncated one `shard_truncated` after its whole samples."""
+    shard counts `shard_unreadable`, a truncated one `shard_truncated` after its whole samples.
+    A member over `max_member_bytes` (by its header) is never read: its sample is skipped and
+    counted `member_too_large`."""
     sample, n = None, 0
     try:
-        with (
-            open_shard(url) as stream,
-            tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictHeader) as tar,
-        ):
-            for member in tar:
+        with open_shard(url) as stream, _open_tar(stream, url) as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it read: memory per member
                 if not member.isfile():
                     continue
                 key, ext = split_key(member.name)
                 if sample is not None and sample["__key__"] != key:
-                    yield sample
+                    yield from _whole(sample, count)
                     sample, n = None, n + 1
                 if sample is None:
                     sample = {"__key__": key, "__url__": url}
+                if member.size > max_member_bytes:
+                    sample["__rejected__"] = f"{ext} of {member.size} bytes"
+                if "__rejected__" in sample:
+                    continue  # the next header is found by seeking past these bytes
                 data = tar.extractfile(member).read()
                 sample.setdefault("__offsets__", {})[ext] = (member.offset_data, member.size)
                 if len(data) != member.size:  # a stream read past the end comes back short
@@ -149,6 +167,20 @@ def read_shard(url: str, count: Callable[[str], None]) -> Iterator[dict]:
         count(reason)
         return  # the sample being read when the tar broke may be incomplete: dropped
     if sample is not None:
+        yield from _whole(sample, count)
+
+
+def _whole(sample: dict, count: Callable[[str], None]) -> Iterator[dict]:
+    """The sample, unless one of its members was too large to read (then counted)."""
+    if "__rejected__" in sample:
+        log.warning(
+            "skipping %s (%s): member_too_large: %s",
+            sample["__key__"],
+            sample["__url__"],
+            sample["__rejected__"],
+        )
+        count("member_too_large")
+    else:
         yield sample
 
 

@@ -56,3 +56,27 @@ def write_keyed_shards(root: Path, sizes: list[int], prefix: str = "") -> list[s
         write_shard(root / f"{prefix}{s:05d}.tar", samples)
         keys += [k for k, _ in samples]
     return keys
+
+
+def write_sparse_shard(path: Path, samples: list[tuple[str, dict[str, bytes | int]]]) -> Path:
+    """A shard whose members given as a size (an int) are that many zero bytes left as a hole
+    of a sparse file: a 1 GiB member costs a header on disk, and nothing to write."""
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                if isinstance(data, bytes):
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                    continue
+                info.size = data
+                tar.fileobj.write(info.tobuf(tar.format, tar.encoding, tar.errors))
+                padded = -(-data // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                f.seek(padded, io.SEEK_CUR)  # the hole: written as nothing
+                tar.offset += tarfile.BLOCKSIZE + padded
+    return path
+
+
+def png_strip(width: int = 1, height: int = 32000) -> bytes:
+    """A tiny PNG file of a huge, thin image (a few hundred bytes)."""
+    return image_bytes(Image.new("L", (width, height)))

@@ -1,9 +1,12 @@
+import io
 import json
 import logging
+import tracemalloc
 
 import fsspec
 import pytest
 
+from ldm.data import shards
 from ldm.data.shards import (
     DataError,
     dealt_batches,
@@ -15,7 +18,12 @@ from ldm.data.shards import (
     split_key,
     worker_batches,
 )
-from tests.data.shard_helpers import sample, write_keyed_shards, write_shard
+from tests.data.shard_helpers import (
+    sample,
+    write_keyed_shards,
+    write_shard,
+    write_sparse_shard,
+)
 
 
 @pytest.mark.parametrize("n, batch, world", [(15, 2, 2), (16, 2, 2), (3, 1, 4), (101, 4, 3)])
@@ -135,3 +143,45 @@ def test_dataset_size_from_img2dataset_stats_never_required(tmp_path):
     for i, n in enumerate((9, 7)):
         (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"successes": n, "failed": 1}))
     assert read_stats_count(urls) == 16
+
+
+def test_a_member_over_the_size_limit_is_skipped_unread_with_its_sample(
+    tmp_path, monkeypatch, caplog
+):
+    """A 10 KB sparse tar claiming a 1 GiB member: the sample is counted and the rest read, with
+    neither the member's bytes read from the file nor memory spent on them."""
+    shard = write_sparse_shard(
+        tmp_path / "00000.tar",
+        [sample("k0"), ("huge", {"png": 1 << 30, "txt": b"x", "json": b"{}"}), sample("k1")],
+    )
+    assert shard.stat().st_blocks * 512 < 1 << 20  # a hole, not a GiB on disk
+    read = []
+
+    class Counting(io.FileIO):
+        def readinto(self, buffer):
+            n = super().readinto(buffer)
+            read.append(n)
+            return n
+
+    monkeypatch.setattr(shards, "open_shard", lambda url: io.BufferedReader(Counting(url)))
+    counts = []
+    tracemalloc.start()
+    with caplog.at_level(logging.WARNING):
+        keys = [s["__key__"] for s in read_shard(str(shard), counts.append)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keys == ["k0", "k1"] and counts == ["member_too_large"]
+    assert sum(read) < 1 << 20 and peak < 8 << 20
+    assert "huge" in caplog.text and "member_too_large" in caplog.text
+
+
+def test_a_stream_reads_past_a_member_over_the_limit_in_bounded_memory(tmp_path):
+    shard = write_sparse_shard(
+        tmp_path / "00000.tar", [sample("k0"), ("huge", {"png": 96 << 20}), sample("k1")]
+    )
+    counts = []
+    tracemalloc.start()
+    keys = [s["__key__"] for s in read_shard(f"pipe:cat {shard}", counts.append, 1 << 20)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keys == ["k0", "k1"] and counts == ["member_too_large"] and peak < 8 << 20
