@@ -3,7 +3,8 @@
     python -m ldm.checkpoints.convert SRC DST.safetensors            # -> one SD single file
     python -m ldm.checkpoints.convert SRC DST_FOLDER --to diffusers  # -> a diffusers folder
 
-(`python -m ldm.convert` is the same command.) SRC is anything `load_model` reads: our
+(`python -m ldm.convert` is the same command; an existing DST is replaced only with
+`--overwrite`.) SRC is anything `load_model` reads: our
 `model.safetensors`, an SD 1.x/2.x `.safetensors`/`.ckpt` (`--ema` takes its EMA U-Net) or a
 diffusers folder. The single file has the original layout (SD 1 text encoder in CLIP names), the
 architecture, prediction type and our config in its metadata, and, for v (and x0) prediction
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -55,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)"
     )
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DST (a folder is swapped in only once complete)",
+    )
     return ap.parse_args(argv)
 
 
@@ -62,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     to = args.to or ("sd" if args.dst.endswith(".safetensors") else "diffusers")
+    if Path(args.dst).exists() and not args.overwrite:  # checked before the long load
+        raise CheckpointError(f"{args.dst} exists; pass --overwrite to replace it")
     model = load_model(
         args.src,
         prediction=args.prediction,

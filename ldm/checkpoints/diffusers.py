@@ -29,6 +29,7 @@ from ldm.checkpoints.diffusers_configs import (
     vae_config_from_diffusers,
 )
 from ldm.checkpoints.files import CheckpointError, read, save_state
+from ldm.checkpoints.parts import check_model
 from ldm.fileio import write_text
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,32 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{folder}: no weights file (one of {', '.join(WEIGHT_NAMES)})")
 
 
+MAX_JSON_BYTES = 1 << 20  # a config.json is a few KB; a bigger one is not a config
+
+
 def _json(path: Path) -> dict:
+    """A folder's config file as a JSON object, or a `CheckpointError` naming the file."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a diffusers pipeline folder")
-    return json.loads(path.read_text())
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too big for a config")
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _translated(path: Path, translate, *args) -> dict:
+    """`translate(config file, *args)`, its missing or mistyped entries named with the file."""
+    try:
+        return translate(_json(path), *args)
+    except KeyError as e:
+        raise CheckpointError(f"{path} has no {e.args[0]!r} entry") from None
+    except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _text_state(folder: Path, cfg: dict, sd2: bool) -> dict[str, torch.Tensor]:
@@ -78,27 +101,28 @@ def _text_state(folder: Path, cfg: dict, sd2: bool) -> dict[str, torch.Tensor]:
 
 def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
     """(config, part states in our names) of a diffusers pipeline folder."""
-    try:
-        unet_cfg = unet_config_from_diffusers(_json(folder / "unet" / "config.json"))
-        vae_cfg = vae_config_from_diffusers(_json(folder / "vae" / "config.json"))
-        text_hf = _json(folder / "text_encoder" / "config.json")
-        sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
-        sched = (
-            _json(folder / "scheduler" / "scheduler_config.json")
-            if (folder / "scheduler").is_dir()
-            else {}
-        )
-        diffusion = diffusion_from_scheduler(sched)
-    except ValueError as e:  # a feature or prediction type we have no equivalent of
-        raise CheckpointError(f"{folder}: {e}") from None
+    unet_cfg = _translated(folder / "unet" / "config.json", unet_config_from_diffusers)
+    vae_cfg = _translated(folder / "vae" / "config.json", vae_config_from_diffusers)
+    text_hf = _json(folder / "text_encoder" / "config.json")
+    sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    sample_size = _json(folder / "unet" / "config.json").get("sample_size") or 64
+    if isinstance(sample_size, list):  # diffusers allows [height, width]
+        sample_size = max(sample_size)
     config = {
         "unet": unet_cfg,
         "vae": vae_cfg,
-        "text_encoder": text_config_from_hf(text_hf, sd2),
-        "diffusion": diffusion,
-        "image_size": (_json(folder / "unet" / "config.json").get("sample_size") or 64)
-        * 2 ** (len(vae_cfg["ch_mult"]) - 1),
+        "text_encoder": _translated(
+            folder / "text_encoder" / "config.json", text_config_from_hf, sd2
+        ),
+        "diffusion": (
+            _translated(scheduler, diffusion_from_scheduler)
+            if scheduler.parent.is_dir()
+            else diffusion_from_scheduler({})
+        ),
+        "image_size": sample_size * 2 ** min(len(vae_cfg["ch_mult"]) - 1, 16),
     }
+    check_model(config, str(folder))  # sizes bounded before any weights are read
     try:
         states = {
             "unet": keymaps.diffusers_unet_to_sd(_weights(folder / "unet"), unet_cfg),

@@ -25,6 +25,7 @@ from ldm.checkpoints.lora import save_networks
 from ldm.config import architecture
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
+from ldm.fileio import atomic_folder, write_text
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +137,21 @@ def save_sd(
         raise CheckpointError(f"{path.name}: SD single files are written as .safetensors")
     save(path, model.parts(), sd_metadata(model.config), dtype=dtype)
     if write_yaml or (write_yaml is None and model.prediction is not Prediction.EPS):
-        path.with_suffix(".yaml").write_text(
-            yaml.safe_dump(inference_yaml(model.config), sort_keys=False)
+        write_text(
+            path.with_suffix(".yaml"), yaml.safe_dump(inference_yaml(model.config), sort_keys=False)
         )
     return path
 
 
 def save_diffusers(folder: str | Path, model: Loaded, dtype: torch.dtype | None = None) -> Path:
-    """A diffusers pipeline folder (`from_pretrained` loads it offline)."""
+    """A diffusers pipeline folder (`from_pretrained` loads it offline), written aside and
+    moved into place whole: a failure midway leaves the old folder (or none), never a mix."""
     parts = model.parts()
     if dtype is not None:
         parts = {k: v.to(dtype) for k, v in parts.items()}
-    return write_folder(Path(folder), parts, model.config)
+    with atomic_folder(folder) as tmp:
+        write_folder(tmp, parts, model.config)
+    return Path(folder)
 
 
 # ------------------------------------------------------------------------------- training runs

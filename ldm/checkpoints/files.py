@@ -48,17 +48,27 @@ def _open_safetensors(p: Path, tensors: bool) -> tuple[dict[str, torch.Tensor], 
         ) from None
 
 
-def _read_torch(p: Path) -> dict[str, torch.Tensor]:
-    try:  # weights_only: a pickle may run code; tensors and plain containers cannot
+def load_torch_file(p: Path) -> object:
+    """`torch.load(weights_only=True)` of a file: tensors and plain containers, never code (a
+    pickle naming anything else is refused), or one `CheckpointError` line naming the file."""
+    try:
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message is many lines and offers an unsafe way round
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        named = [x for x in lines if "global" in x.lower()]  # the name the pickle asked for
+        why = (named or lines or [""])[0 if named else -1]
         raise CheckpointError(
-            f"{p.name} does not load with torch.load(weights_only=True) ({e}); "
+            f"{p.name} is refused: it does not load as plain tensors with "
+            f"torch.load(weights_only=True) ({type(e).__name__}: {why[:200]}); "
             f"only tensor files are read, never arbitrary pickles"
         ) from None
+
+
+def _read_torch(p: Path) -> dict[str, torch.Tensor]:
+    obj = load_torch_file(p)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning / LDM training checkpoints
     if not isinstance(obj, dict):
@@ -89,7 +99,17 @@ def read_config(path: str | os.PathLike) -> dict:
             f"{Path(path).name} carries no model config in its metadata; "
             f"it was not written by this project's train.py"
         )
-    return json.loads(meta[CONFIG_KEY])
+    return parse_config(meta[CONFIG_KEY], Path(path).name)
+
+
+def parse_config(raw: str, name: str) -> dict:
+    """The JSON of a file's `ldm.config` metadata (`parts.check_model` checks it before use)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(
+            f"{name}: its {CONFIG_KEY} metadata is not valid JSON ({e})"
+        ) from None
 
 
 def save_state(

@@ -10,8 +10,6 @@ the file's `ldm.config` metadata when we wrote it, else from its key names and s
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,8 +20,9 @@ from torch import nn
 
 from ldm.checkpoints import detect, keymaps
 from ldm.checkpoints.diffusers import read_folder
-from ldm.checkpoints.files import CONFIG_KEY, CheckpointError, read
+from ldm.checkpoints.files import CONFIG_KEY, CheckpointError, parse_config, read
 from ldm.checkpoints.layout import PARTS, PREFIXES, check_fit, load_into, part_states, split
+from ldm.checkpoints.parts import build, check_model
 from ldm.diffusion.prediction import Prediction
 
 log = logging.getLogger(__name__)
@@ -46,19 +45,12 @@ class Loaded:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
 
-def build(config: dict) -> nn.Module:
-    """`_target_(**kwargs)` for a flat part config, on the current default device."""
-    module_name, _, cls = config["_target_"].rpartition(".")
-    kwargs = {k: v for k, v in config.items() if k != "_target_"}
-    return getattr(importlib.import_module(module_name), cls)(**kwargs)
-
-
 def assign(
     config: dict, state: dict[str, torch.Tensor], what: str, dtype: torch.dtype | None = None
 ) -> nn.Module:
     """A module built on the meta device that adopts `state`'s tensors without a copy."""
     with torch.device("meta"):
-        module = build(config)
+        module = build(config, what)
     check_fit(module, state, what)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -70,6 +62,20 @@ def assign(
     if left:
         raise CheckpointError(f"{what}: tensors not set by the file: {left[:8]}")
     return module
+
+
+def _named(path, read_part):
+    """`read_part(path)`, its errors naming the file they are about (a key the architecture
+    detection needs and the file lacks is a `KeyError` there)."""
+    name = Path(path).name
+    try:
+        return read_part(path)
+    except CheckpointError as e:
+        raise (e if name in str(e) else CheckpointError(f"{name}: {e}")) from None
+    except KeyError as e:
+        raise CheckpointError(f"{name} lacks {e.args[0]!r}: not a complete checkpoint") from None
+    except (IndexError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{name}: tensors of unexpected shapes ({e})") from None
 
 
 def _extra_vae(path: str) -> tuple[dict, dict]:
@@ -131,16 +137,18 @@ def load_model(
         state, meta = read(path)
         states = part_states(state, use_ema)
         if CONFIG_KEY in meta:
-            config, source = json.loads(meta[CONFIG_KEY]), "ldm"
+            config, source = parse_config(meta[CONFIG_KEY], Path(path).name), "ldm"
         else:
-            config, source = detect.sd_config(states, Path(path), meta, prediction), "sd"
+            detected = _named(path, lambda p: detect.sd_config(states, Path(p), meta, prediction))
+            config, source = detected, "sd"
+    config = check_model(config, Path(path).name)  # before anything is built from it
     if prediction is not None:
         config["diffusion"]["prediction"] = prediction
     if vae is not None:
-        states["vae"], config["vae"] = _extra_vae(vae)
+        states["vae"], config["vae"] = _named(vae, _extra_vae)
     if text_encoder is not None:
-        states["text_encoder"], config["text_encoder"] = _extra_text(
-            text_encoder, config.get("text_encoder")
+        states["text_encoder"], config["text_encoder"] = _named(
+            text_encoder, lambda p: _extra_text(p, config.get("text_encoder"))
         )
     for name, entries in (overrides or {}).items():
         config[name] = {**config[name], **entries}
@@ -153,8 +161,9 @@ def load_model(
                 "text_encoder": " (pass text_encoder=FILE)",
             }[name]
             raise CheckpointError(f"{Path(path).name} holds no {name} weights{flag}")
-        parts[name] = assign(config[name], states[name], name, dtype).to(device).eval()
-    schedule = build(config["diffusion"]["schedule"])
+        what = f"{Path(path).name} ({name})"
+        parts[name] = assign(config[name], states[name], what, dtype).to(device).eval()
+    schedule = build(config["diffusion"]["schedule"], f"{Path(path).name} (schedule)")
     pred = detect.parse_prediction(config["diffusion"]["prediction"])
     try:
         pred.check_schedule(float(schedule.alphas_cumprod[-1]))
