@@ -2,11 +2,22 @@
 
 Writes one PNG per image (prompt, negative prompt, seed, sampler, steps and guidance scale in its
 text metadata) and a grid of them all into `out_dir`.
+
+Nothing is ever overwritten: image `{seed:06d}.png` and `grid.png` keep those names when none of
+this run's names is taken in `out_dir`; otherwise every file of the run gets the first suffix
+`-1`, `-2`, ... free for all of them (`000000-1.png`, ..., `grid-1.png`), so a run's images and
+its grid share one suffix. Files are created exclusively: should another run take a name in the
+meantime, that one file moves on to the next free suffix.
+
+`prompt` is read as a file of prompts (one per line) when it names an existing file; a value
+ending in `.txt` without any whitespace that names no file is an error (a mistyped file name, not
+a prompt); anything else is the prompt itself, whatever its length or characters.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -26,21 +37,42 @@ log = logging.getLogger("sample")
 register_resolvers()
 
 
+def is_file(value: str) -> bool:
+    """Whether `value` names an existing file; False, never an error, for any string (one too
+    long for a file name, or holding a NUL byte, is simply not a file)."""
+    try:
+        return os.path.isfile(value)
+    except (OSError, ValueError):
+        return False
+
+
+def looks_like_file_name(value: str) -> bool:
+    """A `.txt` name without whitespace: meant as a prompt file (so a typo is reported rather
+    than drawn as a prompt); prompts have spaces."""
+    return value.endswith(".txt") and not any(c.isspace() for c in value)
+
+
 def read_prompts(prompt: str) -> list[str]:
-    """A prompt, or a text file (one prompt per line) when it names a .txt file or an existing
-    path."""
-    path = Path(prompt)
-    if path.suffix == ".txt" or path.is_file():
-        if not path.is_file():
+    """The prompts of `prompt=`: a text file's lines (one prompt each, blank lines skipped) when
+    it names an existing file, else the value itself (see the module docstring)."""
+    if not is_file(prompt):
+        if looks_like_file_name(prompt):
             raise FileNotFoundError(
                 f'prompt file {prompt!r} does not exist; pass prompt="some text" '
                 f"or prompt=FILE with one prompt per line"
             )
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompt file {prompt!r} holds no prompt")
-        return prompts
-    return [prompt]
+        return [prompt]
+    try:
+        text = Path(prompt).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"prompt file {prompt!r} is not UTF-8 text; pass a text file with one prompt "
+            f'per line, or prompt="some text"'
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {prompt!r} holds no prompt")
+    return prompts
 
 
 def make_sampler(cfg: DictConfig) -> SamplerConfig:
@@ -72,7 +104,7 @@ def lora_list(files, scales) -> list[tuple[str, float]]:
             f"one scale, or one per file"
         )
     for f in files:
-        if not Path(f).is_file():
+        if not is_file(f):
             raise FileNotFoundError(f"LoRA file {f!r} does not exist")
     return list(zip(files, map(float, scales)))
 
@@ -82,6 +114,46 @@ def png_info(fields: dict) -> PngImagePlugin.PngInfo:
     for k, v in fields.items():
         info.add_text(k, str(v))
     return info
+
+
+def free_suffix(out: Path, stems: list[str], start: int = 0) -> int:
+    """The first k >= start such that no `{stem}{suffix(k)}.png` of `stems` exists in `out`."""
+    k = start
+    while any((out / f"{stem}{suffix(k)}.png").exists() for stem in stems):
+        k += 1
+    return k
+
+
+def suffix(k: int) -> str:
+    return f"-{k}" if k else ""
+
+
+def save_new(image: Image.Image, out: Path, stem: str, k: int, **options) -> Path:
+    """Save a PNG as `{stem}{suffix(k)}.png`, created exclusively: a file that exists already
+    (another run's, written since the suffix was chosen) is never replaced; the next free
+    suffix is taken instead."""
+    while True:
+        path = out / f"{stem}{suffix(k)}.png"
+        try:
+            f = open(path, "xb")
+        except FileExistsError:
+            k = free_suffix(out, [stem], k + 1)
+            continue
+        try:
+            with f:
+                image.save(f, format="PNG", **options)
+        except BaseException:
+            path.unlink(missing_ok=True)  # ours, half written: no truncated PNG is left
+            raise
+        return path
+
+
+def output_dir(out_dir: str) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out_dir!r} is a file, not a folder; pass another out_dir=")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,6 +179,7 @@ def main(cfg: DictConfig) -> None:
         vae=cfg.vae_ckpt,
         text_encoder=cfg.text_encoder_ckpt,
     )
+    out = output_dir(cfg.out_dir)  # before sampling: a bad out_dir is known in seconds
     height = cfg.height or config["image_size"]
     width = cfg.width or config["image_size"]
     jobs = [(p, cfg.seed + i * cfg.n + j) for i, p in enumerate(prompts) for j in range(cfg.n)]
@@ -124,8 +197,7 @@ def main(cfg: DictConfig) -> None:
             )
         )
     images = torch.cat(images)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    free = free_suffix(out, [f"{seed:06d}" for _, seed in jobs] + ["grid"])
     for (prompt, seed), img in zip(jobs, images):
         meta = {
             "prompt": prompt,
@@ -144,9 +216,11 @@ def main(cfg: DictConfig) -> None:
                 else {}
             ),
         }
-        Image.fromarray(img.numpy()).save(out / f"{seed:06d}.png", pnginfo=png_info(meta))
-    image_grid(images, ncols=cfg.n if len(prompts) > 1 else None).save(out / "grid.png")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+        save_new(Image.fromarray(img.numpy()), out, f"{seed:06d}", free, pnginfo=png_info(meta))
+    grid = save_new(
+        image_grid(images, ncols=cfg.n if len(prompts) > 1 else None), out, "grid", free
+    )
+    print(f"wrote {len(images)} images and {grid.name} to {out}")
 
 
 if __name__ == "__main__":
