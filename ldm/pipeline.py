@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-from ldm.checkpoints import load_model
-from ldm.checkpoints.embeddings import read_embedding
+from ldm.checkpoints import CheckpointError, load_model
+from ldm.checkpoints.embeddings import check_words, read_embedding
 from ldm.checkpoints.lora import apply_loras
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SamplerConfig, sample
@@ -94,11 +95,15 @@ class Pipeline:
         chosen = resolve(precision, device, sampling=True)
         log.info("precision: %s (%s)", chosen.value, chosen.reason)
         dtype = torch.float32 if device.type == "cpu" else None
+        words = [(Path(p).name, *read_embedding(p)) for p in embeddings]  # small: read first
+        check_words([(name, word) for name, _, word in words])
         model = load_model(ckpt, device=device, dtype=dtype, **options)
         apply_loras(model, list(loras))
-        for path in embeddings:
-            vectors, word = read_embedding(path)
-            model.text_encoder.add_embedding(word, vectors.to(device))
+        for name, vectors, word in words:
+            try:
+                model.text_encoder.add_embedding(word, vectors.to(device))
+            except ValueError as e:  # a vocabulary word, another width: say which file
+                raise CheckpointError(f"{name}: {e}") from None
         pipe = cls(
             model.unet, model.vae, model.text_encoder, model.schedule, model.prediction, chosen
         )
