@@ -23,7 +23,7 @@ from ldm.checkpoints.export import export_run
 from ldm.config import ConfigError, exit_on, register_resolvers
 from ldm.data.shards import DataError, expand_shards
 from ldm.results import swept_keys
-from ldm.training.checkpointing import find_resume, stored_wandb_id
+from ldm.training.checkpointing import find_resume, read_checkpoint, stored_wandb_id
 from ldm.training.trainer import apply_global_batch, make_trainer, trainer_precision
 
 log = logging.getLogger("train")
@@ -79,8 +79,11 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
         found = find_resume(run_dir / "checkpoints")
         log.info("resume=auto: %s", f"continuing from {found}" if found else "no checkpoint yet")
         path = str(found) if found else None
-    if path and "group" in cfg.logger and cfg.logger.get("id") is None:
-        run_id = stored_wandb_id(path)
+    if not path or "://" in path:  # remote: Lightning's own load, weights_only=True as well
+        return path
+    checkpoint = read_checkpoint(path)  # as data, before Lightning reads it: a pickle runs nothing
+    if "group" in cfg.logger and cfg.logger.get("id") is None:
+        run_id = stored_wandb_id(checkpoint)
         if run_id:  # the same W&B run continues
             with open_dict(cfg):
                 cfg.logger.id, cfg.logger.resume = run_id, "must"
@@ -110,7 +113,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     apply_global_batch(trainer, datamodule, getattr(datamodule, "global_batch_size", None))
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a multirun starts its own W&B run
@@ -129,15 +132,44 @@ def fit(cfg: DictConfig, run_dir: Path) -> Path:
     return export_run(cfg, module, run_dir / cfg.export)
 
 
+HYDRA_FILES = {".hydra", "train.log"}  # what Hydra writes into a run folder before main()
+
+
+def is_new(run_dir: Path) -> bool:
+    """Whether the run folder was made for this run: it holds nothing but what Hydra has just
+    written (an empty log; a log with lines, or any other file, means it was there before)."""
+    log_file = run_dir / "train.log"
+    entries = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    return entries <= HYDRA_FILES and (not log_file.exists() or log_file.stat().st_size == 0)
+
+
+def check_reuse(cfg: DictConfig, run_dir: Path) -> None:
+    """A folder that holds a run is continued (`resume=auto`) or refused, never overwritten."""
+    held = [
+        name
+        for name in (cfg.export, "train_summary.json", "checkpoints")
+        if (run_dir / name).is_file()
+        or ((run_dir / name).is_dir() and any((run_dir / name).iterdir()))
+    ]
+    if held and cfg.get("resume") != "auto":
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(held)}); pass resume=auto to continue "
+            f"it, or choose another folder with hydra.run.dir=..."
+        )
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @exit_on(CheckpointError, ConfigError, DataError, FileNotFoundError, FloatingPointError)
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    new = is_new(run_dir)
     try:
+        if not new:
+            check_reuse(cfg, run_dir)
         fit(cfg, run_dir)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError):
-        if not (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value yet: leave no husk
+        if new and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # made for this run, of no value yet
         raise
 
 

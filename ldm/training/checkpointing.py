@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
+from ldm.checkpoints.files import CheckpointError, load_torch_file
 from ldm.fileio import atomic_path, temporary_path
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class Checkpoints(ModelCheckpoint):
     """Lightning's `ModelCheckpoint` keeping the newest `keep` checkpoints of the folder (-1:
-    all; counted on disk, so a resumed run prunes what an earlier attempt wrote), with
+    all; counted on disk among the names it writes, so a resumed run prunes what an earlier
+    attempt wrote, and nothing else), with
     `last.ckpt` a link to the newest that moves only once that file is complete, and the W&B
     run id stored in each checkpoint. A name already there is replaced, not versioned: a
     resumed run writes where the interrupted one did."""
@@ -67,10 +70,18 @@ class Checkpoints(ModelCheckpoint):
         if self.keep < 0 or not trainer.is_global_zero or self.dirpath is None:
             return
         folder = Path(self.dirpath)
-        files = [p for p in folder.glob("*.ckpt") if p.is_file() and not p.is_symlink()]
+        files = [p for p in folder.glob("*.ckpt") if self.wrote(p) and not p.is_symlink()]
         for old in sorted(files, key=lambda p: p.stat().st_mtime_ns)[: -self.keep or None]:
             if old.resolve() != Path(filepath).resolve():
                 old.unlink(missing_ok=True)
+
+    def wrote(self, path: Path) -> bool:
+        """Whether `path` is a name this callback writes (`filename` with numbers in its
+        fields): pruning never touches another file that happens to sit in the folder."""
+        template = re.escape(self.filename or "{epoch}-{step}")
+        field = r"\\\{([^}:\\]+)[^}]*\\\}"  # an escaped {name} or {name:format}
+        pattern = re.sub(field, lambda m: f"(?:{re.escape(m[1])}=)?[-+.0-9e]+", template)
+        return path.is_file() and re.fullmatch(rf"{pattern}(?:-v\d+)?\.ckpt", path.name) is not None
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
@@ -104,7 +115,20 @@ def find_resume(folder: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def stored_wandb_id(path: str | os.PathLike) -> str | None:
-    """The W&B run id a checkpoint was written under, if any (read without its tensors)."""
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint.get(WANDB_ID)
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint read as data (`weights_only=True`, memory-mapped: tensors and
+    plain containers, never code), checked before Lightning resumes from it; everything this
+    project puts into its checkpoints loads this way."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"resume={path}: no such checkpoint file")
+    checkpoint = load_torch_file(p)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{p.name} is not a Lightning training checkpoint (no state_dict)")
+    return checkpoint
+
+
+def stored_wandb_id(checkpoint: dict) -> str | None:
+    """The W&B run id a checkpoint was written under, if any."""
+    run_id = checkpoint.get(WANDB_ID)
+    return run_id if isinstance(run_id, str) else None
