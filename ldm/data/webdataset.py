@@ -24,9 +24,7 @@ would have read next.
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import logging
 import os
 import random
@@ -34,13 +32,19 @@ from typing import Callable, Iterator
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.buckets import bucket_batches, make_buckets, nearest_bucket
-from ldm.data.filters import MetadataFilter, add_counts, new_counts, rejection_reason
+from ldm.data.filters import (
+    MetadataFilter,
+    add_counts,
+    new_counts,
+    parse_metadata,
+    rejection_reason,
+)
 from ldm.data.shards import (
     IMAGE_EXTS,
+    MAX_MEMBER_BYTES,
     DataError,
     dealt_batches,
     loss_weights,
@@ -52,11 +56,27 @@ from ldm.data.shards import (
     resampled,
     worker_batches,
 )
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import (
+    MAX_ASPECT,
+    MAX_PIXELS,
+    ImageLimits,
+    ImageRejected,
+    ImageTransform,
+    open_image,
+)
 
 __all__ = ["make_dataset", "ImageTextDataModule"]
 log = logging.getLogger(__name__)
-BROKEN = ("no_image", "bad_image", "no_caption")
+# Broken or hostile input (logged as a warning); the other reasons are filters at work.
+BROKEN = (
+    "no_image",
+    "bad_image",
+    "no_caption",
+    "bad_metadata",
+    "too_many_pixels",
+    "bad_aspect",
+    "member_too_large",
+)
 # A training stream that rejects this many samples in a row would otherwise spin forever (filters
 # that nothing passes): it stops with the counts instead. At a 1% keep rate the chance of such
 # a run is 0.99^10000 ~ 1e-44.
@@ -77,12 +97,9 @@ def caption_of(sample: dict, meta: dict, caption_key: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def read_meta(sample: dict) -> dict:
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-    except ValueError:
-        meta = {}
-    return meta if isinstance(meta, dict) else {}
+def read_meta(sample: dict) -> dict | None:
+    """KEY.json's object ({} without one), None when it is broken (`parse_metadata`)."""
+    return parse_metadata(sample.get("json"))
 
 
 def precheck(
@@ -90,7 +107,10 @@ def precheck(
 ) -> tuple[str | None, str, str | None]:
     """(rejection reason or None, caption, image extension): every check short of decoding."""
     meta = read_meta(sample)
-    reason = rejection_reason(meta, filters) if filters.active else None
+    if meta is None:
+        reason, meta = "bad_metadata", {}
+    else:
+        reason = rejection_reason(meta, filters) if filters.active else None
     caption = caption_of(sample, meta, caption_key)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if reason is None and ext is None:
@@ -132,6 +152,8 @@ class ImageTextStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         loss_weights: list[float] | None = None,
+        image_limits: ImageLimits = ImageLimits(),
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ) -> None:
         if mode not in ("stream", "exact", "once"):
             raise DataError(f"data mode {mode!r}: use 'stream' or 'exact' ('once' for validation)")
@@ -151,6 +173,7 @@ class ImageTextStream(IterableDataset):
         self.rank, self.world_size = (rank, world_size) if rank is not None else rank_and_world()
         self.epoch, self.resume_at = 0, 0
         self.counts = new_counts()
+        self.image_limits, self.max_member_bytes = image_limits, max_member_bytes
 
     def batches_per_epoch(self, workers: int) -> int:
         """Batches a rank reads in one epoch (every epoch the same) with `workers` workers."""
@@ -196,10 +219,12 @@ class ImageTextStream(IterableDataset):
             sample, self.filters, self.caption_key, self.skip_empty_captions
         )
         bucket = None
-        if reason is None and self.buckets:
-            try:  # the header alone gives the size
-                with Image.open(io.BytesIO(sample[ext])) as im:
-                    bucket = nearest_bucket(*im.size, self.buckets)
+        if reason is None:
+            try:  # the header alone: its size is checked (and bucketed) before any decoding
+                with open_image(sample[ext], self.image_limits) as im:
+                    bucket = nearest_bucket(*im.size, self.buckets) if self.buckets else None
+            except ImageRejected as e:
+                reason = e.reason
             except Exception:
                 reason = "bad_image"
         if reason is not None:
@@ -213,11 +238,12 @@ class ImageTextStream(IterableDataset):
     def decode(self, sample: dict) -> dict | None:
         key, ext = sample["__key__"], sample["__ext__"]
         try:
-            with Image.open(io.BytesIO(sample[ext])) as im:
+            with open_image(sample[ext], self.image_limits) as im:
                 image = self.transform(im, sample["bucket"])
-        except Exception as e:  # a corrupt image must not end a long run
-            self.count("bad_image")
-            log.warning("skipping %s (%s): bad_image: %s", key, sample.get("__url__"), e)
+        except Exception as e:  # a corrupt or hostile image must not end a long run
+            reason = e.reason if isinstance(e, ImageRejected) else "bad_image"
+            self.count(reason)
+            log.warning("skipping %s (%s): %s: %s", key, sample.get("__url__"), reason, e)
             return None
         self.count("kept")
         return {
@@ -244,7 +270,7 @@ class ImageTextStream(IterableDataset):
         failures = 0
         for url in urls:
             got = False
-            for sample in read_shard(url, self.count):
+            for sample in read_shard(url, self.count, self.max_member_bytes):
                 got, failures = True, 0
                 yield sample
             failures = 0 if got else failures + 1
@@ -350,7 +376,9 @@ def _fixed_batches(samples: Iterator[dict], batch_size: int) -> Iterator[list[di
 
 
 def build_index(
-    urls: list[str], rejection: Callable[[dict], str | None]
+    urls: list[str],
+    rejection: Callable[[dict], str | None],
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> tuple[list[dict], dict[str, int]]:
     """{url, key, offsets} of every sample that passes the checks short of decoding (a reader's
     `rejection`), and the counts of those that do not: what an exact epoch or a validation
@@ -363,7 +391,7 @@ def build_index(
     for url in urls:
         if url.endswith((".gz", ".tgz", ".xz", ".bz2", ".zst")):
             raise DataError(f"{url}: exact epochs and validation read uncompressed tars only")
-        for sample in read_shard(url, count):
+        for sample in read_shard(url, count, max_member_bytes):
             reason = rejection(sample)
             if reason in BROKEN:
                 log.warning("skipping %s (%s): %s", sample["__key__"], url, reason)
@@ -399,13 +427,17 @@ def make_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     num_workers: int = 1,
+    image_limits: ImageLimits = ImageLimits(),
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> ImageTextStream:
     """The batch stream over `urls` (a shard list, patterns, or `{urls, weight}` sources).
 
     Training streams (`batches_per_epoch` batches per worker) or reads exact epochs (`mode`);
     validation (`train=False`) reads each sample once, in order. `rank`/`world_size` default to
     torch.distributed's, else the RANK/WORLD_SIZE environment variables; `num_workers` (the
-    loader's) only sizes the warning about fewer shards than readers.
+    loader's) only sizes the warning about fewer shards than readers. Images over
+    `image_limits` (by their header) and tar members over `max_member_bytes` are skipped and
+    counted, never decoded or read.
     """
     sources, weights = parse_sources(urls)
     filters = filters or MetadataFilter()
@@ -429,9 +461,13 @@ def make_dataset(
         rank,
         world_size,
         loss_weights(urls) if train else None,
+        image_limits,
+        max_member_bytes,
     )
     if mode != "stream":
-        ds.index, ds.index_counts = build_index([u for s in sources for u in s], ds.rejection)
+        ds.index, ds.index_counts = build_index(
+            [u for s in sources for u in s], ds.rejection, max_member_bytes
+        )
     n_shards, readers = sum(map(len, sources)), ds.world_size * max(1, num_workers)
     if mode == "stream" and n_shards < readers:
         log.warning(
@@ -486,6 +522,11 @@ class ImageTextDataModule(L.LightningDataModule):
         filters: a `MetadataFilter` (or its fields as a dict) applied to `KEY.json`.
         caption_key: `txt` reads `KEY.txt`; another name reads that file or json field.
         bucketing: aspect-ratio buckets around image_size^2 ("stream" mode).
+        max_pixels / max_aspect: the most pixels, and the most extreme long/short side ratio,
+            an image's header may claim; others are skipped and counted (`too_many_pixels`,
+            `bad_aspect`) before any decoding (see `ldm.data.transforms` for the defaults).
+        max_member_bytes: the largest tar member read; a sample with a larger one is skipped
+            and counted (`member_too_large`) without reading it.
         prepare: optional callable run once before loading (e.g. renders the shapes shards).
     """
 
@@ -511,6 +552,9 @@ class ImageTextDataModule(L.LightningDataModule):
         bucket_max_ratio: float = 2.0,
         seed: int = 0,
         drop_remainder: bool = False,
+        max_pixels: int = MAX_PIXELS,
+        max_aspect: float = MAX_ASPECT,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
         self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
@@ -527,6 +571,8 @@ class ImageTextDataModule(L.LightningDataModule):
             buckets=make_buckets(image_size, bucket_step, bucket_max_ratio) if bucketing else None,
             seed=seed,
             drop_remainder=drop_remainder,
+            image_limits=ImageLimits(max_pixels, max_aspect),
+            max_member_bytes=max_member_bytes,
         )
 
     def prepare_data(self) -> None:

@@ -80,3 +80,17 @@ def write_sparse_shard(path: Path, samples: list[tuple[str, dict[str, bytes | in
 def png_strip(width: int = 1, height: int = 32000) -> bytes:
     """A tiny PNG file of a huge, thin image (a few hundred bytes)."""
     return image_bytes(Image.new("L", (width, height)))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height grey pixels and holds none: PIL opens it (the header is
+    all `Image.open` reads), decoding it fails. A huge image for the price of 57 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")

@@ -2,7 +2,15 @@ import math
 
 import pytest
 
-from ldm.data.filters import REASONS, MetadataFilter, add_counts, new_counts, rejection_reason
+from ldm.data.filters import (
+    MAX_JSON_BYTES,
+    REASONS,
+    MetadataFilter,
+    add_counts,
+    new_counts,
+    parse_metadata,
+    rejection_reason,
+)
 
 LAION = {
     "original_width": 640,
@@ -66,3 +74,18 @@ def test_counts_have_one_fixed_key_set_and_add_up():
     assert sorted(a) == sorted(["kept"] + [f"rejected/{r}" for r in REASONS])
     a["kept"], b["kept"], b["rejected/unsafe"] = 2, 3, 1
     assert add_counts(a, b) == {**new_counts(), "kept": 5, "rejected/unsafe": 1}
+
+
+@pytest.mark.parametrize("value", ["0.9", "high", [0.9], {"v": 0.9}, True, 10**400])
+def test_a_field_a_filter_needs_that_is_not_a_number_rejects_as_bad_metadata(value):
+    f = MetadataFilter(max_punsafe=0.5)
+    assert rejection_reason({"punsafe": value}, f) == "bad_metadata"
+    assert rejection_reason({"punsafe": value}, MetadataFilter(min_width=1)) == "missing_metadata"
+    assert rejection_reason({"punsafe": value, "width": 4}, MetadataFilter(min_width=1)) is None
+
+
+def test_metadata_that_is_not_a_json_object_parses_to_none_never_raises():
+    assert parse_metadata(b'{"a": 1}') == {"a": 1} and parse_metadata(None) == {}
+    for bad in (b"{not json", b"[1, 2]", b"null", b"[" * 100_000, b"{" * 100_000, b"\xff\xfe"):
+        assert parse_metadata(bad) is None
+    assert parse_metadata(b'{"a": "' + b"x" * MAX_JSON_BYTES + b'"}') is None  # too big
