@@ -31,9 +31,10 @@ class ConfigError(ValueError):
 
 
 def fail(message: object) -> NoReturn:
-    """End a command line with one `error: ...` line on stderr and exit status 2."""
+    """End a command line with one `error: ...` line on stderr and exit status 1 (as Hydra's own
+    config errors do; argparse keeps 2 for a malformed command line)."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(1)
 
 
 def exit_on(*errors: type[BaseException]) -> Callable:

@@ -102,6 +102,9 @@ def test_train_writes_weights_grids_checkpoint_and_offline_wandb_history(trained
     assert [g.name for g in grids] == ["step_000000.png", "step_000002.png", "step_000004.png"]
     assert Image.open(grids[-1]).size[0] > 64  # a grid, not one image
     assert (trained / "checkpoints" / "last.ckpt").is_file()
+    from ldm.training.checkpointing import read_checkpoint
+
+    assert read_checkpoint(trained / "checkpoints" / "last.ckpt")["state_dict"]  # data only
     run_files = list((trained / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
     rows = history(run_files[0])
@@ -307,7 +310,7 @@ def test_lora_run_writes_a_small_kohya_file_and_a_slim_checkpoint(lora_run, trai
     assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "8"
     assert (lora_run / "samples/step_000000.png").is_file()  # the base model, before training
-    ckpt = torch.load(lora_run / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(lora_run / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["state_dict"] and all(k.startswith("unet_lora.") for k in ckpt["state_dict"])
     n_params = sum(v.numel() for v in ckpt["state_dict"].values())
     adam = ckpt["optimizer_states"][0]["state"]
@@ -467,6 +470,9 @@ def test_textual_inversion_writes_a_word_sample_py_reads(trained, tmp_path):
 
     vectors, word = read_embedding(tmp_path / "run/pastel.safetensors")
     assert word == "<pastel>" and vectors.shape == (2, 32)
+    from ldm.training.checkpointing import read_checkpoint
+
+    assert read_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["state_dict"]  # data only
     out = tmp_path / "out"
     result = run(
         "sample.py",

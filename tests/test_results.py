@@ -73,11 +73,11 @@ def test_summarize_writes_table_csv_and_plot_and_counts_skipped_jobs(tmp_path, c
 
 
 def test_cli_reports_a_directory_without_jobs_in_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="2"):
+    with pytest.raises(SystemExit, match="1"):
         main([str(tmp_path)])
     err = capsys.readouterr().err
     assert err.startswith("error: no job in") and "metrics.csv" in err
-    with pytest.raises(SystemExit, match="2"):
+    with pytest.raises(SystemExit, match="1"):
         main([str(tmp_path / "missing")])
 
 

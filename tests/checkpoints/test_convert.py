@@ -365,7 +365,7 @@ def test_cli(tmp_path, capsys):
     back, meta = files.read(tmp_path / "back.safetensors")
     assert meta["modelspec.architecture"] == "ldm-custom"
     assert back["model.diffusion_model.out.2.weight"].dtype == torch.float16
-    with pytest.raises(SystemExit, match="2"):
+    with pytest.raises(SystemExit, match="1"):
         convert.main([str(tmp_path / "missing.safetensors"), str(tmp_path / "x.safetensors")])
     assert "does not exist" in capsys.readouterr().err
 

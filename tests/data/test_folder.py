@@ -183,4 +183,4 @@ def test_command_line_reports_counts(folder, tmp_path):
         text=True,
         timeout=60,
     )
-    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    assert bad.returncode == 1 and "does not exist" in bad.stderr

@@ -118,7 +118,7 @@ def test_cli_skips_images_without_a_prompt_and_says_so(tmp_path, capsys):
 
 def test_cli_reports_missing_prompt(tmp_path, capsys):
     _renders(1, 64)[0][0].save(tmp_path / "lonely.png")
-    with pytest.raises(SystemExit, match="2"):
+    with pytest.raises(SystemExit, match="1"):
         main([str(tmp_path)])
     assert "lonely.png" in capsys.readouterr().err
 
@@ -134,7 +134,7 @@ def test_cli_empty_directory_is_one_error_line(tmp_path):
         env=env,
         timeout=60,
     )
-    assert process.returncode == 2
+    assert process.returncode == 1
     assert process.stdout == ""
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and "no PNG images" in lines[0]

@@ -73,7 +73,7 @@ def test_a_nan_on_one_rank_is_skipped_by_both_and_the_run_finishes(tmp_path):
         rows = (tmp_path / "run/batch_keys" / f"rank{rank}.jsonl").read_text().splitlines()
         assert [json.loads(row)["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     # the step of batch 3 changed nothing: AdamW counted 5 updates of every parameter in 6 steps
-    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
     assert {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {5}
     logged = history(next((tmp_path / "run/wandb").glob("*/run-*.wandb")))

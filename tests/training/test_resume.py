@@ -76,8 +76,8 @@ def check_same_run(alone: Path, killed: Path, ranks: int, epochs_of: int = 3) ->
     assert logged_twice(killed) == []
     wa, wk = load_file(alone / "model.safetensors"), load_file(killed / "model.safetensors")
     assert wa.keys() == wk.keys() and all(torch.equal(wa[n], wk[n]) for n in wa)
-    ca = torch.load(alone / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
-    ck = torch.load(killed / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
+    ca = torch.load(alone / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    ck = torch.load(killed / "checkpoints/last.ckpt", weights_only=True, map_location="cpu")
     assert all(torch.equal(ca["state_dict"][n], ck["state_dict"][n]) for n in ca["state_dict"])
     assert ca["global_step"] == ck["global_step"] == 16
 
