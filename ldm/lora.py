@@ -3,6 +3,9 @@
     python -m ldm.lora merge BASE LORA [LORA ...] OUT.safetensors [--scale S [S ...]]
     python -m ldm.lora convert IN.safetensors OUT.safetensors --to kohya|peft
 
+An existing OUT is never replaced without `--overwrite`. LoRA files are read (and checked:
+`ldm.checkpoints.lora`) before BASE is loaded, so a bad one is refused at once.
+
 `merge` loads BASE (anything `ldm.checkpoints.load_model` reads: an SD single file, a diffusers
 folder, a file of ours), adds each LoRA's weight deltas at its scale (one scale for all, or one
 per LoRA; default 1) and writes an SD single file. `convert` rewrites a LoRA file between the
@@ -13,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ldm.checkpoints import CheckpointError, load_model
 from ldm.checkpoints.export import save_sd
-from ldm.checkpoints.lora import apply_loras, read_lora, save_lora
+from ldm.checkpoints.lora import merge_loras, read_lora, read_loras, save_lora
 from ldm.config import exit_on, fail
 
 
@@ -41,13 +45,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--to", choices=["kohya", "peft"], required=True)
+    for command in (merge, convert):
+        command.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return ap.parse_args(argv)
+
+
+def check_output(path: str, overwrite: bool) -> None:
+    """Refuse to replace a file (or a folder) unless asked: it may be the user's only copy."""
+    if Path(path).exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; pass --overwrite to replace it")
 
 
 @exit_on(CheckpointError, ValueError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "convert":
+        check_output(args.dst, args.overwrite)
         adapters, meta = read_lora(args.src)
         keep = {k: v for k, v in meta.items() if k != "lora_adapter_metadata"}
         save_lora(args.dst, adapters, args.to, keep)
@@ -59,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     scales = args.scale * len(loras) if len(args.scale) == 1 else args.scale
     if len(scales) != len(loras):
         fail(f"{len(loras)} LoRA files but {len(scales)} scales: give one, or one per file")
+    check_output(out, args.overwrite)
+    adapters = read_loras(list(zip(loras, scales)))
     model = load_model(args.base)
-    apply_loras(model, list(zip(loras, scales)))
+    merge_loras(model, adapters)
     save_sd(out, model)
     print(
         f"wrote {out}: {args.base} with " + ", ".join(f"{p} x{s:g}" for p, s in zip(loras, scales))

@@ -13,7 +13,7 @@ from torch import nn
 
 from ldm.checkpoints import CheckpointError, load_model
 from ldm.checkpoints.embeddings import check_words, read_embedding
-from ldm.checkpoints.lora import apply_loras
+from ldm.checkpoints.lora import merge_loras, read_loras
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SamplerConfig, sample
 from ldm.diffusion.schedule import NoiseSchedule
@@ -95,10 +95,12 @@ class Pipeline:
         chosen = resolve(precision, device, sampling=True)
         log.info("precision: %s (%s)", chosen.value, chosen.reason)
         dtype = torch.float32 if device.type == "cpu" else None
-        words = [(Path(p).name, *read_embedding(p)) for p in embeddings]  # small: read first
+        # the small files first: a bad one is refused before the long load of the model
+        adapters = read_loras(list(loras))
+        words = [(Path(p).name, *read_embedding(p)) for p in embeddings]
         check_words([(name, word) for name, _, word in words])
         model = load_model(ckpt, device=device, dtype=dtype, **options)
-        apply_loras(model, list(loras))
+        merge_loras(model, adapters)
         for name, vectors, word in words:
             try:
                 model.text_encoder.add_embedding(word, vectors.to(device))

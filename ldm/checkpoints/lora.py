@@ -12,11 +12,19 @@ alphas in diffusers' `lora_adapter_metadata` (PEFT LoraConfig per component: `r`
 
 A file is first read into adapters by canonical name (`lora_names`): {name: {"down", "up",
 "alpha"}}; a key that fits neither layout, or an adapter without its pair, is an error naming it.
+
+Files are untrusted, and only data is taken from them: torch files are read weights-only, no
+metadata value is ever a class or function to call, the PEFT metadata is checked field by field
+(`peft_config`), every adapter's tensors and alpha are checked (`check_adapter`), and a module is
+only allocated once its tensors are known to fit the layer, so its size is that of the file's
+own tensors, never a size the file merely claims. Each refusal is one CheckpointError naming
+the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +49,7 @@ Adapters = dict[str, dict[str, torch.Tensor]]  # canonical name -> {"down", "up"
 KOHYA_SUFFIX = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 PEFT_SUFFIX = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
 UNSUPPORTED = ("lora_mid", "hada_", "lokr_", "dora_scale", "oft_", "diff", ".w_norm", ".b_norm")
+MAX_RANK = 65536  # far above any published LoRA; PEFT metadata claiming more is not a LoRA file
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,6 +58,12 @@ UNSUPPORTED = ("lora_mid", "hada_", "lokr_", "dora_scale", "oft_", "diff", ".w_n
 
 def read_lora(path: str | os.PathLike) -> tuple[Adapters, dict[str, str]]:
     """(adapters by canonical name, metadata) of a kohya- or PEFT-layout LoRA file."""
+    try:
+        exists = Path(path).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        exists = False
+    if not exists:
+        raise CheckpointError(f"LoRA file {str(path)!r} does not exist")
     state, meta = read(path)
     try:
         return adapters_from_state(state, meta), meta
@@ -61,7 +76,8 @@ def adapters_from_state(
     meta: Mapping[str, str] | None = None,
 ) -> Adapters:
     """Adapters of a state dict in either layout; a PEFT file's alphas come from its metadata,
-    and where nothing says, alpha = rank (scale 1), as kohya and diffusers assume."""
+    and where nothing says, alpha = rank (scale 1), as kohya and diffusers assume. A kohya
+    alpha of 0 also means alpha = rank, as in kohya's own loader."""
     adapters: Adapters = {}
     for key, value in state.items():
         name, part = _split_key(key)
@@ -71,13 +87,42 @@ def adapters_from_state(
         if "down" not in parts or "up" not in parts:
             missing = "lora_down/lora_A" if "down" not in parts else "lora_up/lora_B"
             raise ValueError(f"adapter {name} has no {missing} weight")
+        check_adapter(name, parts)
         alpha = peft_alphas.get(name, float(parts["down"].shape[0]))
         parts.setdefault("alpha", torch.tensor(alpha, dtype=torch.float32))
+        if float(parts["alpha"]) == 0:
+            parts["alpha"] = torch.tensor(float(parts["down"].shape[0]))
     return adapters
+
+
+def check_adapter(name: str, parts: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless down (rank, in[, k, k]) and up (out, rank[, 1, 1]) are float tensors of
+    one rank in 1..MAX_RANK, and alpha (if given) is one finite number >= 0."""
+    down, up = parts["down"], parts["up"]
+    for part, t in (("down", down), ("up", up)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim not in (2, 4):
+            what = f"a {t.dtype} tensor of {t.ndim} dims" if isinstance(t, torch.Tensor) else t
+            raise ValueError(f"adapter {name}: its {part} weight is {what}, not a float matrix")
+    rank = down.shape[0]
+    if not 1 <= rank <= MAX_RANK or up.shape[1] != rank or 0 in down.shape or 0 in up.shape:
+        raise ValueError(
+            f"adapter {name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not make "
+            f"a LoRA of rank 1..{MAX_RANK} (down (rank, in), up (out, rank))"
+        )
+    if "alpha" in parts:
+        alpha = parts["alpha"]
+        if not isinstance(alpha, torch.Tensor) or alpha.numel() != 1 or alpha.is_complex():
+            raise ValueError(f"adapter {name}: its alpha is not one number")
+        if not math.isfinite(float(alpha)) or float(alpha) < 0:
+            raise ValueError(
+                f"adapter {name}: its alpha {float(alpha)} is not a finite number >= 0"
+            )
 
 
 def _split_key(key: str) -> tuple[str, str]:
     """(canonical name, "down" | "up" | "alpha") of one tensor's key in either layout."""
+    if not isinstance(key, str):  # a torch file's dict may have any keys
+        raise ValueError(f"key {key!r} is not a string: not a LoRA state dict")
     if any(u in key for u in UNSUPPORTED):
         raise ValueError(
             f"{key}: this adapter kind (LoHa, LoKr, DoRA, OFT, Tucker LoCon, full "
@@ -151,7 +196,7 @@ def _peft_alphas(adapters: Adapters, meta: Mapping[str, str]) -> dict[str, float
     raw = meta.get("lora_adapter_metadata")
     if not raw:
         return {}
-    config = json.loads(raw)
+    config = peft_config(raw)
     out = {}
     for name in adapters:
         component, path = name.split(".", 1)[0], _peft_path(name)
@@ -161,6 +206,71 @@ def _peft_alphas(adapters: Adapters, meta: Mapping[str, str]) -> dict[str, float
         if alpha is not None:
             out[name] = float(alpha)
     return out
+
+
+def _is_number(v: object) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _is_rank(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RANK
+
+
+def _is_alpha(v: object) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def _is_mapping_of(check):
+    return lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and check(x) for k, x in v.items())
+    )
+
+
+def _is_modules(v: object) -> bool:  # PEFT: a list of names, or one regular expression
+    return (
+        v is None
+        or isinstance(v, str)
+        or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+    )
+
+
+# the PEFT LoraConfig fields read or written here, and what each must be; others are ignored
+PEFT_FIELDS = {
+    "r": (_is_rank, f"an integer rank in 1..{MAX_RANK}"),
+    "lora_alpha": (_is_alpha, "a finite number >= 0"),
+    "rank_pattern": (_is_mapping_of(_is_rank), f"an object of ranks in 1..{MAX_RANK}"),
+    "alpha_pattern": (_is_mapping_of(_is_alpha), "an object of finite numbers >= 0"),
+    "target_modules": (_is_modules, "a list of module names or one pattern"),
+}
+
+
+def peft_config(raw: str) -> dict[str, object]:
+    """diffusers' `lora_adapter_metadata` JSON: an object whose `<component>.<field>` entries
+    of PEFT_FIELDS have their types (ValueError otherwise); any other entry is ignored, and
+    nothing in it is ever called or instantiated."""
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"its lora_adapter_metadata is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"its lora_adapter_metadata is a JSON {type(config).__name__}, not an object of "
+            f"PEFT settings"
+        )
+    for key, value in config.items():
+        field = key.rsplit(".", 1)[-1]
+        if field in PEFT_FIELDS and not PEFT_FIELDS[field][0](value):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:40] + "..."
+            raise ValueError(
+                f"its lora_adapter_metadata {key} is {shown}; expected {PEFT_FIELDS[field][1]}"
+            )
+    return config
 
 
 def save_lora(
@@ -259,6 +369,10 @@ def build_networks(
 
 
 def _module_for(layer: nn.Module, named: dict[str, dict], what: str) -> nn.Module:
+    """The adapter module of one layer holding the file's tensors; they are checked against the
+    layer first, so that nothing is allocated for a shape the layer cannot take."""
+    for name, tensors in named.items():
+        _check_fit(layer, tensors, name, what)
     if isinstance(layer, nn.MultiheadAttention):
         parts = {
             part: named.get(f"{_stem(named)}.{proj}") for part, proj in ATTENTION_PARTS.items()
@@ -272,12 +386,12 @@ def _module_for(layer: nn.Module, named: dict[str, dict], what: str) -> nn.Modul
             if tensors is None:  # a projection the file leaves alone: a zero adapter
                 nn.init.zeros_(sub.lora_up.weight)
             else:
-                _load(sub, tensors, f"{_stem(named)}.{ATTENTION_PARTS[part]}", what)
+                _load(sub, tensors)
         return module
     ((name, tensors),) = named.items()
     rank = tensors["down"].shape[0]
     module = LoRAModule.of(layer, rank, float(tensors["alpha"]))
-    _load(module, tensors, name, what)
+    _load(module, tensors)
     return module
 
 
@@ -285,16 +399,32 @@ def _stem(named: dict[str, dict]) -> str:
     return next(iter(named)).rsplit(".", 1)[0]
 
 
-def _load(module: LoRAModule, tensors: dict[str, torch.Tensor], name: str, what: str) -> None:
-    for part, param in (("down", module.lora_down.weight), ("up", module.lora_up.weight)):
+def adapter_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (down, up) weight shapes of a rank-`rank` adapter of `layer` (LoRAModule's)."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return (rank, layer.embed_dim), (layer.embed_dim, rank)
+    if isinstance(layer, nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return (rank, layer.in_features), (layer.out_features, rank)
+
+
+def _check_fit(layer: nn.Module, tensors: dict[str, torch.Tensor], name: str, what: str) -> None:
+    """A file's tensors fit the adapter of `layer` at their rank: the same leading two sizes
+    and as many elements (a 1x1 convolution's may come as a matrix)."""
+    shapes = adapter_shapes(layer, tensors["down"].shape[0])
+    for part, shape in zip(("down", "up"), shapes):
         t = tensors[part]
-        if t.numel() != param.numel() or t.shape[:2] != param.shape[:2]:
+        if t.numel() != math.prod(shape) or t.shape[:2] != shape[:2]:
             raise CheckpointError(
                 f"{what}: {name}.{part} has shape {tuple(t.shape)} but the "
-                f"layer needs {tuple(param.shape)}: a LoRA for another model"
+                f"layer needs {shape}: a LoRA for another model"
             )
-        with torch.no_grad():
-            param.copy_(t.reshape(param.shape))
+
+
+def _load(module: LoRAModule, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for part, param in (("down", module.lora_down.weight), ("up", module.lora_up.weight)):
+            param.copy_(tensors[part].reshape(param.shape))
     module.alpha.fill_(float(tensors["alpha"]))
 
 
@@ -366,13 +496,25 @@ def save_networks(
     return save_lora(path, adapters, layout, meta)
 
 
-def apply_loras(model, loras: list[tuple[str, float]]) -> None:
-    """Merge LoRA files, each at its scale, into a loaded model's U-Net and text encoder."""
-    for path, scale in loras:
-        adapters, _ = read_lora(path)
-        networks = build_networks(
-            adapters, model.unet, model.text_encoder, model.config["unet"], what=Path(path).name
-        )
+def read_loras(loras: list[tuple[str, float]]) -> list[tuple[str, Adapters, float]]:
+    """(file name, adapters, scale) of LoRA files: read, and checked, before any model is."""
+    return [(Path(path).name, read_lora(path)[0], scale) for path, scale in loras]
+
+
+def merge_loras(model, loras: list[tuple[str, Adapters, float]]) -> None:
+    """Merge read LoRA files, each at its scale, into a loaded model's U-Net and text encoder."""
+    for name, adapters, scale in loras:
+        try:
+            networks = build_networks(
+                adapters, model.unet, model.text_encoder, model.config["unet"], what=name
+            )
+        except ValueError as e:  # e.g. an adapter on a layer LoRA cannot adapt
+            raise CheckpointError(f"{name}: {e}") from None
         for net in networks.values():
             net.set_multiplier(scale)
             net.merge()
+
+
+def apply_loras(model, loras: list[tuple[str, float]]) -> None:
+    """Merge LoRA files (path, scale) into a loaded model's U-Net and text encoder."""
+    merge_loras(model, read_loras(loras))

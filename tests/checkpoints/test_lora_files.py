@@ -1,6 +1,12 @@
 """LoRA files against the tools that read them: the module sets kohya's scripts create, diffusers'
 own `load_lora_weights` and kohya conversion, and exact kohya <-> PEFT round trips."""
 
+import json
+import os
+import pickle
+import re
+
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -237,3 +243,151 @@ def test_files_that_do_not_fit_are_clear_errors(base, tmp_path):
     files.save_state(tmp_path / "odd.safetensors", state)
     with pytest.raises(CheckpointError, match="something.weight"):
         read_lora(tmp_path / "odd.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# untrusted files: one CheckpointError naming the file; nothing run, nothing sized by a claim
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def one_adapter(rank: int = 2, alpha: float | None = 2.0) -> dict:
+    """A PEFT-layout state of one U-Net linear adapter of the tiny SD 1 model (32 -> 32)."""
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    parts = {"down": torch.zeros(rank, 32), "up": torch.zeros(32, rank)}
+    if alpha is not None:
+        parts["alpha"] = torch.tensor(alpha)
+    return {name: parts}
+
+
+def peft_file(path, config) -> str:
+    """A PEFT-layout file whose lora_adapter_metadata is `config` (JSON text, or dumped)."""
+    raw = config if isinstance(config, str) else json.dumps(config)
+    state = {f"{n}.lora_A.weight": p["down"] for n, p in one_adapter().items()}
+    state |= {f"{n}.lora_B.weight": p["up"] for n, p in one_adapter().items()}
+    files.save_state(path, state, {"lora_adapter_metadata": raw})
+    return path
+
+
+@pytest.mark.parametrize(
+    "config, why",
+    [
+        ("[1, 2]", "a JSON list, not an object"),
+        ('"unet.r"', "a JSON str"),
+        ("7", "a JSON int"),
+        ("null", "a JSON NoneType"),
+        ('{"unet.r": 4', "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+        ({"unet.r": "x"}, 'unet.r is "x"; expected an integer rank'),
+        ({"unet.r": 10**30}, "unet.r is 1000000000000000000000000000000;"),
+        ({"unet.r": True}, "unet.r is true"),
+        ({"unet.lora_alpha": "big"}, "unet.lora_alpha"),
+        ('{"unet.lora_alpha": 1e999}', "unet.lora_alpha is Infinity"),
+        ({"unet.lora_alpha": 10**400}, "unet.lora_alpha"),
+        ({"unet.lora_alpha": -1}, "finite number >= 0"),
+        ({"unet.alpha_pattern": [1]}, "unet.alpha_pattern"),
+        ({"unet.alpha_pattern": {"to_q": "2"}}, "unet.alpha_pattern"),
+        ({"unet.rank_pattern": {"to_q": -1}}, "unet.rank_pattern"),
+        ({"unet.target_modules": 3}, "unet.target_modules"),
+    ],
+)
+def test_peft_metadata_of_the_wrong_shape_is_one_error_naming_the_file(config, why, tmp_path):
+    path = peft_file(tmp_path / "style.safetensors", config)
+    with pytest.raises(CheckpointError, match=f"^style.safetensors: .*{re.escape(why)}") as e:
+        read_lora(path)
+    assert "\n" not in str(e.value)
+
+
+def test_metadata_naming_code_is_data_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    call = {"_target_": "subprocess.run", "args": [["touch", str(marker)]], "shell": False}
+    config = {
+        "unet.r": 2,
+        "unet.lora_alpha": 1,
+        "unet._target_": "subprocess.run",
+        "unet.init_lora_weights": call,
+        "unet.target_modules": ["subprocess.run"],
+        "unet.rank_pattern": {"subprocess.run": 2},
+    }
+    adapters, meta = read_lora(peft_file(tmp_path / "style.safetensors", config))
+    assert float(next(iter(adapters.values()))["alpha"]) == 1.0
+    path = save_lora(tmp_path / "k.safetensors", adapters, metadata={"ldm.config": call, "x": call})
+    assert read_lora(path)[1]["ldm.config"] == json.dumps(call)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".pth"])
+def test_pickles_that_run_code_and_garbage_are_refused_in_one_line(suffix, tmp_path):
+    marker = tmp_path / "pwned"
+    zipped, raw, junk = (tmp_path / f"{n}{suffix}" for n in ("zipped", "raw", "junk"))
+    torch.save({"lora_unet_x.lora_down.weight": Evil(marker)}, zipped)
+    with open(raw, "wb") as f:
+        pickle.dump({"state_dict": Evil(marker)}, f)
+    junk.write_bytes(os.urandom(512))
+    for path in (zipped, raw, junk):
+        with pytest.raises(CheckpointError, match=re.escape(path.name)) as e:
+            read_lora(path)
+        assert "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "parts, why",
+    [
+        ({"down": torch.zeros(70_000, 0), "up": torch.zeros(32, 70_000)}, "rank 1..65536"),
+        ({"down": torch.zeros(4, 32), "up": torch.zeros(32, 8)}, "do not make a LoRA"),
+        ({"down": torch.zeros(2, 32, dtype=torch.int64), "up": torch.zeros(32, 2)}, "int64"),
+        ({"down": torch.zeros(2), "up": torch.zeros(32, 2)}, "1 dims"),
+        ({"down": torch.zeros(2, 32), "up": torch.zeros(32, 2), "alpha": torch.ones(3)}, "one"),
+        (
+            {"down": torch.zeros(2, 32), "up": torch.zeros(32, 2), "alpha": torch.tensor(-1.0)},
+            "finite number >= 0",
+        ),
+        (
+            {"down": torch.zeros(2, 32), "up": torch.zeros(32, 2), "alpha": torch.tensor(np.nan)},
+            "nan",
+        ),
+    ],
+)
+def test_adapter_tensors_of_the_wrong_kind_are_refused(parts, why, tmp_path):
+    state = {
+        f"lora_unet_x.{k}": v
+        for k, v in zip(["lora_down.weight", "lora_up.weight", "alpha"], parts.values())
+    }
+    path = files.save_state(tmp_path / "bad.safetensors", state)
+    with pytest.raises(CheckpointError, match=f"^bad.safetensors: adapter unet.x: .*{why}"):
+        read_lora(path)
+
+
+def test_a_kohya_alpha_of_zero_means_alpha_equals_rank(tmp_path):
+    ((name, parts),) = one_adapter(rank=4, alpha=0.0).items()
+    adapters, _ = read_lora(save_lora(tmp_path / "z.safetensors", {name: parts}))
+    assert float(adapters[name]["alpha"]) == 4.0
+
+
+def test_nothing_is_allocated_for_a_shape_the_layer_cannot_take(base, monkeypatch):
+    """A rank of 2**20 for a 32-wide layer, from 4 MB of file: refused before the adapter (of
+    2**20 x 32 x 2 floats) would be built."""
+    _, model, _ = base
+    built = []
+    original = LoRAModule.__init__
+    monkeypatch.setattr(
+        LoRAModule, "__init__", lambda self, *a, **k: built.append(a) or original(self, *a, **k)
+    )
+    ((name, _),) = one_adapter().items()
+    huge = {
+        name: {
+            "down": torch.zeros(2**20, 1),
+            "up": torch.zeros(32, 2**20),
+            "alpha": torch.tensor(1.0),
+        }
+    }
+    with pytest.raises(CheckpointError, match="has shape \\(1048576, 1\\) but the layer needs"):
+        build_networks(huge, model.unet, model.text_encoder, model.config["unet"], what="huge")
+    assert built == []
