@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import shutil
@@ -57,6 +58,36 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or
+    file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_folder(new: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Put the complete folder `new` (a sibling of `path`) at `path`, replacing a folder there,
+    which is then removed. A reader sees the old folder or the new one, never a mix: the two
+    are swapped in one step where the system can (Linux), else the old one is renamed aside
+    first (a reader looking in between finds no folder)."""
+    new, path = Path(new), Path(path)
+    aside = path.with_name(f".{path.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)  # left by a replacement killed midway
+    if not path.exists():
+        os.replace(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new)  # now the old folder
+    else:
+        os.replace(path, aside)
+        os.replace(new, path)
+        shutil.rmtree(aside, ignore_errors=True)
+    return path
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -30,13 +30,11 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
 from torch import nn
 
-from ldm.data.filters import new_counts
-from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards
-from ldm.data.transforms import ImageTransform
+from ldm.data.filters import new_counts, parse_metadata
+from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards, read_shard
+from ldm.data.transforms import ImageTransform, open_image
 from ldm.data.webdataset import (
     EpochLoader,
     ImageTextStream,
@@ -44,7 +42,7 @@ from ldm.data.webdataset import (
     build_index,
     make_dataset,
 )
-from ldm.fileio import add_member, atomic_path, write_text
+from ldm.fileio import add_member, atomic_path, replace_folder, write_text
 from ldm.models.text_encoder import TextEncoder
 from ldm.precision import autocast as precision_autocast
 from ldm.precision import device_type
@@ -117,29 +115,23 @@ def _read_source(
     keep: Callable[[dict], bool] | None = None,
 ):
     """(key, image tensor, caption, json bytes) of each readable sample of one source shard
-    that `keep` (a predicate on its JSON metadata) accepts."""
-    for sample in wds.DataPipeline(
-        wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue)
-    ):
-        if keep is not None and not keep(_json(sample)):
-            skipped.append(sample["__key__"])
+    that `keep` (a predicate on its JSON metadata) accepts; the others are listed in `skipped`
+    with their reason. Read and checked as training reads images (`read_shard`, `open_image`),
+    so a hostile sample costs the cache no more than it would cost a training run."""
+    for sample in read_shard(url, skipped.append):
+        key, meta = sample["__key__"], parse_metadata(sample.get("json"))
+        if meta is None or (keep is not None and not keep(meta)):
+            skipped.append(f"{key} ({'bad_metadata' if meta is None else 'filtered'})")
             continue
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         try:
-            with Image.open(io.BytesIO(sample[ext])) as im:
+            with open_image(sample[ext]) as im:
                 image = transform(im)
-        except Exception:  # KeyError (no image) or any decoder error: skip and count
-            skipped.append(sample["__key__"])
+        except Exception as e:  # KeyError (no image), too many pixels, or any decoder error
+            skipped.append(f"{key} ({getattr(e, 'reason', 'bad_image')})")
             continue
         caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-        yield sample["__key__"], image, caption, sample.get("json", b"{}")
-
-
-def _json(sample: dict) -> dict:
-    try:
-        return json.loads(sample.get("json", b"{}"))
-    except ValueError:
-        return {}
+        yield key, image, caption, sample.get("json", b"{}")
 
 
 def _flush(tar, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
@@ -219,26 +211,33 @@ def write_latent_shards(
     samples whose JSON metadata `keep` rejects, and unreadable ones, are skipped and counted.
     Without a text encoder the cache holds latents only.
 
-    Shards already written by an interrupted run with the same models and settings are kept. A
-    cache of other models or settings in `out_dir` is an error, or with `replace` is removed
-    first (its own files only). Encoding runs in `ldm.precision.resolve(precision, device)`.
+    A new cache is built beside `out_dir` (`building_dir`) and moved into place once complete,
+    so `out_dir` only ever holds a whole cache: the old one stays readable until the new one
+    replaces it, and a build killed midway leaves it as it was. Shards already written by an
+    interrupted build of the same models and settings are kept. A cache of other models or
+    settings in `out_dir` is an error, or with `replace` is replaced (other files in the folder
+    are carried over). Encoding runs in `ldm.precision.resolve(precision, device)`.
     """
     if dtype not in ("float16", "float32"):
         raise CacheError(f"dtype must be float16 or float32, got {dtype!r}")
-    out = Path(out_dir)
+    final = Path(out_dir)
     vae = vae.to(device).eval()
     text_encoder = text_encoder and text_encoder.to(device).eval()
     meta = cache_metadata(vae, text_encoder, image_size, flips, dtype, sources)
-    old = out / META_FILE
-    if old.is_file() and _identity(json.loads(old.read_text())) != _identity(meta):
-        if not replace:
-            raise CacheError(
-                f"{out} holds a cache made with other models or settings; "
-                f"remove it or choose another folder"
-            )
-        log.warning("%s holds a cache of other models or settings: rebuilding it", out)
-        remove_cache(out)
+    found = _read_json(final / META_FILE)
+    if found is not None and _identity(found) != _identity(meta) and not replace:
+        raise CacheError(
+            f"{final} holds a cache made with other models or settings; "
+            f"remove it or choose another folder"
+        )
+    if found is not None and _identity(found) == _identity(meta):
+        out = final  # this very cache (unfinished by an older version of this code): finished
+    else:
+        if found is not None:
+            log.warning("%s holds a cache of other models or settings: rebuilding it", final)
+        out = building_dir(final, meta)
     out.mkdir(parents=True, exist_ok=True)
+    old = out / META_FILE
     _write_json(old, {**meta, "complete": False})
     if text_encoder is not None:
         with torch.no_grad():
@@ -260,13 +259,32 @@ def write_latent_shards(
                 counts["skipped"] += [f"{url}:{k}" for k in skipped]
             counts["shards"].append({"shard": path.name, "source": url})
     _write_json(old, {**meta, "complete": True, "counts": counts})
+    if out != final:
+        _carry_other_files(final, out)
+        replace_folder(out, final.resolve())
     return counts
 
 
-def remove_cache(out: Path) -> None:
-    """Delete a cache's own files (its metadata, empty context and NNNNN.tar shards)."""
-    for path in [out / META_FILE, out / EMPTY_FILE, *out.glob("[0-9][0-9][0-9][0-9][0-9].tar")]:
-        path.unlink(missing_ok=True)
+def building_dir(out: Path, meta: dict) -> Path:
+    """Where a cache for `out` is built: a hidden sibling (same file system, so it moves into
+    place in one rename) named by what is cached, so an interrupted build resumes there."""
+    key = hashlib.sha256(json.dumps(_identity(meta), sort_keys=True).encode()).hexdigest()
+    return out.resolve().with_name(f".{out.resolve().name}.building-{key[:16]}")
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Move what is not the old cache's own (its metadata, empty context and shards) into the
+    new folder, so that replacing the folder replaces the cache only."""
+    own = {META_FILE, EMPTY_FILE}
+    for path in old.iterdir() if old.is_dir() else []:
+        is_shard = len(path.name) == 9 and path.name[:5].isdigit() and path.suffix == ".tar"
+        hidden = path.name.startswith(".")  # a write cut short (`atomic_path`'s .NAME.tmp)
+        if not (path.name in own or is_shard or hidden or (new / path.name).exists()):
+            os.replace(path, new / path.name)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _identity(meta: dict) -> dict:

@@ -530,3 +530,74 @@ def test_a_resumed_latent_loader_reads_exactly_the_rest_of_its_epoch(cache):
         whole = epochs[n // 6][n % 6 :]
         assert [k for k, _ in rest] == [k for k, _ in whole]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, whole))
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_interrupted_rebuild_leaves_the_old_cache_whole_and_readable(
+    cache, tmp_path, monkeypatch
+):
+    """A cache of another VAE is rebuilt beside the old one and swapped in complete: a build
+    that fails midway leaves the old cache as it was (and loadable), the next one resumes it."""
+    import ldm.data.latents as latents
+
+    root, _ = cache
+    module, out = make_module(), tmp_path / "latents"
+    sources = [str(root / "src.tar")] * 2
+    build = functools.partial(
+        write_latent_shards, sources, out, module.vae, None, SIZE, 4, dtype="float32"
+    )
+    build(progress=False)
+    (out / "notes.txt").write_text("mine, not the cache's")
+    before = shard_bytes(out)
+    with torch.no_grad():
+        next(module.vae.parameters()).add_(1e-3)
+    calls, encode = [], latents.encode_batch
+
+    def killed_in_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # 4 + 2 samples a shard: the first shard is whole
+            raise RuntimeError("killed")
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(latents, "encode_batch", killed_in_the_second_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        build(progress=False, replace=True)
+    assert shard_bytes(out) == before
+    urls = [str(out / "00000.tar"), str(out / "00001.tar")]
+    meta, empty = read_cache_metadata(urls)
+    batch = next(iter(make_latent_dataset(urls, empty, batch_size=16, train=False)))
+    assert meta["complete"] and len(batch["key"]) == 12
+    monkeypatch.setattr(latents, "encode_batch", encode)
+    counts = build(progress=False, replace=True)
+    assert counts["written"] == 6  # the first shard was kept from the interrupted build
+    assert read_cache_metadata(urls)[0]["vae"]["sha256"] != meta["vae"]["sha256"]
+    assert (out / "notes.txt").read_text() == "mine, not the cache's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents"]  # nothing left beside
+
+
+def test_a_hostile_source_sample_is_skipped_with_its_reason_when_caching(cache, tmp_path):
+    from tests.data.shard_helpers import png_strip, sample, write_sparse_shard
+
+    strip = sample("strip")
+    strip[1]["png"] = png_strip(1, 32000)
+    src = write_sparse_shard(
+        tmp_path / "src.tar",
+        [
+            sample("good0"),
+            strip,
+            ("huge", {"png": 1 << 30, "txt": b"x"}),
+            ("deep", {**sample("deep")[1], "json": b"[" * 100_000}),
+            sample("good1"),
+        ],
+    )
+    module = make_module()
+    counts = write_latent_shards(
+        [str(src)], tmp_path / "out", module.vae, None, SIZE, 4, progress=False
+    )
+    assert counts["written"] == 2
+    assert sorted(counts["skipped"]) == sorted(
+        f"{src}:{s}" for s in ("strip (bad_aspect)", "member_too_large", "deep (bad_metadata)")
+    )
