@@ -82,17 +82,27 @@ def parse_metadata(data: bytes | str | None) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _first(meta: dict, *names: str) -> float | None:
-    for name in names:
-        value = meta.get(name)
-        if value is None or value != value:  # NaN (a blank parquet cell) counts as absent
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _NotANumber(f"{name} = {str(value)[:40]!r}")
+def _number(name: str, value) -> float:
+    """A JSON number, or a number written as text (a CSV column kept in the json, as the folder
+    tool keeps them); anything else (text, a list, an object, true) is not one."""
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
         try:
             return float(value)
         except OverflowError:  # an int of hundreds of digits
-            raise _NotANumber(f"{name} is a {len(str(value))}-digit number") from None
+            pass
+    raise _NotANumber(f"{name} = {str(value)[:40]!r}")
+
+
+def _first(meta: dict, *names: str) -> float | None:
+    for name in names:
+        value = _number(name, meta[name]) if meta.get(name) is not None else None
+        if value is not None and value == value:  # NaN (a blank parquet cell) counts as absent
+            return value
     return None
 
 

@@ -24,9 +24,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from ldm.data.shards import IMAGE_EXTS, INFO_FILE
+from ldm.data.images import ImageLimits, ImageRejected, open_image
+from ldm.data.shards import IMAGE_EXTS, INFO_FILE, MAX_MEMBER_BYTES
 from ldm.fileio import add_member, temporary_path, write_text
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -43,6 +42,7 @@ class Counts:
     found: int = 0
     written: int = 0
     unreadable: list[str] = field(default_factory=list)
+    rejected: dict[str, list[str]] = field(default_factory=dict)  # reason -> files
     caption_from: dict[str, int] = field(
         default_factory=lambda: {"metadata": 0, "txt": 0, "filename": 0}
     )
@@ -54,6 +54,8 @@ class Counts:
             "written": self.written,
             "skipped_unreadable": len(self.unreadable),
             "unreadable_files": self.unreadable,
+            "skipped_rejected": {reason: len(files) for reason, files in self.rejected.items()},
+            "rejected_files": self.rejected,
             "caption_from": self.caption_from,
             "shards": self.shards,
         }
@@ -113,15 +115,24 @@ def caption_for(image: Path, rows: dict[Path, dict], caption_column: str) -> tup
 
 
 def load_image(
-    path: Path, image_format: str, quality: int = 95
+    path: Path,
+    image_format: str,
+    quality: int = 95,
+    limits: ImageLimits = ImageLimits(),
+    max_bytes: int = MAX_MEMBER_BYTES,
 ) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes to store, extension, (width, height)); raises on an unreadable image.
+    """(bytes to store, extension, (width, height)); raises on an unreadable image, and
+    `ImageRejected` on one a training run would refuse unread or undecoded: a file over
+    `max_bytes` (the shard reader's member limit), a header over `limits`.
 
     The image is fully decoded even when its bytes are kept as they are, so a truncated or corrupt
     file is found here rather than in a training run.
     """
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageRejected("member_too_large", f"{size} bytes")
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data, limits) as im:
         im.load()
         size = im.size
         if image_format == "keep":
@@ -140,6 +151,9 @@ def _sample(
 ) -> list | None:
     try:
         data, ext, (w, h) = load_image(image, args["image_format"], args["quality"])
+    except ImageRejected as e:  # what training would skip: skipped here, with its reason
+        counts.rejected.setdefault(e.reason, []).append(str(image.relative_to(root)))
+        return None
     except Exception:  # any decoder error: the image is skipped and counted, never fatal
         counts.unreadable.append(str(image.relative_to(root)))
         return None

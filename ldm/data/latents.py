@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from ldm.data.filters import new_counts, parse_metadata
+from ldm.data.images import open_image
 from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards, read_shard
-from ldm.data.transforms import ImageTransform, open_image
+from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import (
     EpochLoader,
     ImageTextStream,

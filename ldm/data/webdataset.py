@@ -42,6 +42,7 @@ from ldm.data.filters import (
     parse_metadata,
     rejection_reason,
 )
+from ldm.data.images import MAX_ASPECT, MAX_PIXELS, ImageLimits, ImageRejected, open_image
 from ldm.data.shards import (
     IMAGE_EXTS,
     MAX_MEMBER_BYTES,
@@ -56,14 +57,7 @@ from ldm.data.shards import (
     resampled,
     worker_batches,
 )
-from ldm.data.transforms import (
-    MAX_ASPECT,
-    MAX_PIXELS,
-    ImageLimits,
-    ImageRejected,
-    ImageTransform,
-    open_image,
-)
+from ldm.data.transforms import ImageTransform
 
 __all__ = ["make_dataset", "ImageTextDataModule"]
 log = logging.getLogger(__name__)
@@ -524,7 +518,7 @@ class ImageTextDataModule(L.LightningDataModule):
         bucketing: aspect-ratio buckets around image_size^2 ("stream" mode).
         max_pixels / max_aspect: the most pixels, and the most extreme long/short side ratio,
             an image's header may claim; others are skipped and counted (`too_many_pixels`,
-            `bad_aspect`) before any decoding (see `ldm.data.transforms` for the defaults).
+            `bad_aspect`) before any decoding (see `ldm.data.images` for the defaults).
         max_member_bytes: the largest tar member read; a sample with a larger one is skipped
             and counted (`member_too_large`) without reading it.
         prepare: optional callable run once before loading (e.g. renders the shapes shards).

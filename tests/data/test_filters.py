@@ -76,7 +76,7 @@ def test_counts_have_one_fixed_key_set_and_add_up():
     assert add_counts(a, b) == {**new_counts(), "kept": 5, "rejected/unsafe": 1}
 
 
-@pytest.mark.parametrize("value", ["0.9", "high", [0.9], {"v": 0.9}, True, 10**400])
+@pytest.mark.parametrize("value", ["high", "0.9 or so", [0.9], {"v": 0.9}, True, 10**400])
 def test_a_field_a_filter_needs_that_is_not_a_number_rejects_as_bad_metadata(value):
     f = MetadataFilter(max_punsafe=0.5)
     assert rejection_reason({"punsafe": value}, f) == "bad_metadata"
@@ -89,3 +89,10 @@ def test_metadata_that_is_not_a_json_object_parses_to_none_never_raises():
     for bad in (b"{not json", b"[1, 2]", b"null", b"[" * 100_000, b"{" * 100_000, b"\xff\xfe"):
         assert parse_metadata(bad) is None
     assert parse_metadata(b'{"a": "' + b"x" * MAX_JSON_BYTES + b'"}') is None  # too big
+
+
+def test_a_number_written_as_text_is_a_number():  # CSV columns, as the folder tool keeps them
+    f = MetadataFilter(max_punsafe=0.5)
+    assert rejection_reason({"punsafe": "0.01"}, f) is None
+    assert rejection_reason({"punsafe": " 0.9 "}, f) == "unsafe"
+    assert rejection_reason({"punsafe": "nan"}, f) == "missing_metadata"

@@ -184,3 +184,17 @@ def test_command_line_reports_counts(folder, tmp_path):
         timeout=60,
     )
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+def test_images_training_would_refuse_are_skipped_with_their_reason(folder, tmp_path):
+    """The reader's limits, applied when the shards are made: a huge or extreme header, and a
+    file over the member limit (sparse: 65 MiB on paper, nothing on disk), never read whole."""
+    root, _ = folder
+    (root / "strip.png").write_bytes(image_bytes("PNG", (1, 320)))  # 320:1
+    with (root / "huge.png").open("wb") as f:
+        f.truncate(65 << 20)
+    write_folder_shards(root, tmp_path / "out", shard_size=10, progress=False)
+    info = json.loads((tmp_path / "out/_info.json").read_text())
+    assert info["found"] == 9 and info["written"] == 5 and info["skipped_unreadable"] == 2
+    assert info["skipped_rejected"] == {"bad_aspect": 1, "member_too_large": 1}
+    assert info["rejected_files"] == {"bad_aspect": ["strip.png"], "member_too_large": ["huge.png"]}

@@ -468,7 +468,7 @@ def test_data_module_builds_its_cache_once_and_rebuilds_it_for_another_vae(cache
     assert shard.stat().st_mtime_ns == built
     with torch.no_grad():
         next(module.vae.parameters()).add_(1e-3)
-    dm.prepare_data()  # another VAE: rebuilt in place, and then accepted
+    dm.prepare_data()  # another VAE: rebuilt beside, swapped in, and then accepted
     dm.setup("fit")
     assert read_cache_metadata([str(shard)])[0]["vae"]["sha256"] != meta["vae"]["sha256"]
 
