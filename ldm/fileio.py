@@ -34,23 +34,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden empty folder beside `path` to fill; on success it takes `path`'s place (a
-    folder already there is moved aside, then removed), on any error it is removed and `path`
-    is left as it was: a reader finds the old folder, the whole new one, or none, never a mix."""
+    """Yield a hidden empty folder beside `path` to fill; on success it takes `path`'s place
+    (`replace_folder`), on any error it is removed and `path` is left as it was: a reader finds
+    the old folder or the whole new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = temporary_path(path), path.with_name(f".{path.name}.old")
+    tmp = temporary_path(path)
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a write cut short
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
+        replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

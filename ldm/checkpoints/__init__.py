@@ -1,12 +1,15 @@
 """Weights on disk: reading any Stable Diffusion 1.x/2.x checkpoint into our modules and writing
 ours for the tools people use.
 
-    files.py             safetensors / weights-only torch files in, atomic safetensors out
+    files.py             safetensors / weights-only torch files in (a pickle runs nothing),
+                         atomic safetensors out
     layout.py            the SD single-file layout: prefixes, parts, EMA keys, strict loading
     keymaps.py           key renames only: diffusers <-> SD (U-Net, VAE), HF CLIP <-> open_clip
     diffusers_configs.py config translations: diffusers / transformers config.json <-> ours
     detect.py            an SD file's architecture and prediction type from its keys, shapes, name
-    diffusers.py         diffusers pipeline folders, read and written
+    diffusers.py         diffusers pipeline folders, read (configs checked) and written
+    parts.py             the allow-list: the only classes a file's config may have built, and
+                         the checks (known arguments, plain types, bounded sizes) it passes first
     load.py              load_model(path or folder) -> our modules; load_weights into existing ones
     export.py            SD single files (+ inference YAML), diffusers folders, a run's weights
     convert.py           `python -m ldm.checkpoints.convert SRC DST` (or `python -m ldm.convert`)
