@@ -15,6 +15,19 @@ from open_clip.model import _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+# A prompt is cut to CHARS_PER_TOKEN * context_length characters before it is tokenized, so a
+# 1 MB caption costs what a long one does (~10 ms, not ~1-3 s), and no realistic prompt's tokens
+# change: a token is at most 32 characters of the tokenizer's cleaned text (the longest entry of
+# CLIP's vocabulary) plus a space, so the first L tokens come from the first 33 L cleaned
+# characters; 4x that leaves room for what the cleaning removes (whitespace runs collapse to one
+# space, HTML entities to one character).
+CHARS_PER_TOKEN = 4 * 33
+
+
+def cut_prompt(prompt: str, context_length: int) -> str:
+    """`prompt` cut far past where its `context_length` tokens can end (see CHARS_PER_TOKEN)."""
+    return prompt[: CHARS_PER_TOKEN * context_length]
+
 
 def _tower_config(model_name: str | None, text_cfg: dict | None) -> tuple[int, dict, bool]:
     """(embed_dim, text_cfg, quick_gelu) of a named open_clip model, overridden by `text_cfg`."""
@@ -132,10 +145,11 @@ class TextEncoder(nn.Module):
         return torch.tensor(rows)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        prompts = [cut_prompt(p, self.context_length) for p in prompts]
         if self._words:
-            ids = self._tokenize_with_words(list(prompts))
+            ids = self._tokenize_with_words(prompts)
         else:
-            ids = self.tokenizer(list(prompts), context_length=self.context_length)  # (B, L)
+            ids = self.tokenizer(prompts, context_length=self.context_length)  # (B, L)
         if self.pad_with_eot:
             eot = self.tokenizer.eot_token_id
             last = (ids == eot).int().argmax(dim=-1, keepdim=True)  # the first EOT
