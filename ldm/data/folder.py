@@ -77,8 +77,8 @@ def _metadata_rows(path: Path) -> list[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
         try:
             return [json.loads(line) for line in lines if line.strip()]
-        except json.JSONDecodeError as e:
-            raise FolderError(f"{path}: not valid JSON lines ({e})") from e
+        except (json.JSONDecodeError, RecursionError) as e:  # "[" * 100000 is the latter
+            raise FolderError(f"{path}: not valid JSON lines ({type(e).__name__}: {e})") from e
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 

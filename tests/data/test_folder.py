@@ -198,3 +198,10 @@ def test_images_training_would_refuse_are_skipped_with_their_reason(folder, tmp_
     assert info["found"] == 9 and info["written"] == 5 and info["skipped_unreadable"] == 2
     assert info["skipped_rejected"] == {"bad_aspect": 1, "member_too_large": 1}
     assert info["rejected_files"] == {"bad_aspect": ["strip.png"], "member_too_large": ["huge.png"]}
+
+
+def test_a_metadata_line_nested_too_deep_is_a_clear_error(folder, tmp_path):
+    root, _ = folder
+    (root / "meta/metadata.jsonl").write_text("[" * 100_000 + "\n")
+    with pytest.raises(FolderError, match="not valid JSON lines"):
+        write_folder_shards(root, tmp_path / "out", progress=False)
