@@ -218,6 +218,20 @@ def read_sample(url: str, key: str, offsets: dict[str, tuple[int, int]]) -> dict
     return sample
 
 
+def _stats_successes(path: Path) -> int | None:
+    """`successes` of an img2dataset stats file, or None when it is not a sane count."""
+    try:
+        value = (
+            json.loads(path.read_text()).get("successes", 0)
+            if path.stat().st_size < 1 << 20
+            else None
+        )
+        value = int(value)
+    except (ValueError, TypeError, AttributeError, RecursionError, OverflowError):
+        return None
+    return value if 0 <= value < 1 << 40 else None
+
+
 def read_stats_count(urls: list[str]) -> int | None:
     """Successful samples according to img2dataset's `NNNNN_stats.json` (else `.parquet`)
     beside each local shard; None unless every shard has one. Never required."""
@@ -227,7 +241,11 @@ def read_stats_count(urls: list[str]) -> int | None:
         if "://" in url or url.startswith("pipe:") or not url.endswith(".tar"):
             return None
         if stats.is_file():
-            total += int(json.loads(stats.read_text()).get("successes", 0))
+            count = _stats_successes(stats)
+            if count is None:  # a stats file of another shape: the count is only a hint
+                log.warning("%s: no usable 'successes' count; epoch size left unknown", stats)
+                return None
+            total += count
         elif parquet.is_file():
             try:
                 import pyarrow.parquet as pq

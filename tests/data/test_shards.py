@@ -143,6 +143,9 @@ def test_dataset_size_from_img2dataset_stats_never_required(tmp_path):
     for i, n in enumerate((9, 7)):
         (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"successes": n, "failed": 1}))
     assert read_stats_count(urls) == 16
+    for bad in ('{"successes": "many"}', "[1]", "{oops", '{"successes": -3}', "[" * 100_000):
+        (tmp_path / "00001_stats.json").write_text(bad)
+        assert read_stats_count(urls) is None  # a hint gone bad: the size is unknown, no crash
 
 
 def test_a_member_over_the_size_limit_is_skipped_unread_with_its_sample(
