@@ -79,7 +79,7 @@ class ClassImages:
     def ready(self, settings: dict) -> bool:
         try:
             return json.loads((self.out_dir / INFO_FILE).read_text()).get("settings") == settings
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # damaged: made anew
             return False
 
     @torch.no_grad()

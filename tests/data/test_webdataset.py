@@ -9,7 +9,13 @@ from PIL import Image
 from ldm.data.shards import DataError, expand_shards
 from ldm.data.transforms import ImageTransform, to_rgb
 from ldm.data.webdataset import ImageTextDataModule
-from tests.data.shard_helpers import image_bytes, write_shard
+from tests.data.shard_helpers import (
+    image_bytes,
+    png_header,
+    png_strip,
+    write_shard,
+    write_sparse_shard,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tensor ops stall on busy shared cores
 
@@ -295,9 +301,6 @@ def test_sources_carry_their_loss_weight_into_the_batch(tmp_path):
     assert {k[0] for k in keys} == {"a", "b"}
     plain = next(iter(make_dataset(str(a), ImageTransform(32), 4, train=True, batches_per_epoch=1)))
     assert "loss_weight" not in plain
-
-
-from tests.data.shard_helpers import png_header, png_strip, write_sparse_shard  # noqa: E402
 
 
 GOOD_META = b'{"aesthetic": 6.0}'
