@@ -147,7 +147,15 @@ def test_prompt_files_are_read_and_a_missing_one_is_reported(tmp_path, monkeypat
         sample.read_prompts("empty.txt")
 
 
-@pytest.mark.parametrize("which", ["1000 characters", "336 characters with /", "a NUL byte"])
+# read_prompts takes any of them in process (above); one sample.py run by default, -m slow all
+@pytest.mark.parametrize(
+    "which",
+    [
+        pytest.param("1000 characters", marks=pytest.mark.slow),
+        "336 characters with /",
+        pytest.param("a NUL byte", marks=pytest.mark.slow),
+    ],
+)
 def test_long_and_odd_prompts_sample(which, ckpt, tmp_path):
     prompt = {"1000 characters": LONG_PROMPT, "336 characters with /": PROMPT_336}.get(which)
     if prompt is None:  # a NUL cannot be a command-line argument: it comes from a file
@@ -176,7 +184,8 @@ def hostile_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("kind", ["embedding", "lora"])
+# embedding files are refused in process in tests/checkpoints/test_embeddings.py
+@pytest.mark.parametrize("kind", [pytest.param("embedding", marks=pytest.mark.slow), "lora"])
 def test_a_pickle_that_runs_code_is_one_line_and_runs_nothing(kind, ckpt, tmp_path):
     marker = tmp_path / "pwned"
     files = hostile_files(tmp_path, marker)
@@ -187,6 +196,7 @@ def test_a_pickle_that_runs_code_is_one_line_and_runs_nothing(kind, ckpt, tmp_pa
     assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.slow  # in process: tests/checkpoints/test_embeddings.py
 def test_a_garbage_embedding_and_an_empty_word_are_one_line(ckpt, tmp_path):
     from ldm.checkpoints.embeddings import save_embedding
 

@@ -58,9 +58,22 @@ def train_args(tmp: Path, run_dir: Path, *extra: str) -> list[str]:
     return [*args, f"hydra.run.dir={run_dir}", *extra]
 
 
+# The library refuses these files in process (tests/checkpoints/test_untrusted.py); here each
+# command line is shown to turn that into one line. The default run keeps one of sample.py and
+# one of train.py (which reads through the same `read_checkpoint` as resume=FILE); -m slow all.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "entry",
-    ["sample ckpt", "sample ckpt pickle", "convert", "train init", "train resume", "train auto"],
+    [
+        "sample ckpt",
+        pytest.param("sample ckpt pickle", marks=SLOW),
+        pytest.param("convert", marks=SLOW),
+        pytest.param("train init", marks=SLOW),
+        pytest.param("train resume", marks=SLOW),
+        "train auto",
+    ],
 )
 def test_a_crafted_file_runs_nothing_through_any_entry_point(tmp_path, entry):
     marker = tmp_path / "ran"
