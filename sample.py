@@ -32,6 +32,7 @@ from ldm.checkpoints import CheckpointError
 from ldm.config import exit_on, register_resolvers
 from ldm.diffusion.samplers import SamplerConfig
 from ldm.pipeline import Pipeline, image_grid
+from ldm.precision import device_type
 
 log = logging.getLogger("sample")
 register_resolvers()
@@ -156,12 +157,6 @@ def output_dir(out_dir: str) -> Path:
     return out
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 @exit_on(CheckpointError, FileNotFoundError, ValueError)
 def main(cfg: DictConfig) -> None:
@@ -170,7 +165,7 @@ def main(cfg: DictConfig) -> None:
     loras = lora_list(cfg.lora, cfg.lora_scale)
     pipe, config = Pipeline.load(
         cfg.ckpt,
-        pick_device(cfg.device),
+        torch.device(device_type(cfg.device) if cfg.device == "auto" else cfg.device),
         cfg.precision,
         loras,
         as_list(cfg.embedding),

@@ -24,6 +24,7 @@ import torch
 from ldm.checkpoints.files import CheckpointError
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
+from ldm.models.autoencoder import SD_SCALE_FACTOR
 
 log = logging.getLogger(__name__)
 OPEN_CLIP_NAMES = {
@@ -96,7 +97,7 @@ def vae_config(v: dict[str, torch.Tensor]) -> dict:
         ],
         resolution=resolution,
         norm_groups=32,
-        scale_factor=0.18215,
+        scale_factor=SD_SCALE_FACTOR,
         shift_factor=0.0,
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from ldm.checkpoints.detect import OPEN_CLIP_NAMES
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
+from ldm.models.autoencoder import SD_SCALE_FACTOR
 
 DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
 
@@ -107,7 +108,7 @@ def vae_config_from_diffusers(cfg: Mapping) -> dict:
         embed_dim=cfg.get("latent_channels", 4),
         norm_groups=cfg.get("norm_num_groups", 32),
         resolution=cfg.get("sample_size", 256),
-        scale_factor=cfg.get("scaling_factor", 0.18215),
+        scale_factor=cfg.get("scaling_factor", SD_SCALE_FACTOR),
         shift_factor=cfg.get("shift_factor") or 0.0,
     )
 
@@ -129,7 +130,7 @@ def diffusers_vae_config(config: Mapping) -> dict:
         latent_channels=config.get("z_channels", 4),
         norm_num_groups=config.get("norm_groups", 32),
         sample_size=config.get("resolution", 256),
-        scaling_factor=config.get("scale_factor", 0.18215),
+        scaling_factor=config.get("scale_factor", SD_SCALE_FACTOR),
         shift_factor=config.get("shift_factor") or None,
     )
 

@@ -26,6 +26,7 @@ from ldm.config import architecture
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
 from ldm.fileio import atomic_folder, write_text
+from ldm.models.autoencoder import SD_SCALE_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def inference_yaml(config: dict) -> dict:
         "cond_stage_trainable": False,
         "conditioning_key": "crossattn",
         "monitor": "val/loss_simple_ema",
-        "scale_factor": v.get("scale_factor", 0.18215),
+        "scale_factor": v.get("scale_factor", SD_SCALE_FACTOR),
         "use_ema": False,
         "unet_config": {
             "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",

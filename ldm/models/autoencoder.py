@@ -31,6 +31,11 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
 
+# Stable Diffusion's latent scale (Rombach et al., 2022: latents rescaled to about unit variance),
+# the default of every file that does not say otherwise.
+SD_SCALE_FACTOR = 0.18215
+
+
 class ResnetBlock(nn.Module):
     """norm -> swish -> conv3x3, twice, plus a (1x1 projected if needed) skip.
 
@@ -297,7 +302,7 @@ class AutoencoderKL(nn.Module):
         resolution: int = 256,
         dropout: float = 0.0,
         norm_groups: int = 32,
-        scale_factor: float = 0.18215,
+        scale_factor: float = SD_SCALE_FACTOR,
         shift_factor: float = 0.0,
     ):
         super().__init__()
