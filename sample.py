@@ -17,7 +17,6 @@ a prompt); anything else is the prompt itself, whatever its length or characters
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -29,51 +28,14 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from ldm.checkpoints import CheckpointError
+from ldm.checkpoints.lora import pair_scales
 from ldm.config import exit_on, register_resolvers
 from ldm.diffusion.samplers import SamplerConfig
-from ldm.pipeline import Pipeline, image_grid
+from ldm.pipeline import Pipeline, image_grid, is_file, read_prompts
 from ldm.precision import device_type
 
 log = logging.getLogger("sample")
 register_resolvers()
-
-
-def is_file(value: str) -> bool:
-    """Whether `value` names an existing file; False, never an error, for any string (one too
-    long for a file name, or holding a NUL byte, is simply not a file)."""
-    try:
-        return os.path.isfile(value)
-    except (OSError, ValueError):
-        return False
-
-
-def looks_like_file_name(value: str) -> bool:
-    """A `.txt` name without whitespace: meant as a prompt file (so a typo is reported rather
-    than drawn as a prompt); prompts have spaces."""
-    return value.endswith(".txt") and not any(c.isspace() for c in value)
-
-
-def read_prompts(prompt: str) -> list[str]:
-    """The prompts of `prompt=`: a text file's lines (one prompt each, blank lines skipped) when
-    it names an existing file, else the value itself (see the module docstring)."""
-    if not is_file(prompt):
-        if looks_like_file_name(prompt):
-            raise FileNotFoundError(
-                f'prompt file {prompt!r} does not exist; pass prompt="some text" '
-                f"or prompt=FILE with one prompt per line"
-            )
-        return [prompt]
-    try:
-        text = Path(prompt).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(
-            f"prompt file {prompt!r} is not UTF-8 text; pass a text file with one prompt "
-            f'per line, or prompt="some text"'
-        ) from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {prompt!r} holds no prompt")
-    return prompts
 
 
 def make_sampler(cfg: DictConfig) -> SamplerConfig:
@@ -95,19 +57,11 @@ def lora_list(files, scales) -> list[tuple[str, float]]:
     """(file, scale) of `lora=` (a file or a list) and `lora_scale=` (one scale, or one each)."""
     if not files:
         return []
-    files = [files] if isinstance(files, str) else list(files)
-    scales = [scales] if isinstance(scales, (int, float)) else list(scales)
-    if len(scales) == 1:
-        scales = scales * len(files)
-    if len(scales) != len(files):
-        raise ValueError(
-            f"{len(files)} LoRA files but {len(scales)} lora_scale values: give "
-            f"one scale, or one per file"
-        )
-    for f in files:
+    pairs = pair_scales([files] if isinstance(files, str) else list(files), scales)
+    for f, _ in pairs:
         if not is_file(f):
             raise FileNotFoundError(f"LoRA file {f!r} does not exist")
-    return list(zip(files, map(float, scales)))
+    return pairs
 
 
 def png_info(fields: dict) -> PngImagePlugin.PngInfo:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ldm.checkpoints import CheckpointError, load_model
 from ldm.checkpoints.export import save_sd
-from ldm.checkpoints.lora import merge_loras, read_lora, read_loras, save_lora
+from ldm.checkpoints.files import check_output
+from ldm.checkpoints.lora import merge_loras, pair_scales, read_lora, read_loras, save_lora
 from ldm.config import exit_on, fail
 
 
@@ -50,12 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def check_output(path: str, overwrite: bool) -> None:
-    """Refuse to replace a file (or a folder) unless asked: it may be the user's only copy."""
-    if Path(path).exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; pass --overwrite to replace it")
-
-
 @exit_on(CheckpointError, ValueError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -69,17 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     *loras, out = args.files
     if not loras:
         fail("merge needs at least one LoRA file and the output file")
-    scales = args.scale * len(loras) if len(args.scale) == 1 else args.scale
-    if len(scales) != len(loras):
-        fail(f"{len(loras)} LoRA files but {len(scales)} scales: give one, or one per file")
+    pairs = pair_scales(loras, args.scale)
     check_output(out, args.overwrite)
-    adapters = read_loras(list(zip(loras, scales)))
+    adapters = read_loras(pairs)
     model = load_model(args.base)
     merge_loras(model, adapters)
     save_sd(out, model)
-    print(
-        f"wrote {out}: {args.base} with " + ", ".join(f"{p} x{s:g}" for p, s in zip(loras, scales))
-    )
+    print(f"wrote {out}: {args.base} with " + ", ".join(f"{p} x{s:g}" for p, s in pairs))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -171,3 +172,44 @@ class Pipeline:
                 set_alpha_to_one=sampler.set_alpha_to_one,
                 generator=generators,
             )
+
+
+def is_file(value: str) -> bool:
+    """Whether `value` names an existing file; False, never an error, for any string (one too
+    long for a file name, or holding a NUL byte, is simply not a file)."""
+    try:
+        return os.path.isfile(value)
+    except (OSError, ValueError):
+        return False
+
+
+def looks_like_file_name(value: str) -> bool:
+    """A `.txt` name without whitespace: meant as a prompt file (so a typo is reported rather
+    than drawn as a prompt); prompts have spaces."""
+    return value.endswith(".txt") and not any(c.isspace() for c in value)
+
+
+def read_prompts(prompt: str | list[str]) -> list[str]:
+    """The prompts of a `prompt=` value: a list as it is; a text file's lines (one prompt each,
+    blank lines skipped) when it names an existing file; else the value itself. A `.txt` name
+    without whitespace that names no file is an error (a mistyped file, not a prompt)."""
+    if not isinstance(prompt, str):
+        return [str(p) for p in prompt]
+    if not is_file(prompt):
+        if looks_like_file_name(prompt):
+            raise FileNotFoundError(
+                f'prompt file {prompt!r} does not exist; pass prompt="some text" '
+                f"or prompt=FILE with one prompt per line"
+            )
+        return [prompt]
+    try:
+        text = Path(prompt).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"prompt file {prompt!r} is not UTF-8 text; pass a text file with one prompt "
+            f'per line, or prompt="some text"'
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {prompt!r} holds no prompt")
+    return prompts

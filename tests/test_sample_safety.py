@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import subprocess_env
 from ldm.checkpoints import layout
+from ldm.pipeline import read_prompts
 from sd_fixtures import sd_parts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,24 +128,24 @@ def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
 )
 def test_a_value_that_names_no_file_is_the_prompt_itself(prompt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert sample.read_prompts(prompt) == [prompt]
+    assert read_prompts(prompt) == [prompt]
 
 
 def test_prompt_files_are_read_and_a_missing_one_is_reported(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("prompts.txt").write_text("a red circle\n\n  a blue square  \n")
-    assert sample.read_prompts("prompts.txt") == ["a red circle", "a blue square"]
-    assert sample.read_prompts(str(tmp_path / "prompts.txt")) == ["a red circle", "a blue square"]
+    assert read_prompts("prompts.txt") == ["a red circle", "a blue square"]
+    assert read_prompts(str(tmp_path / "prompts.txt")) == ["a red circle", "a blue square"]
     Path("list").write_text("a\0b\n")  # any existing file, whatever its name
-    assert sample.read_prompts("list") == ["a\0b"]
+    assert read_prompts("list") == ["a\0b"]
     with pytest.raises(FileNotFoundError, match="prompt file 'missing.txt' does not exist"):
-        sample.read_prompts("missing.txt")
+        read_prompts("missing.txt")
     Path("binary.txt").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match="not UTF-8 text"):
-        sample.read_prompts("binary.txt")
+        read_prompts("binary.txt")
     Path("empty.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="holds no prompt"):
-        sample.read_prompts("empty.txt")
+        read_prompts("empty.txt")
 
 
 # read_prompts takes any of them in process (above); one sample.py run by default, -m slow all

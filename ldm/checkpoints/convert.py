@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from ldm.checkpoints.detect import architecture_name
 from ldm.checkpoints.export import save_diffusers, save_sd
-from ldm.checkpoints.files import CheckpointError
+from ldm.checkpoints.files import CheckpointError, check_output
 from ldm.checkpoints.load import load_model
 from ldm.config import exit_on
 
@@ -69,8 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     to = args.to or ("sd" if args.dst.endswith(".safetensors") else "diffusers")
-    if Path(args.dst).exists() and not args.overwrite:  # checked before the long load
-        raise CheckpointError(f"{args.dst} exists; pass --overwrite to replace it")
+    check_output(args.dst, args.overwrite)  # before the long load
     model = load_model(
         args.src,
         prediction=args.prediction,

@@ -135,3 +135,9 @@ def save_state(
             tmp, 0o666 & ~umask
         )  # safetensors creates owner-only files; weights are for sharing
     return Path(path)
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace a file (or a folder) unless asked: it may be the user's only copy."""
+    if Path(path).exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; pass --overwrite to replace it")

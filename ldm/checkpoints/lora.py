@@ -518,3 +518,15 @@ def merge_loras(model, loras: list[tuple[str, Adapters, float]]) -> None:
 def apply_loras(model, loras: list[tuple[str, float]]) -> None:
     """Merge LoRA files (path, scale) into a loaded model's U-Net and text encoder."""
     merge_loras(model, read_loras(loras))
+
+
+def pair_scales(files: list[str], scales) -> list[tuple[str, float]]:
+    """(file, scale) pairs from one scale for every file, or one scale each."""
+    scales = [scales] if isinstance(scales, int | float) else list(scales)
+    if len(scales) == 1:
+        scales = scales * len(files)
+    if len(scales) != len(files):
+        raise ValueError(
+            f"{len(files)} LoRA files but {len(scales)} scales: give one scale, or one per file"
+        )
+    return list(zip(files, map(float, scales)))

@@ -26,18 +26,9 @@ from PIL import Image
 from ldm.data.shards import INFO_FILE
 from ldm.diffusion.samplers import SamplerConfig
 from ldm.fileio import add_member, atomic_path, write_text
+from ldm.pipeline import read_prompts
 
 log = logging.getLogger(__name__)
-
-
-def read_prompts(prompts: str | list[str]) -> list[str]:
-    """A prompt, a list of prompts, or a text file with one prompt per line."""
-    if isinstance(prompts, str):
-        path = Path(prompts)
-        if path.suffix == ".txt" and path.is_file():
-            return [p.strip() for p in path.read_text().splitlines() if p.strip()]
-        return [prompts]
-    return list(prompts)
 
 
 class ClassImages:
