@@ -1,5 +1,5 @@
 """Lightning callbacks: sample grids, throughput, validation metrics to CSV, shapes adherence,
-data counts, the keys of each batch."""
+data counts, the keys of each batch, the run's summary."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import WandbLogger
 
 from ldm.data.filters import add_counts, new_counts
@@ -318,3 +319,27 @@ class BatchKeys(L.Callback):
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+class RunSummary(L.Callback):
+    """Writes `path` (the run folder's `train_summary.json`) on rank 0 when fit ends, before the
+    weights are exported: the step reached, the minutes since this callback was made (just
+    before the trainer: the fit's launch and setup count), the precision trained in, whether
+    the run was interrupted, and Lightning's own training minutes (what `max_time` limits,
+    across resumptions; None without a Timer)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path, self.start = Path(path), time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        summary = {
+            "step": trainer.global_step,
+            "minutes": (time.perf_counter() - self.start) / 60,
+            "precision": str(trainer.precision),
+            "interrupted": trainer.interrupted,
+            "train_minutes": timer.time_elapsed("train") / 60 if timer else None,
+        }
+        self.path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,8 +1,9 @@
 """Lightning checkpoints that survive a kill at any moment: written to a hidden temporary name,
 fsynced and renamed into place (`AtomicCheckpointIO`); the newest `keep` kept, `last.ckpt` a link
 moved in one rename after its target is complete (`Checkpoints`); `find_resume` picks the newest
-one of a run directory (`resume=auto`). A checkpoint also holds the W&B run id, so a resumed run
-logs into the same W&B run."""
+one of a run directory (`resume=auto`), `resume_from` reads the one a run continues from. A
+checkpoint also holds the W&B run id, so a resumed run logs into the same W&B run
+(`continue_wandb_run`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, open_dict
 
 from ldm.checkpoints.files import CheckpointError, load_torch_file
 from ldm.fileio import atomic_path, temporary_path
@@ -132,3 +134,30 @@ def stored_wandb_id(checkpoint: dict) -> str | None:
     """The W&B run id a checkpoint was written under, if any."""
     run_id = checkpoint.get(WANDB_ID)
     return run_id if isinstance(run_id, str) else None
+
+
+def resume_from(resume: str | None, checkpoints: Path) -> tuple[str | None, dict | None]:
+    """`resume`: a checkpoint path, or `auto`: the newest complete checkpoint in `checkpoints`
+    (a fresh start when there is none). (the path handed to Lightning, the checkpoint read as
+    data): a local file is read before Lightning reads it, so a pickle runs nothing; a remote
+    one is left to Lightning's own load (weights_only=True as well) and read as None."""
+    if resume != "auto":
+        path = resume
+    else:
+        found = find_resume(checkpoints)
+        log.info("resume=auto: %s", f"continuing from {found}" if found else "no checkpoint yet")
+        path = str(found) if found else None
+    if not path or "://" in path:
+        return path, None
+    return path, read_checkpoint(path)
+
+
+def continue_wandb_run(logger_cfg: DictConfig, checkpoint: dict | None) -> None:
+    """A W&B logger (its config has a `group`) continues the run `checkpoint` was logged to,
+    unless the config names a run id of its own."""
+    if checkpoint is None or "group" not in logger_cfg or logger_cfg.get("id") is not None:
+        return
+    run_id = stored_wandb_id(checkpoint)
+    if run_id:
+        with open_dict(logger_cfg):
+            logger_cfg.id, logger_cfg.resume = run_id, "must"

@@ -1,5 +1,6 @@
 """Weights & Biases logger that falls back to offline mode when there is no login or no network,
-and logs each step once across resumes."""
+and logs each step once across resumes; in a Hydra sweep, one W&B group per sweep and one run
+name per job (`name_sweep_run`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import os
 import socket
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from ldm.results import swept_keys
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +117,21 @@ def wandb_logger(
         run_dir = Path(logger.experiment.dir).parent  # starts the run, so the path is final
         log.warning("W&B offline: %s; upload this run later with `wandb sync %s`", reason, run_dir)
     return logger
+
+
+def sweep_job_name(overrides: list[str], swept: set[str], job_num: int) -> str:
+    """A job of a sweep named after its values of the swept keys (`optim.lr=1e-4,seed=1`),
+    or its number when none of its overrides is swept."""
+    return ",".join(o for o in overrides if o.split("=", 1)[0] in swept) or str(job_num)
+
+
+def name_sweep_run(logger_cfg: DictConfig) -> None:
+    """In a Hydra multirun, one W&B group per sweep (named after its directory) and one run per
+    job, named after the job's overrides, unless the config names them."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or "group" not in logger_cfg:
+        return
+    if logger_cfg.group is None:
+        logger_cfg.group = "sweep-" + "-".join(Path(hc.sweep.dir).parts[-2:])
+    job = sweep_job_name(list(hc.overrides.task), set(swept_keys(hc.sweep.dir)), hc.job.num)
+    logger_cfg.name = f"{logger_cfg.name}:{job}" if logger_cfg.get("name") else job

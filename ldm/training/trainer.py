@@ -26,6 +26,14 @@ def trainer_precision(trainer_cfg: DictConfig) -> str:
     return chosen.value
 
 
+def sampling_precision(trainer_cfg: DictConfig) -> precision.Precision:
+    """The precision a run draws images in outside the trainer (DreamBooth's class images):
+    as sample.py samples, float32 on a CPU under "auto", so every CPU kind draws the same."""
+    return precision.resolve(
+        trainer_cfg.get("precision"), trainer_cfg.get("accelerator"), sampling=True
+    )
+
+
 def make_trainer(trainer_cfg: DictConfig, value: str | None = None, **kwargs) -> L.Trainer:
     """`lightning.Trainer` from the `trainer` config node, in precision `value` (resolved from
     the config when not given); `kwargs` (callbacks, logger) added.

@@ -98,3 +98,10 @@ def test_online_the_resumed_runs_summary_says_which_steps_w_and_b_holds(tmp_path
         logger.log_metrics({"train/loss": float(step)}, step=step)
     assert [r["trainer/global_step"] for r in run.rows] == [8, 9]
     assert not (tmp_path / "wandb" / "r1.last_step").exists()  # online: no file of ours
+
+
+def test_a_sweep_job_is_named_after_its_swept_values_or_else_its_number():
+    overrides = ["optim.lr=1e-4", "trainer.max_steps=10", "seed=1"]
+    assert loggers.sweep_job_name(overrides, {"optim.lr", "seed"}, 3) == "optim.lr=1e-4,seed=1"
+    assert loggers.sweep_job_name(overrides, {"data.image_size"}, 3) == "3"
+    assert loggers.sweep_job_name(["optim.lr=a=b"], {"optim.lr"}, 0) == "optim.lr=a=b"
