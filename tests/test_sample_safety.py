@@ -14,13 +14,12 @@ import torch
 from PIL import Image
 
 from conftest import subprocess_env
+from ldm import sampling
 from ldm.checkpoints import layout
 from ldm.pipeline import read_prompts
 from sd_fixtures import sd_parts
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import sample  # noqa: E402  (the script at the repository root)
 
 LONG_PROMPT = " ".join(["a red circle on a blue background"] * 30)[:1000]
 PROMPT_336 = ("a cat/dog on a mat/rug, " * 14)[:335] + "."
@@ -88,16 +87,16 @@ def test_a_second_run_into_the_same_folder_keeps_the_first_images(ckpt, tmp_path
 
 def test_a_run_takes_the_first_suffix_free_for_all_its_files(tmp_path):
     (tmp_path / "000001.png").write_bytes(b"mine")
-    assert sample.free_suffix(tmp_path, ["000000", "000001", "grid"]) == 1
+    assert sampling.free_suffix(tmp_path, ["000000", "000001", "grid"]) == 1
     (tmp_path / "grid-1.png").write_bytes(b"mine too")
-    assert sample.free_suffix(tmp_path, ["000000", "000001", "grid"]) == 2
-    assert sample.free_suffix(tmp_path, ["000001", "grid"]) == 2
-    assert sample.free_suffix(tmp_path, ["000005", "grid"]) == 0  # none of its names taken
+    assert sampling.free_suffix(tmp_path, ["000000", "000001", "grid"]) == 2
+    assert sampling.free_suffix(tmp_path, ["000001", "grid"]) == 2
+    assert sampling.free_suffix(tmp_path, ["000005", "grid"]) == 0  # none of its names taken
 
 
 def test_save_new_moves_on_when_the_name_was_taken_meanwhile(tmp_path):
     (tmp_path / "grid.png").write_bytes(b"another run's")
-    path = sample.save_new(Image.new("RGB", (2, 2)), tmp_path, "grid", 0)
+    path = sampling.save_new(Image.new("RGB", (2, 2)), tmp_path, "grid", 0)
     assert path.name == "grid-1.png" and (tmp_path / "grid.png").read_bytes() == b"another run's"
     assert Image.open(path).size == (2, 2)
 
@@ -105,7 +104,7 @@ def test_save_new_moves_on_when_the_name_was_taken_meanwhile(tmp_path):
 def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("keep me")
     with pytest.raises(ValueError, match="is a file"):
-        sample.output_dir(str(tmp_path / "out"))
+        sampling.output_dir(str(tmp_path / "out"))
     assert (tmp_path / "out").read_text() == "keep me"
 
 

@@ -282,45 +282,7 @@ SIGMA_SAMPLERS = {
 SAMPLERS = {**ALPHA_BAR_SAMPLERS, **SIGMA_SAMPLERS}
 
 
-def sample(
-    name: str,
-    denoiser: Denoiser,
-    noise: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    steps: int,
-    *,
-    spacing: str = "trailing",
-    sigmas: str | None = None,
-    eta: float = 0.0,
-    steps_offset: int = 0,
-    set_alpha_to_one: bool = True,
-    generator: Generators = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Clean latents from unit Gaussian `noise` (B, ...) with the sampler called `name`.
-
-    Sigma-space samplers start from noise * sqrt(1 + sigma_max^2): the same point x_T = noise
-    that DDPM/DDIM (and diffusers' DPM-Solver) start from, seen in sigma space. (diffusers' Euler
-    and Heun use sigma_max alone for trailing/linspace spacing, 0.2% smaller at SD's sigma_max.)
-    `steps_offset` shifts `leading` timesteps (diffusers' scheduler option of that name);
-    `set_alpha_to_one` picks DDIM's final alpha_bar (see `sample_ddim`).
-    """
-    check_options(name, sigmas, eta)
-    if name in ALPHA_BAR_SAMPLERS:
-        ts = sampling_timesteps(len(alphas_cumprod), steps, spacing, steps_offset)
-        final = 1.0 if set_alpha_to_one else alphas_cumprod[0]
-        extra = {"eta": eta, "final_alpha_cumprod": final} if name == "ddim" else {}
-        return SAMPLERS[name](
-            denoiser, noise, ts, alphas_cumprod, generator=generator, callback=callback, **extra
-        )
-    make_schedule = dpm_solver_schedule if name.startswith("dpmpp") else sigma_schedule
-    sig, ts = make_schedule(alphas_cumprod, steps, spacing, sigmas, steps_offset)
-    sig, ts = sig.to(noise.device), ts.to(noise.device)
-    x = noise * (sig[0] ** 2 + 1) ** 0.5
-    return SAMPLERS[name](denoiser, x, sig, ts, generator=generator, callback=callback)
-
-
-def check_options(name: str, sigmas: str | None = None, eta: float = 0.0) -> None:
+def check_options(name: str, sigmas: str | None, eta: float) -> None:
     """Refuse a sampler name, or an option it does not take, with the choices there are."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
@@ -358,3 +320,43 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         check_options(self.name, self.sigmas, self.eta)
+
+
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    *,
+    spacing: str = SamplerConfig.spacing,
+    sigmas: str | None = SamplerConfig.sigmas,
+    eta: float = SamplerConfig.eta,
+    steps_offset: int = SamplerConfig.steps_offset,
+    set_alpha_to_one: bool = SamplerConfig.set_alpha_to_one,
+    generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Clean latents from unit Gaussian `noise` (B, ...) with the sampler called `name`.
+
+    Sigma-space samplers start from noise * sqrt(1 + sigma_max^2): the same point x_T = noise
+    that DDPM/DDIM (and diffusers' DPM-Solver) start from, seen in sigma space. (diffusers' Euler
+    and Heun use sigma_max alone for trailing/linspace spacing, 0.2% smaller at SD's sigma_max.)
+    `steps_offset` shifts `leading` timesteps (diffusers' scheduler option of that name);
+    `set_alpha_to_one` picks DDIM's final alpha_bar (see `sample_ddim`). The options default to
+    `SamplerConfig`'s (Stable Diffusion's scheduler values), so a direct call samples as a
+    config does.
+    """
+    check_options(name, sigmas, eta)
+    if name in ALPHA_BAR_SAMPLERS:
+        ts = sampling_timesteps(len(alphas_cumprod), steps, spacing, steps_offset)
+        final = 1.0 if set_alpha_to_one else alphas_cumprod[0]
+        extra = {"eta": eta, "final_alpha_cumprod": final} if name == "ddim" else {}
+        return SAMPLERS[name](
+            denoiser, noise, ts, alphas_cumprod, generator=generator, callback=callback, **extra
+        )
+    make_schedule = dpm_solver_schedule if name.startswith("dpmpp") else sigma_schedule
+    sig, ts = make_schedule(alphas_cumprod, steps, spacing, sigmas, steps_offset)
+    sig, ts = sig.to(noise.device), ts.to(noise.device)
+    x = noise * (sig[0] ** 2 + 1) ** 0.5
+    return SAMPLERS[name](denoiser, x, sig, ts, generator=generator, callback=callback)
