@@ -1,4 +1,4 @@
-"""`ldm-train [experiment=NAME] [key=value]`: the same command as `python train.py`."""
+"""`ldm-train [experiment=NAME] [key=value]`, or `python train.py ...`."""
 
 import hydra
 from omegaconf import DictConfig
