@@ -44,6 +44,7 @@ from ldm.data.webdataset import (
     make_dataset,
 )
 from ldm.fileio import add_member, atomic_path, replace_folder, write_text
+from ldm.fingerprint import exact
 from ldm.models.text_encoder import TextEncoder
 from ldm.precision import autocast as precision_autocast
 from ldm.precision import device_type
@@ -56,16 +57,6 @@ FORMAT = "ldm-latents/1"
 
 class CacheError(DataError):
     """A cache that does not match the configured model or data settings."""
-
-
-def fingerprint(module: nn.Module, extra: dict | None = None) -> str:
-    """sha256 of a module's weights (names, dtypes, shapes, bytes) and `extra` settings."""
-    h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def text_encoder_settings(text_encoder: nn.Module) -> dict:
@@ -182,11 +173,11 @@ def cache_metadata(
         "crop": "center",
         "flips": flips,
         "dtype": dtype,
-        "vae": {"config": getattr(vae, "config", None), "sha256": fingerprint(vae)},
+        "vae": {"config": getattr(vae, "config", None), "sha256": exact(vae.state_dict())},
         "text_encoder": text_encoder
         and {
             "settings": text_encoder_settings(text_encoder),
-            "sha256": fingerprint(text_encoder, text_encoder_settings(text_encoder)),
+            "sha256": exact(text_encoder.state_dict(), text_encoder_settings(text_encoder)),
         },
         "config": sources or {},
     }
@@ -379,7 +370,7 @@ def warn_other_precision(meta: dict, precision: str) -> None:
 def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
     """Refuse a VAE other than the one the cache was made with and, where the cache holds text
     embeddings, another text encoder or one that trains (its cached output would never change)."""
-    if fingerprint(vae) != meta["vae"]["sha256"]:
+    if exact(vae.state_dict()) != meta["vae"]["sha256"]:
         raise CacheError(
             "the configured VAE is not the one the cache was made with (its weights "
             "differ); use that VAE or rebuild the cache"
@@ -388,7 +379,7 @@ def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
         return  # latents only: the text encoder runs, and may train, on the captions
     require_frozen(text_encoder)
     settings = text_encoder_settings(text_encoder)
-    if fingerprint(text_encoder, settings) != meta["text_encoder"]["sha256"]:
+    if exact(text_encoder.state_dict(), settings) != meta["text_encoder"]["sha256"]:
         raise CacheError(
             "the configured text encoder is not the one the cache was made with "
             "(weights or layer/padding/context length differ); use it or rebuild the cache"
