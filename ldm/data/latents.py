@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import tarfile
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +42,7 @@ from ldm.data.webdataset import (
     build_index,
     make_dataset,
 )
-from ldm.fileio import add_member, atomic_path, replace_folder, write_text
+from ldm.fileio import ShardWriter, replace_folder, shard_name, write_text
 from ldm.fingerprint import exact
 from ldm.models.text_encoder import TextEncoder
 from ldm.precision import autocast as precision_autocast
@@ -126,21 +125,20 @@ def _read_source(
         yield key, image, caption, sample.get("json", b"{}")
 
 
-def _flush(tar, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
+def _flush(writer, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
     images = torch.stack([p[1] for p in pending]).to(device)
     encoded = encode_batch(vae, text_encoder, images, [p[2] for p in pending], flips)
     encoded = {k: v.float().cpu() for k, v in encoded.items()}  # one transfer, not one per sample
     for i, (key, _, caption, meta) in enumerate(pending):
-        members = {f"{key}.{name}.npy": _npy(t[i], dtype) for name, t in encoded.items()}
-        members.update({f"{key}.txt": caption.encode(), f"{key}.json": meta})
-        for name in sorted(members):
-            add_member(tar, name, members[name])
+        members = {f"{name}.npy": _npy(t[i], dtype) for name, t in encoded.items()}
+        writer.write(key, {**members, "txt": caption.encode(), "json": meta})
     pending.clear()
 
 
 def write_latent_shard(
     url: str,
-    out_path: Path,
+    out: Path,
+    index: int,
     vae,
     text_encoder,
     transform: ImageTransform,
@@ -150,16 +148,17 @@ def write_latent_shard(
     device,
     keep: Callable[[dict], bool] | None = None,
 ) -> tuple[int, list[str]]:
-    """Encode one source shard into `out_path` (renamed into place when complete)."""
+    """Encode one source shard into shard `index` of `out` (renamed into place when complete;
+    an empty one for a source without a usable sample)."""
     skipped, pending, n = [], [], 0
-    with atomic_path(out_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with ShardWriter(out, first=index, keep_empty=True) as writer:
         for item in _read_source(url, transform, skipped, keep):
             pending.append(item)
             n += 1
             if len(pending) == batch_size:
-                _flush(tar, vae, text_encoder, pending, flips, dtype, device)
+                _flush(writer, vae, text_encoder, pending, flips, dtype, device)
         if pending:
-            _flush(tar, vae, text_encoder, pending, flips, dtype, device)
+            _flush(writer, vae, text_encoder, pending, flips, dtype, device)
     return n, skipped
 
 
@@ -242,10 +241,20 @@ def write_latent_shards(
     meta["precision"] = chosen.value  # what the encoders ran in; not part of the identity
     with precision_autocast(chosen, device):
         for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
-            path = out / f"{i:05d}.tar"
+            path = out / shard_name(i)
             if not path.is_file():
                 n, skipped = write_latent_shard(
-                    url, path, vae, text_encoder, transform, batch_size, flips, dtype, device, keep
+                    url,
+                    out,
+                    i,
+                    vae,
+                    text_encoder,
+                    transform,
+                    batch_size,
+                    flips,
+                    dtype,
+                    device,
+                    keep,
                 )
                 counts["written"] += n
                 counts["skipped"] += [f"{url}:{k}" for k in skipped]
@@ -270,7 +279,7 @@ def _carry_other_files(old: Path, new: Path) -> None:
     own = {META_FILE, EMPTY_FILE}
     for path in old.iterdir() if old.is_dir() else []:
         is_shard = len(path.name) == 9 and path.name[:5].isdigit() and path.suffix == ".tar"
-        hidden = path.name.startswith(".")  # a write cut short (`atomic_path`'s .NAME.tmp)
+        hidden = path.name.startswith(".")  # a write cut short (`temporary_path`'s .NAME.tmp)
         if not (path.name in own or is_shard or hidden or (new / path.name).exists()):
             os.replace(path, new / path.name)
 
