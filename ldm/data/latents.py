@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from ldm.data.filters import new_counts, parse_metadata
 from ldm.data.images import open_image
+from ldm.data.options import DataOptions
 from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards, read_shard
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import (
@@ -331,22 +333,22 @@ def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor | None]:
     return meta, _load_npy((root / EMPTY_FILE).read_bytes()).unsqueeze(0)
 
 
-def check_data_settings(meta: dict, image_size: int, random_crop: bool, flip: bool) -> None:
+def check_data_settings(meta: dict, options: DataOptions) -> None:
     """Refuse data settings a cache cannot honour (it holds one centre crop per image)."""
-    if random_crop:
+    if options.random_crop:
         raise CacheError(
             "random_crop cannot be used with cached latents: the cache holds one "
             "centre crop per image; set data.random_crop=false or train on images"
         )
-    if flip and not meta["flips"]:
+    if options.flip and not meta["flips"]:
         raise CacheError(
             "flip=true but the cache holds no mirrored latents; set data.flip=false "
             "or rebuild the cache with flips (data/latents/prepare.py --flips)"
         )
-    if image_size != meta["image_size"]:
+    if options.image_size != meta["image_size"]:
         raise CacheError(
             f"the cache was made at image_size {meta['image_size']}, the config asks "
-            f"for {image_size}; set data.image_size={meta['image_size']} or rebuild it"
+            f"for {options.image_size}; set data.image_size={meta['image_size']} or rebuild it"
         )
 
 
@@ -407,10 +409,15 @@ class CachedLatentStream(ImageTextStream):
     the time (a coin of the seed, epoch and key: a resumed run tosses the same)."""
 
     def __init__(
-        self, sources, empty_context: torch.Tensor | None, flip: bool, batch_size: int, **kw
+        self,
+        sources: list[list[str]],
+        empty_context: torch.Tensor | None,
+        batch_size: int,
+        options: DataOptions,
+        **kw,
     ) -> None:
-        super().__init__(sources, [1.0 / len(sources)] * len(sources), None, batch_size, **kw)
-        self.empty_context, self.flip = empty_context, flip
+        super().__init__(sources, [1.0 / len(sources)] * len(sources), batch_size, options, **kw)
+        self.empty_context, self.flip = empty_context, options.flip
         self.members = ("mean", "std") + (("context",) if empty_context is not None else ())
 
     def rejection(self, sample: dict) -> str | None:
@@ -461,22 +468,18 @@ def make_latent_dataset(
     empty_context: torch.Tensor | None,
     batch_size: int,
     train: bool,
-    flip: bool = False,
-    shuffle_buffer: int = 1000,
+    options: DataOptions,
     batches_per_epoch: int | None = None,
-    seed: int = 0,
 ) -> CachedLatentStream:
-    """Batches of cached samples: streamed for training (`batches_per_epoch` a worker),
-    each sample once, dealt evenly over ranks, otherwise."""
+    """Batches of cached samples: streamed for training (`batches_per_epoch` a worker), each
+    sample once, dealt evenly over ranks, otherwise. Of the options, the flip, shuffle buffer
+    and seed apply (the cache was checked against the rest)."""
     ds = CachedLatentStream(
         [list(urls)],
         empty_context,
-        flip,
         batch_size,
-        mode="stream" if train else "once",
+        replace(options, mode="stream" if train else "once"),
         batches_per_worker=batches_per_epoch,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
     )
     if not train:
         ds.index, ds.index_counts = build_index(list(urls), ds.rejection)
@@ -486,8 +489,9 @@ def make_latent_dataset(
 class LatentDataModule(L.LightningDataModule):
     """Train loader over cached-latent shards (made by data/latents/prepare.py, or built here).
 
-    `image_size`, `random_crop` and `flip` are the data settings of the image config the cache
-    replaces; they are checked against the cache. `use_encoders(vae, text_encoder)` hands over
+    `options` (`ldm.data.options.DataOptions` fields as flat keys) are the data settings of the
+    image config the cache replaces: image_size, random_crop and flip are checked against the
+    cache, shuffle_buffer and seed order the stream. `use_encoders(vae, text_encoder)` hands over
     the model's frozen encoders (train.py does it once the model exists): `setup` then refuses
     encoders the cache was not made with, and where `source_shards` names the image shards the
     cache comes from, `prepare_data` (Lightning runs it on one process per node) first builds a
@@ -503,25 +507,19 @@ class LatentDataModule(L.LightningDataModule):
         val_shards: str | list[str] | None = None,
         batch_size: int = 64,
         global_batch_size: int | None = None,
-        image_size: int = 256,
         num_workers: int = 1,
         batches_per_epoch: int = 1000,
-        random_crop: bool = False,
-        flip: bool = False,
-        shuffle_buffer: int = 1000,
         source_shards: str | list[str] | None = None,
         cache_text: bool | None = None,
         cache_dtype: str = "float16",
         prepare: Callable[[], object] | None = None,
-        seed: int = 0,
+        **options,
     ) -> None:
         super().__init__()
-        self.seed = seed
         self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
         self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
-        self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
-        self.random_crop, self.flip = random_crop, flip
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batches_per_epoch, self.options = batches_per_epoch, DataOptions(**options)
         self.source_shards, self.cache_text, self.cache_dtype = (
             source_shards,
             cache_text,
@@ -556,7 +554,7 @@ class LatentDataModule(L.LightningDataModule):
     def cache(self) -> tuple[dict, torch.Tensor | None]:
         if self._meta is None:
             meta, empty = read_cache_metadata(expand_shards(self.train_shards))
-            check_data_settings(meta, self.image_size, self.random_crop, self.flip)
+            check_data_settings(meta, self.options)
             self._meta = meta, empty
         return self._meta
 
@@ -578,16 +576,16 @@ class LatentDataModule(L.LightningDataModule):
         return None
 
     def build(self, vae: nn.Module, text_encoder: nn.Module) -> None:
-        out, text = self.cache_dir(), self.text_to_cache(text_encoder)
+        out, text, opts = self.cache_dir(), self.text_to_cache(text_encoder), self.options
         meta = out / META_FILE
         if meta.is_file():
             wanted = _identity(
-                cache_metadata(vae, text, self.image_size, self.flip, self.cache_dtype)
+                cache_metadata(vae, text, opts.image_size, opts.flip, self.cache_dtype)
             )
             old = json.loads(meta.read_text())
             if old.get("complete") and _identity(old) == wanted:
                 return
-        if self.random_crop:
+        if opts.random_crop:
             raise CacheError(
                 "random_crop cannot be cached: a cache holds one centre crop per image"
             )
@@ -603,9 +601,9 @@ class LatentDataModule(L.LightningDataModule):
             out,
             vae,
             text,
-            self.image_size,
+            opts.image_size,
             batch_size=self.batch_size,
-            flips=self.flip,
+            flips=opts.flip,
             dtype=self.cache_dtype,
             device=device_type("auto"),
             precision=self.precision,
@@ -620,14 +618,7 @@ class LatentDataModule(L.LightningDataModule):
         meta, empty = self.cache()
         per_worker = max(1, self.batches_per_epoch // max(1, self.num_workers))
         ds = make_latent_dataset(
-            expand_shards(self.train_shards),
-            empty,
-            self.batch_size,
-            True,
-            self.flip,
-            self.shuffle_buffer,
-            per_worker,
-            self.seed,
+            expand_shards(self.train_shards), empty, self.batch_size, True, self.options, per_worker
         )
         done = (lambda: batches_trained(self.trainer)) if self.trainer is not None else None
         return EpochLoader(ds, self.num_workers, done)
@@ -635,10 +626,10 @@ class LatentDataModule(L.LightningDataModule):
     def val_dataloader(self) -> EpochLoader | list:
         if not self.val_shards:
             return []
-        transform = ImageTransform(self.image_size)  # the cache's centre crop, no flip
+        images = DataOptions(self.options.image_size)  # the cache's centre crop, no flip
         ds = make_dataset(
             expand_shards(self.val_shards),
-            transform,
+            images,
             self.batch_size,
             train=False,
             num_workers=self.num_workers,

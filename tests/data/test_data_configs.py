@@ -33,7 +33,7 @@ def test_mixed_sources_from_the_command_line_read_through_the_config(tmp_path):
         f"{{urls: '{tmp_path}/b*.tar', weight: 0.3}}]",
     )
     dm = instantiate(cfg)
-    assert dm.options["filters"] == MetadataFilter(min_width=24, min_height=20)
+    assert dm.options.filters == MetadataFilter(min_width=24, min_height=20)
     batches = list(dm.train_dataloader())
     assert len(batches) == 3 and all(len(b["key"]) == 2 for b in batches)
     assert sum(b["counts"]["kept"] for b in batches) >= 6  # 24 x 20 images pass (inclusive)
