@@ -27,7 +27,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
@@ -38,11 +37,8 @@ from ldm.data.options import DataOptions
 from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards, read_shard
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import (
-    EpochLoader,
     ImageTextStream,
-    batches_trained,
     build_index,
-    make_dataset,
 )
 from ldm.fileio import ShardWriter, replace_folder, shard_name, write_text
 from ldm.fingerprint import exact
@@ -486,152 +482,64 @@ def make_latent_dataset(
     return ds
 
 
-class LatentDataModule(L.LightningDataModule):
-    """Train loader over cached-latent shards (made by data/latents/prepare.py, or built here).
+# --------------------------------------------------------------------------------------------
+# Building from a data module's settings (`ldm.data.modules.LatentDataModule.prepare_data`)
 
-    `options` (`ldm.data.options.DataOptions` fields as flat keys) are the data settings of the
-    image config the cache replaces: image_size, random_crop and flip are checked against the
-    cache, shuffle_buffer and seed order the stream. `use_encoders(vae, text_encoder)` hands over
-    the model's frozen encoders (train.py does it once the model exists): `setup` then refuses
-    encoders the cache was not made with, and where `source_shards` names the image shards the
-    cache comes from, `prepare_data` (Lightning runs it on one process per node) first builds a
-    missing, unfinished or outdated cache from them: with text embeddings when `cache_text`
-    (the text encoder must then be frozen), else latents only; `cache_text=None` caches them
-    exactly when the text encoder is frozen. Validation needs images (the module's
-    validation step encodes them): point `val_shards` at image shards.
-    """
 
-    def __init__(
-        self,
-        train_shards: str | list[str],
-        val_shards: str | list[str] | None = None,
-        batch_size: int = 64,
-        global_batch_size: int | None = None,
-        num_workers: int = 1,
-        batches_per_epoch: int = 1000,
-        source_shards: str | list[str] | None = None,
-        cache_text: bool | None = None,
-        cache_dtype: str = "float16",
-        prepare: Callable[[], object] | None = None,
-        **options,
-    ) -> None:
-        super().__init__()
-        self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.batches_per_epoch, self.options = batches_per_epoch, DataOptions(**options)
-        self.source_shards, self.cache_text, self.cache_dtype = (
-            source_shards,
-            cache_text,
-            cache_dtype,
+def cache_folder(train_shards: str | list[str]) -> Path:
+    """The folder of `FOLDER/*.tar`, where a cache built from source shards is written."""
+    if not isinstance(train_shards, str) or not train_shards.endswith("/*.tar"):
+        raise CacheError(
+            f"to build a cache from source_shards, train_shards must be "
+            f"'FOLDER/*.tar', got {train_shards!r}"
         )
-        self.prepare, self.encoders, self.precision = prepare, None, "auto"
-        self._meta: tuple[dict, torch.Tensor | None] | None = None
+    return Path(train_shards[: -len("/*.tar")])
 
-    def use_encoders(
-        self, vae: nn.Module, text_encoder: nn.Module, precision: str = "auto"
-    ) -> None:
-        """The model's encoders, and the precision the run trains in (a cache is built in it)."""
-        self.encoders, self.precision = (vae, text_encoder), precision
 
-    def prepare_data(self) -> None:
-        if self.prepare is not None:
-            self.prepare()  # e.g. renders the shapes set the cache is made from
-        if self.source_shards is not None:
-            if self.encoders is None:
-                raise CacheError(
-                    "building a latent cache needs the model's encoders: call "
-                    "use_encoders(vae, text_encoder) first"
-                )
-            self.build(*self.encoders)
-
-    def setup(self, stage: str) -> None:
-        meta, _ = self.cache()
-        if self.encoders is not None:
-            check_models(meta, *self.encoders)
-        warn_other_precision(meta, resolve_precision(self.precision, device_type("auto")).value)
-
-    def cache(self) -> tuple[dict, torch.Tensor | None]:
-        if self._meta is None:
-            meta, empty = read_cache_metadata(expand_shards(self.train_shards))
-            check_data_settings(meta, self.options)
-            self._meta = meta, empty
-        return self._meta
-
-    def cache_dir(self) -> Path:
-        if not isinstance(self.train_shards, str) or not self.train_shards.endswith("/*.tar"):
-            raise CacheError(
-                f"to build a cache from source_shards, train_shards must be "
-                f"'FOLDER/*.tar', got {self.train_shards!r}"
-            )
-        return Path(self.train_shards[: -len("/*.tar")])
-
-    def text_to_cache(self, text_encoder: TextEncoder) -> TextEncoder | None:
-        """The text encoder whose embeddings the cache holds, or None for latents only."""
-        if self.cache_text is None:
-            return None if text_encoder.trains else text_encoder
-        if self.cache_text:
-            require_frozen(text_encoder)
-            return text_encoder
-        return None
-
-    def build(self, vae: nn.Module, text_encoder: nn.Module) -> None:
-        out, text, opts = self.cache_dir(), self.text_to_cache(text_encoder), self.options
-        meta = out / META_FILE
-        if meta.is_file():
-            wanted = _identity(
-                cache_metadata(vae, text, opts.image_size, opts.flip, self.cache_dtype)
-            )
-            old = json.loads(meta.read_text())
-            if old.get("complete") and _identity(old) == wanted:
-                return
-        if opts.random_crop:
-            raise CacheError(
-                "random_crop cannot be cached: a cache holds one centre crop per image"
-            )
-        log.info(
-            "caching VAE latents%s of %s in %s",
-            " and text embeddings" if text else "",
-            self.source_shards,
-            out,
+def build_cache(
+    out: Path,
+    source_shards: str | list[str],
+    vae: nn.Module,
+    text_encoder: nn.Module | None,
+    options: DataOptions,
+    batch_size: int,
+    dtype: str,
+    precision: str,
+) -> bool:
+    """Cache `source_shards` in `out` with these encoders (`text_encoder` None: latents only)
+    and data settings, unless a complete cache of the same identity is there; whether it was
+    built. The encoders are left on the device they came on."""
+    meta = out / META_FILE
+    if meta.is_file():
+        wanted = _identity(
+            cache_metadata(vae, text_encoder, options.image_size, options.flip, dtype)
         )
-        device = next(vae.parameters()).device
-        write_latent_shards(
-            expand_shards(self.source_shards),
-            out,
-            vae,
-            text,
-            opts.image_size,
-            batch_size=self.batch_size,
-            flips=opts.flip,
-            dtype=self.cache_dtype,
-            device=device_type("auto"),
-            precision=self.precision,
-            replace=True,
-        )
-        for part in (vae, text):  # back where the model keeps them
-            if part is not None:
-                part.to(device)
-        self._meta = None
-
-    def train_dataloader(self) -> EpochLoader:
-        meta, empty = self.cache()
-        per_worker = max(1, self.batches_per_epoch // max(1, self.num_workers))
-        ds = make_latent_dataset(
-            expand_shards(self.train_shards), empty, self.batch_size, True, self.options, per_worker
-        )
-        done = (lambda: batches_trained(self.trainer)) if self.trainer is not None else None
-        return EpochLoader(ds, self.num_workers, done)
-
-    def val_dataloader(self) -> EpochLoader | list:
-        if not self.val_shards:
-            return []
-        images = DataOptions(self.options.image_size)  # the cache's centre crop, no flip
-        ds = make_dataset(
-            expand_shards(self.val_shards),
-            images,
-            self.batch_size,
-            train=False,
-            num_workers=self.num_workers,
-        )
-        return EpochLoader(ds, self.num_workers)
+        old = json.loads(meta.read_text())
+        if old.get("complete") and _identity(old) == wanted:
+            return False
+    if options.random_crop:
+        raise CacheError("random_crop cannot be cached: a cache holds one centre crop per image")
+    log.info(
+        "caching VAE latents%s of %s in %s",
+        " and text embeddings" if text_encoder else "",
+        source_shards,
+        out,
+    )
+    device = next(vae.parameters()).device
+    write_latent_shards(
+        expand_shards(source_shards),
+        out,
+        vae,
+        text_encoder,
+        options.image_size,
+        batch_size=batch_size,
+        flips=options.flip,
+        dtype=dtype,
+        device=device_type("auto"),
+        precision=precision,
+        replace=True,
+    )
+    for part in (vae, text_encoder):  # back where the model keeps them
+        if part is not None:
+            part.to(device)
+    return True

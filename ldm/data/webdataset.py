@@ -31,7 +31,6 @@ import random
 from dataclasses import replace
 from typing import Callable, Iterator
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -54,12 +53,11 @@ from ldm.data.shards import (
     rank_part,
     read_sample,
     read_shard,
-    read_stats_count,
     resampled,
     worker_batches,
 )
 
-__all__ = ["make_dataset", "ImageTextDataModule"]
+__all__ = ["ImageTextStream", "make_dataset", "EpochLoader"]
 log = logging.getLogger(__name__)
 # Broken or hostile input (logged as a warning); the other reasons are filters at work.
 BROKEN = (
@@ -458,82 +456,3 @@ class EpochLoader(DataLoader):
         self.dataset.set_epoch(epoch, skip)
         self.passes += 1
         return super().__iter__()
-
-
-def batches_trained(trainer: L.Trainer) -> int:
-    """Training batches started in the run so far (restored with a checkpoint)."""
-    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
-
-
-class ImageTextDataModule(L.LightningDataModule):
-    """Train/validation loaders over shard patterns.
-
-    Args:
-        train_shards / val_shards: brace patterns, globs, URLs, lists of them, or for training a
-            list of `{urls: pattern(s), weight: w}` sources mixed by weight.
-        batches_per_epoch: batches per rank per training epoch in "stream" mode; None sizes the
-            epoch from img2dataset's `_stats.json` (samples / (batch_size * world size)).
-        prepare: optional callable run once before loading (e.g. renders the shapes shards).
-        **options: the fields of `ldm.data.options.DataOptions` (image_size, mode, filters,
-            caption_key, bucketing, max_pixels, ...), as flat keys.
-    """
-
-    def __init__(
-        self,
-        train_shards,
-        val_shards=None,
-        batch_size: int = 64,
-        global_batch_size: int | None = None,
-        num_workers: int = 1,
-        batches_per_epoch: int | None = 1000,
-        prepare: Callable[[], object] | None = None,
-        **options,
-    ) -> None:
-        super().__init__()
-        self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
-        self.train_shards, self.val_shards, self.prepare = train_shards, val_shards, prepare
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.batches_per_epoch = batches_per_epoch
-        self.options = DataOptions(**options)
-
-    def prepare_data(self) -> None:
-        if self.prepare is not None:
-            self.prepare()
-
-    def _batches_per_worker(self) -> int:
-        per_rank = self.batches_per_epoch
-        if per_rank is None:
-            urls = [u for s in parse_sources(self.train_shards)[0] for u in s]
-            n = read_stats_count(urls)
-            if n is None:
-                raise DataError(
-                    "batches_per_epoch is null but the shards have no img2dataset "
-                    "_stats.json beside them: set data.batches_per_epoch"
-                )
-            per_rank = max(1, n // (self.batch_size * rank_and_world()[1]))
-            log.info("epoch sized from _stats.json: %d samples -> %d batches per rank", n, per_rank)
-        return max(1, per_rank // max(1, self.num_workers))
-
-    def _batches_done(self) -> int:
-        return batches_trained(self.trainer) if self.trainer is not None else 0
-
-    def train_dataloader(self) -> EpochLoader:
-        stream = self.options.mode == "stream"
-        ds = make_dataset(
-            self.train_shards,
-            self.options,
-            self.batch_size,
-            True,
-            self._batches_per_worker() if stream else None,
-            num_workers=self.num_workers,
-        )
-        return EpochLoader(ds, self.num_workers, self._batches_done)
-
-    def val_dataloader(self) -> EpochLoader | list:
-        if not self.val_shards:
-            return []
-        options = replace(self.options, bucketing=False)  # validation losses compare at one shape
-        ds = make_dataset(
-            self.val_shards, options, self.batch_size, False, num_workers=self.num_workers
-        )
-        return EpochLoader(ds, self.num_workers)

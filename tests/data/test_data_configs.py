@@ -51,3 +51,17 @@ def test_exact_config_reads_every_sample_once(tmp_path):
     )
     batches = list(instantiate(cfg).train_dataloader())
     assert sorted(k for b in batches for k in b["key"]) == sorted(keys) and len(batches) == 3
+
+
+def test_the_readers_are_plain_pytorch():
+    """ldm/README.md: only the data modules (ldm.data.modules) are Lightning's; the readers
+    and the latent cache import without it (a fresh interpreter, so no other test's import
+    counts)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ldm.data.options, ldm.data.webdataset, ldm.data.latents; "
+        "sys.exit(any(m.split('.')[0] == 'lightning' for m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ldm.data.modules import ImageTextDataModule
 from ldm.data.options import DataOptions
-from ldm.data.webdataset import EpochLoader, ImageTextDataModule, make_dataset
+from ldm.data.webdataset import EpochLoader, make_dataset
 from tests.data.shard_helpers import write_keyed_shards
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tensor ops stall on busy shared cores

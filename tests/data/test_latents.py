@@ -11,11 +11,11 @@ from PIL import Image
 
 from ldm.data.latents import (
     CacheError,
-    LatentDataModule,
     make_latent_dataset,
     read_cache_metadata,
     write_latent_shards,
 )
+from ldm.data.modules import LatentDataModule
 from ldm.data.options import DataOptions
 from ldm.data.transforms import ImageTransform
 from ldm.diffusion.objective import DiffusionObjective

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.data.modules import ImageTextDataModule
 from ldm.data.shards import DataError, expand_shards
 from ldm.data.transforms import ImageTransform, to_rgb
-from ldm.data.webdataset import ImageTextDataModule
 from tests.data.shard_helpers import (
     image_bytes,
     png_header,
@@ -380,7 +380,7 @@ MEASURE = """
 import json, resource, sys, types
 # lightning is only the data module's base class here, and 8 of this script's 12 s to import
 sys.modules["lightning"] = types.SimpleNamespace(LightningDataModule=object)
-from ldm.data.webdataset import ImageTextDataModule
+from ldm.data.modules import ImageTextDataModule
 from ldm.data.filters import MetadataFilter
 dm = ImageTextDataModule(sys.argv[1], sys.argv[1], batch_size=4, image_size=int(sys.argv[2]),
                          num_workers=0, filters=MetadataFilter(min_aesthetic=5.0))
