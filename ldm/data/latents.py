@@ -468,8 +468,9 @@ def make_latent_dataset(
     batches_per_epoch: int | None = None,
 ) -> CachedLatentStream:
     """Batches of cached samples: streamed for training (`batches_per_epoch` a worker), each
-    sample once, dealt evenly over ranks, otherwise. Of the options, the flip, shuffle buffer
-    and seed apply (the cache was checked against the rest)."""
+    sample once, dealt evenly over ranks, otherwise. Of the options, flip, shuffle_buffer, seed
+    and max_member_bytes apply; the image settings were checked against the cache
+    (`check_data_settings`), and the image checks do not apply to cached samples."""
     ds = CachedLatentStream(
         [list(urls)],
         empty_context,
