@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from ldm.data.filters import MetadataFilter
+from ldm.data.options import DataOptions
 from ldm.data.shards import expand_shards, read_stats_count
-from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,13 +154,13 @@ def main() -> None:
 
     urls = expand_shards(str(shards / "*.tar"))
     saved = sum(1 for u in urls for n in tarfile.open(u).getnames() if n.endswith(".jpg"))
-    ds = make_dataset(urls, ImageTransform(64), 8, True, mode="exact", rank=0, world_size=1)
+    ds = make_dataset(urls, DataOptions(64, mode="exact"), 8, True, rank=0, world_size=1)
     batches = list(ds)
     keys = [k for b in batches for k in b["key"]]
     counts = {k: v for b in batches for k, v in b["counts"].items() if v}
     totals = {k: sum(b["counts"][k] for b in batches) for k in counts}
     f = MetadataFilter(min_aesthetic=5.0, max_punsafe=0.3)
-    filtered = list(make_dataset(urls, ImageTransform(64), 8, False, filters=f))
+    filtered = list(make_dataset(urls, DataOptions(64, filters=f), 8, False))
     ftotals = {k: sum(b["counts"][k] for b in filtered) for k in batches[0]["counts"]}
     expected = saved - totals.get("rejected/no_caption", 0)
     once = sorted(set(keys)) == sorted(keys) and len(keys) == expected

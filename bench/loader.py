@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ldm.data.filters import MetadataFilter
-from ldm.data.transforms import ImageTransform
+from ldm.data.options import DataOptions
 from ldm.data.webdataset import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,15 +101,8 @@ def ours(urls: list[str], size: int, batch_size: int, draft: bool) -> int:
     f = MetadataFilter(
         min_width=256, min_height=256, min_aesthetic=5.0, max_punsafe=0.5, max_pwatermark=0.8
     )  # every sample passes: the work stays comparable
-    ds = make_dataset(
-        urls,
-        ImageTransform(size, flip=True, draft=draft),
-        batch_size,
-        False,
-        filters=f,
-        rank=0,
-        world_size=1,
-    )
+    options = DataOptions(size, flip=True, draft=draft, filters=f)
+    ds = make_dataset(urls, options, batch_size, False, rank=0, world_size=1)
     return sum(len(b["key"]) for b in ds)
 
 

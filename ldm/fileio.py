@@ -1,10 +1,11 @@
-"""Files written so that a reader never sees half of one, and tar members written one way."""
+"""Files written so that a reader never sees half of one, and the one shard writer."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -86,8 +87,111 @@ def replace_folder(new: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """One regular file in a tar, with a fixed date and mode: shards are byte-reproducible."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
+
+
+def shard_name(index: int) -> str:
+    """`00000.tar`: img2dataset's shard names (its `00000_stats.json` beside)."""
+    return f"{index:05d}.tar"
+
+
+def shard_stats(tried: int, written: int) -> dict:
+    """img2dataset's `NNNNN_stats.json`: samples tried, written, and the rest as unreadable."""
+    return {
+        "count": tried,
+        "successes": written,
+        "failed_to_download": 0,
+        "failed_to_resize": tried - written,
+        "status_dict": {
+            "success": written,
+            **({"unreadable": tried - written} if tried > written else {}),
+        },
+    }
+
+
+class ShardWriter:
+    """Samples into `folder/NNNNN.tar` shards, numbered from `first`, as webdataset's TarWriter
+    lays them out (members `KEY.ext`, a sample's extensions sorted) with fixed dates and modes:
+    the same samples give the same bytes. Each shard is written under a hidden name and renamed
+    into place once closed, so a reader never sees half of one; on an error (leaving a `with`
+    block) the open one is removed. A new shard begins every `shard_size` samples (None: one
+    shard, until `close`). With `stats`, img2dataset's `NNNNN_stats.json` is written beside
+    each shard (`skip` counts a sample that could not be written); with `keep_empty`, `close`
+    writes a shard even when no sample came (one shard per source, an empty source too)."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        shard_size: int | None = None,
+        first: int = 0,
+        stats: bool = False,
+        keep_empty: bool = False,
+    ) -> None:
+        self.folder, self.shard_size, self.index = Path(folder), shard_size, first
+        self.stats, self.keep_empty = stats, keep_empty
+        self.key_digits = max(4, len(str(shard_size - 1))) if shard_size else 4
+        self.n, self.tried, self.written, self.shards = 0, 0, 0, []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+
+    def next_key(self) -> str:
+        """img2dataset's key for the next sample: the shard's number, then the sample's."""
+        return f"{self.index:05d}{self.n:0{self.key_digits}d}"
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """One sample: `members` maps extensions (`png`, `mean.npy`, ...) to bytes."""
+        tar = self._open()
+        for ext in sorted(members):
+            _add_member(tar, f"{key}.{ext}", members[ext])
+        self.n, self.tried = self.n + 1, self.tried + 1
+        if self.n == self.shard_size:
+            self._finish()
+
+    def skip(self) -> None:
+        """A sample that could not be written: counted in the next shard's stats."""
+        self.tried += 1
+
+    def close(self) -> None:
+        """Finish the open shard (renamed into place); nothing when none is open."""
+        if self.keep_empty and self._tar is None and not self.shards:
+            self._open()
+        if self._tar is not None:
+            self._finish()
+
+    def abort(self) -> None:
+        """Drop the open shard; those already closed stay."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open(self) -> tarfile.TarFile:
+        if self._tar is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = temporary_path(self.folder / shard_name(self.index))
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        return self._tar
+
+    def _finish(self) -> None:
+        self._tar.close()
+        name = shard_name(self.index)
+        os.replace(self._tmp, self.folder / name)
+        if self.stats:
+            stats = json.dumps(shard_stats(self.tried, self.n), indent=4) + "\n"
+            write_text(self.folder / f"{self.index:05d}_stats.json", stats)
+        self.shards.append(name)
+        self.written += self.n
+        self.index, self.n, self.tried, self._tar = self.index + 1, 0, 0, None

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from PIL import Image
 
 from ldm.data.shards import INFO_FILE
 from ldm.diffusion.samplers import SamplerConfig
-from ldm.fileio import add_member, atomic_path, write_text
+from ldm.fileio import ShardWriter, write_text
 from ldm.pipeline import read_prompts
 
 log = logging.getLogger(__name__)
@@ -87,14 +86,17 @@ class ClassImages:
         jobs = [(self.prompts[i % len(self.prompts)], self.seed + i) for i in range(self.n)]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / INFO_FILE).unlink(missing_ok=True)
-        shards = []
-        with tqdm(total=self.n, desc="class images", unit="img") as bar:
+        with (
+            tqdm(total=self.n, desc="class images", unit="img") as bar,
+            ShardWriter(self.out_dir, self.shard_size) as writer,
+        ):
             for start in range(0, self.n, self.shard_size):
-                name = f"{start // self.shard_size:05d}.tar"
-                self._write_shard(
-                    self.out_dir / name, jobs[start : start + self.shard_size], pipe, size, bar
-                )
-                shards.append(name)
+                shard = jobs[start : start + self.shard_size]
+                for k in range(0, len(shard), self.batch_size):  # batches within a shard
+                    batch = shard[k : k + self.batch_size]
+                    self._draw(writer, batch, pipe, size)
+                    bar.update(len(batch))
+        shards = writer.shards
         write_text(
             self.out_dir / INFO_FILE,
             json.dumps({"source": "class_images", "settings": settings, "shards": shards}, indent=2)
@@ -102,27 +104,20 @@ class ClassImages:
         )
         return self.out_dir
 
-    def _write_shard(self, path: Path, jobs: list, pipe, size: int, bar) -> None:
-        with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for k in range(0, len(jobs), self.batch_size):
-                batch = jobs[k : k + self.batch_size]
-                images = pipe(
-                    [p for p, _ in batch], [s for _, s in batch], self.sampler, None, size, size
-                )
-                for (prompt, seed), image in zip(batch, images):
-                    key = f"{seed:09d}"
-                    buffer = io.BytesIO()
-                    Image.fromarray(image.numpy()).save(buffer, format="PNG")
-                    record = {
-                        "key": key,
-                        "caption": prompt,
-                        "seed": seed,
-                        "width": size,
-                        "height": size,
-                        "original_width": size,
-                        "original_height": size,
-                    }
-                    add_member(tar, f"{key}.json", json.dumps(record).encode())
-                    add_member(tar, f"{key}.png", buffer.getvalue())
-                    add_member(tar, f"{key}.txt", prompt.encode())
-                bar.update(len(batch))
+    def _draw(self, writer: ShardWriter, batch: list, pipe, size: int) -> None:
+        images = pipe([p for p, _ in batch], [s for _, s in batch], self.sampler, None, size, size)
+        for (prompt, seed), image in zip(batch, images):
+            key = f"{seed:09d}"
+            buffer = io.BytesIO()
+            Image.fromarray(image.numpy()).save(buffer, format="PNG")
+            record = {
+                "key": key,
+                "caption": prompt,
+                "seed": seed,
+                "width": size,
+                "height": size,
+                "original_width": size,
+                "original_height": size,
+            }
+            members = {"json": json.dumps(record).encode(), "png": buffer.getvalue()}
+            writer.write(key, {**members, "txt": prompt.encode()})

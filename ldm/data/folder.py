@@ -20,13 +20,12 @@ import csv
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.data.images import ImageLimits, ImageRejected, open_image
 from ldm.data.shards import IMAGE_EXTS, INFO_FILE, MAX_MEMBER_BYTES
-from ldm.fileio import add_member, temporary_path, write_text
+from ldm.fileio import ShardWriter, write_text
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FORMATS = ("keep", "jpg", "png", "webp")
@@ -148,7 +147,7 @@ def load_image(
 
 def _sample(
     image: Path, root: Path, key: str, rows: dict, args: dict, counts: Counts
-) -> list | None:
+) -> dict[str, bytes] | None:
     try:
         data, ext, (w, h) = load_image(image, args["image_format"], args["quality"])
     except ImageRejected as e:  # what training would skip: skipped here, with its reason
@@ -171,66 +170,7 @@ def _sample(
         "file_name": image.relative_to(root).as_posix(),
         **extra,
     }
-    return [
-        (f"{key}.{ext}", data),
-        (f"{key}.json", json.dumps(record).encode()),
-        (f"{key}.txt", caption.encode()),
-    ]
-
-
-def _shard_stats(n_tried: int, n_ok: int) -> dict:
-    return {
-        "count": n_tried,
-        "successes": n_ok,
-        "failed_to_download": 0,
-        "failed_to_resize": n_tried - n_ok,
-        "status_dict": {
-            "success": n_ok,
-            **({"unreadable": n_tried - n_ok} if n_tried > n_ok else {}),
-        },
-    }
-
-
-class _ShardWriter:
-    """Fills `NNNNN.tar` shards of `shard_size` samples, each renamed into place once closed."""
-
-    def __init__(self, out: Path, shard_size: int, counts: Counts) -> None:
-        self.out, self.shard_size, self.counts = out, shard_size, counts
-        self.index, self.n_ok, self.n_tried, self.tar, self.tmp = 0, 0, 0, None, None
-        self.key_digits = max(4, len(str(shard_size - 1)))
-
-    def next_key(self) -> str:
-        return f"{self.index:05d}{self.n_ok:0{self.key_digits}d}"
-
-    def add(self, members: list | None) -> None:
-        self.n_tried += 1
-        if members is None:
-            return
-        if self.tar is None:
-            self.tmp = temporary_path(self.out / f"{self.index:05d}.tar")
-            self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
-        for name, data in sorted(members):  # webdataset's TarWriter order: extensions sorted
-            add_member(self.tar, name, data)
-        self.n_ok += 1
-        if self.n_ok == self.shard_size:
-            self.close()
-
-    def close(self) -> None:
-        if self.tar is None:
-            return
-        self.tar.close()
-        name = f"{self.index:05d}.tar"
-        os.replace(self.tmp, self.out / name)
-        stats = json.dumps(_shard_stats(self.n_tried, self.n_ok), indent=4) + "\n"
-        write_text(self.out / f"{self.index:05d}_stats.json", stats)
-        self.counts.shards.append(name)
-        self.counts.written += self.n_ok
-        self.index, self.n_ok, self.n_tried, self.tar = self.index + 1, 0, 0, None
-
-    def abort(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            self.tmp.unlink(missing_ok=True)
+    return {ext: data, "json": json.dumps(record).encode(), "txt": caption.encode()}
 
 
 def write_folder_shards(
@@ -262,16 +202,17 @@ def write_folder_shards(
     rows = read_metadata(root, caption_column)
     counts = Counts(found=len(images))
     args = {"image_format": image_format, "quality": quality, "caption_column": caption_column}
-    writer = _ShardWriter(out, shard_size, counts)
     from tqdm import tqdm
 
-    try:
+    with ShardWriter(out, shard_size, stats=True) as writer:
         for image in tqdm(images, unit="img", desc="shards", disable=not progress):
-            writer.add(_sample(image, root, writer.next_key(), rows, args, counts))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+            key = writer.next_key()
+            members = _sample(image, root, key, rows, args, counts)
+            if members is None:
+                writer.skip()  # counted in the shard's stats, as img2dataset does
+            else:
+                writer.write(key, members)
+    counts.shards, counts.written = writer.shards, writer.written
     info = {
         "source": "folder",
         "shard_size": shard_size,

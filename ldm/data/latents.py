@@ -23,27 +23,25 @@ import json
 import logging
 import os
 import random
-import tarfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
 from ldm.data.filters import new_counts, parse_metadata
 from ldm.data.images import open_image
+from ldm.data.options import DataOptions
 from ldm.data.shards import IMAGE_EXTS, DataError, expand_shards, read_shard
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import (
-    EpochLoader,
     ImageTextStream,
-    batches_trained,
     build_index,
-    make_dataset,
 )
-from ldm.fileio import add_member, atomic_path, replace_folder, write_text
+from ldm.fileio import ShardWriter, replace_folder, shard_name, write_text
+from ldm.fingerprint import exact
 from ldm.models.text_encoder import TextEncoder
 from ldm.precision import autocast as precision_autocast
 from ldm.precision import device_type
@@ -56,16 +54,6 @@ FORMAT = "ldm-latents/1"
 
 class CacheError(DataError):
     """A cache that does not match the configured model or data settings."""
-
-
-def fingerprint(module: nn.Module, extra: dict | None = None) -> str:
-    """sha256 of a module's weights (names, dtypes, shapes, bytes) and `extra` settings."""
-    h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def text_encoder_settings(text_encoder: nn.Module) -> dict:
@@ -135,21 +123,20 @@ def _read_source(
         yield key, image, caption, sample.get("json", b"{}")
 
 
-def _flush(tar, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
+def _flush(writer, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
     images = torch.stack([p[1] for p in pending]).to(device)
     encoded = encode_batch(vae, text_encoder, images, [p[2] for p in pending], flips)
     encoded = {k: v.float().cpu() for k, v in encoded.items()}  # one transfer, not one per sample
     for i, (key, _, caption, meta) in enumerate(pending):
-        members = {f"{key}.{name}.npy": _npy(t[i], dtype) for name, t in encoded.items()}
-        members.update({f"{key}.txt": caption.encode(), f"{key}.json": meta})
-        for name in sorted(members):
-            add_member(tar, name, members[name])
+        members = {f"{name}.npy": _npy(t[i], dtype) for name, t in encoded.items()}
+        writer.write(key, {**members, "txt": caption.encode(), "json": meta})
     pending.clear()
 
 
 def write_latent_shard(
     url: str,
-    out_path: Path,
+    out: Path,
+    index: int,
     vae,
     text_encoder,
     transform: ImageTransform,
@@ -159,16 +146,17 @@ def write_latent_shard(
     device,
     keep: Callable[[dict], bool] | None = None,
 ) -> tuple[int, list[str]]:
-    """Encode one source shard into `out_path` (renamed into place when complete)."""
+    """Encode one source shard into shard `index` of `out` (renamed into place when complete;
+    an empty one for a source without a usable sample)."""
     skipped, pending, n = [], [], 0
-    with atomic_path(out_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with ShardWriter(out, first=index, keep_empty=True) as writer:
         for item in _read_source(url, transform, skipped, keep):
             pending.append(item)
             n += 1
             if len(pending) == batch_size:
-                _flush(tar, vae, text_encoder, pending, flips, dtype, device)
+                _flush(writer, vae, text_encoder, pending, flips, dtype, device)
         if pending:
-            _flush(tar, vae, text_encoder, pending, flips, dtype, device)
+            _flush(writer, vae, text_encoder, pending, flips, dtype, device)
     return n, skipped
 
 
@@ -182,11 +170,11 @@ def cache_metadata(
         "crop": "center",
         "flips": flips,
         "dtype": dtype,
-        "vae": {"config": getattr(vae, "config", None), "sha256": fingerprint(vae)},
+        "vae": {"config": getattr(vae, "config", None), "sha256": exact(vae.state_dict())},
         "text_encoder": text_encoder
         and {
             "settings": text_encoder_settings(text_encoder),
-            "sha256": fingerprint(text_encoder, text_encoder_settings(text_encoder)),
+            "sha256": exact(text_encoder.state_dict(), text_encoder_settings(text_encoder)),
         },
         "config": sources or {},
     }
@@ -251,10 +239,20 @@ def write_latent_shards(
     meta["precision"] = chosen.value  # what the encoders ran in; not part of the identity
     with precision_autocast(chosen, device):
         for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
-            path = out / f"{i:05d}.tar"
+            path = out / shard_name(i)
             if not path.is_file():
                 n, skipped = write_latent_shard(
-                    url, path, vae, text_encoder, transform, batch_size, flips, dtype, device, keep
+                    url,
+                    out,
+                    i,
+                    vae,
+                    text_encoder,
+                    transform,
+                    batch_size,
+                    flips,
+                    dtype,
+                    device,
+                    keep,
                 )
                 counts["written"] += n
                 counts["skipped"] += [f"{url}:{k}" for k in skipped]
@@ -279,7 +277,7 @@ def _carry_other_files(old: Path, new: Path) -> None:
     own = {META_FILE, EMPTY_FILE}
     for path in old.iterdir() if old.is_dir() else []:
         is_shard = len(path.name) == 9 and path.name[:5].isdigit() and path.suffix == ".tar"
-        hidden = path.name.startswith(".")  # a write cut short (`atomic_path`'s .NAME.tmp)
+        hidden = path.name.startswith(".")  # a write cut short (`temporary_path`'s .NAME.tmp)
         if not (path.name in own or is_shard or hidden or (new / path.name).exists()):
             os.replace(path, new / path.name)
 
@@ -331,22 +329,22 @@ def read_cache_metadata(urls: list[str]) -> tuple[dict, torch.Tensor | None]:
     return meta, _load_npy((root / EMPTY_FILE).read_bytes()).unsqueeze(0)
 
 
-def check_data_settings(meta: dict, image_size: int, random_crop: bool, flip: bool) -> None:
+def check_data_settings(meta: dict, options: DataOptions) -> None:
     """Refuse data settings a cache cannot honour (it holds one centre crop per image)."""
-    if random_crop:
+    if options.random_crop:
         raise CacheError(
             "random_crop cannot be used with cached latents: the cache holds one "
             "centre crop per image; set data.random_crop=false or train on images"
         )
-    if flip and not meta["flips"]:
+    if options.flip and not meta["flips"]:
         raise CacheError(
             "flip=true but the cache holds no mirrored latents; set data.flip=false "
             "or rebuild the cache with flips (data/latents/prepare.py --flips)"
         )
-    if image_size != meta["image_size"]:
+    if options.image_size != meta["image_size"]:
         raise CacheError(
             f"the cache was made at image_size {meta['image_size']}, the config asks "
-            f"for {image_size}; set data.image_size={meta['image_size']} or rebuild it"
+            f"for {options.image_size}; set data.image_size={meta['image_size']} or rebuild it"
         )
 
 
@@ -379,7 +377,7 @@ def warn_other_precision(meta: dict, precision: str) -> None:
 def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
     """Refuse a VAE other than the one the cache was made with and, where the cache holds text
     embeddings, another text encoder or one that trains (its cached output would never change)."""
-    if fingerprint(vae) != meta["vae"]["sha256"]:
+    if exact(vae.state_dict()) != meta["vae"]["sha256"]:
         raise CacheError(
             "the configured VAE is not the one the cache was made with (its weights "
             "differ); use that VAE or rebuild the cache"
@@ -388,7 +386,7 @@ def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
         return  # latents only: the text encoder runs, and may train, on the captions
     require_frozen(text_encoder)
     settings = text_encoder_settings(text_encoder)
-    if fingerprint(text_encoder, settings) != meta["text_encoder"]["sha256"]:
+    if exact(text_encoder.state_dict(), settings) != meta["text_encoder"]["sha256"]:
         raise CacheError(
             "the configured text encoder is not the one the cache was made with "
             "(weights or layer/padding/context length differ); use it or rebuild the cache"
@@ -407,10 +405,15 @@ class CachedLatentStream(ImageTextStream):
     the time (a coin of the seed, epoch and key: a resumed run tosses the same)."""
 
     def __init__(
-        self, sources, empty_context: torch.Tensor | None, flip: bool, batch_size: int, **kw
+        self,
+        sources: list[list[str]],
+        empty_context: torch.Tensor | None,
+        batch_size: int,
+        options: DataOptions,
+        **kw,
     ) -> None:
-        super().__init__(sources, [1.0 / len(sources)] * len(sources), None, batch_size, **kw)
-        self.empty_context, self.flip = empty_context, flip
+        super().__init__(sources, [1.0 / len(sources)] * len(sources), batch_size, options, **kw)
+        self.empty_context, self.flip = empty_context, options.flip
         self.members = ("mean", "std") + (("context",) if empty_context is not None else ())
 
     def rejection(self, sample: dict) -> str | None:
@@ -461,186 +464,83 @@ def make_latent_dataset(
     empty_context: torch.Tensor | None,
     batch_size: int,
     train: bool,
-    flip: bool = False,
-    shuffle_buffer: int = 1000,
+    options: DataOptions,
     batches_per_epoch: int | None = None,
-    seed: int = 0,
 ) -> CachedLatentStream:
-    """Batches of cached samples: streamed for training (`batches_per_epoch` a worker),
-    each sample once, dealt evenly over ranks, otherwise."""
+    """Batches of cached samples: streamed for training (`batches_per_epoch` a worker), each
+    sample once, dealt evenly over ranks, otherwise. Of the options, flip, shuffle_buffer, seed
+    and max_member_bytes apply; the image settings were checked against the cache
+    (`check_data_settings`), and the image checks do not apply to cached samples."""
     ds = CachedLatentStream(
         [list(urls)],
         empty_context,
-        flip,
         batch_size,
-        mode="stream" if train else "once",
+        replace(options, mode="stream" if train else "once"),
         batches_per_worker=batches_per_epoch,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
     )
     if not train:
         ds.index, ds.index_counts = build_index(list(urls), ds.rejection)
     return ds
 
 
-class LatentDataModule(L.LightningDataModule):
-    """Train loader over cached-latent shards (made by data/latents/prepare.py, or built here).
+# --------------------------------------------------------------------------------------------
+# Building from a data module's settings (`ldm.data.modules.LatentDataModule.prepare_data`)
 
-    `image_size`, `random_crop` and `flip` are the data settings of the image config the cache
-    replaces; they are checked against the cache. `use_encoders(vae, text_encoder)` hands over
-    the model's frozen encoders (train.py does it once the model exists): `setup` then refuses
-    encoders the cache was not made with, and where `source_shards` names the image shards the
-    cache comes from, `prepare_data` (Lightning runs it on one process per node) first builds a
-    missing, unfinished or outdated cache from them: with text embeddings when `cache_text`
-    (the text encoder must then be frozen), else latents only; `cache_text=None` caches them
-    exactly when the text encoder is frozen. Validation needs images (the module's
-    validation step encodes them): point `val_shards` at image shards.
-    """
 
-    def __init__(
-        self,
-        train_shards: str | list[str],
-        val_shards: str | list[str] | None = None,
-        batch_size: int = 64,
-        global_batch_size: int | None = None,
-        image_size: int = 256,
-        num_workers: int = 1,
-        batches_per_epoch: int = 1000,
-        random_crop: bool = False,
-        flip: bool = False,
-        shuffle_buffer: int = 1000,
-        source_shards: str | list[str] | None = None,
-        cache_text: bool | None = None,
-        cache_dtype: str = "float16",
-        prepare: Callable[[], object] | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.seed = seed
-        self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
-        self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
-        self.random_crop, self.flip = random_crop, flip
-        self.source_shards, self.cache_text, self.cache_dtype = (
-            source_shards,
-            cache_text,
-            cache_dtype,
+def cache_folder(train_shards: str | list[str]) -> Path:
+    """The folder of `FOLDER/*.tar`, where a cache built from source shards is written."""
+    if not isinstance(train_shards, str) or not train_shards.endswith("/*.tar"):
+        raise CacheError(
+            f"to build a cache from source_shards, train_shards must be "
+            f"'FOLDER/*.tar', got {train_shards!r}"
         )
-        self.prepare, self.encoders, self.precision = prepare, None, "auto"
-        self._meta: tuple[dict, torch.Tensor | None] | None = None
+    return Path(train_shards[: -len("/*.tar")])
 
-    def use_encoders(
-        self, vae: nn.Module, text_encoder: nn.Module, precision: str = "auto"
-    ) -> None:
-        """The model's encoders, and the precision the run trains in (a cache is built in it)."""
-        self.encoders, self.precision = (vae, text_encoder), precision
 
-    def prepare_data(self) -> None:
-        if self.prepare is not None:
-            self.prepare()  # e.g. renders the shapes set the cache is made from
-        if self.source_shards is not None:
-            if self.encoders is None:
-                raise CacheError(
-                    "building a latent cache needs the model's encoders: call "
-                    "use_encoders(vae, text_encoder) first"
-                )
-            self.build(*self.encoders)
-
-    def setup(self, stage: str) -> None:
-        meta, _ = self.cache()
-        if self.encoders is not None:
-            check_models(meta, *self.encoders)
-        warn_other_precision(meta, resolve_precision(self.precision, device_type("auto")).value)
-
-    def cache(self) -> tuple[dict, torch.Tensor | None]:
-        if self._meta is None:
-            meta, empty = read_cache_metadata(expand_shards(self.train_shards))
-            check_data_settings(meta, self.image_size, self.random_crop, self.flip)
-            self._meta = meta, empty
-        return self._meta
-
-    def cache_dir(self) -> Path:
-        if not isinstance(self.train_shards, str) or not self.train_shards.endswith("/*.tar"):
-            raise CacheError(
-                f"to build a cache from source_shards, train_shards must be "
-                f"'FOLDER/*.tar', got {self.train_shards!r}"
-            )
-        return Path(self.train_shards[: -len("/*.tar")])
-
-    def text_to_cache(self, text_encoder: TextEncoder) -> TextEncoder | None:
-        """The text encoder whose embeddings the cache holds, or None for latents only."""
-        if self.cache_text is None:
-            return None if text_encoder.trains else text_encoder
-        if self.cache_text:
-            require_frozen(text_encoder)
-            return text_encoder
-        return None
-
-    def build(self, vae: nn.Module, text_encoder: nn.Module) -> None:
-        out, text = self.cache_dir(), self.text_to_cache(text_encoder)
-        meta = out / META_FILE
-        if meta.is_file():
-            wanted = _identity(
-                cache_metadata(vae, text, self.image_size, self.flip, self.cache_dtype)
-            )
-            old = json.loads(meta.read_text())
-            if old.get("complete") and _identity(old) == wanted:
-                return
-        if self.random_crop:
-            raise CacheError(
-                "random_crop cannot be cached: a cache holds one centre crop per image"
-            )
-        log.info(
-            "caching VAE latents%s of %s in %s",
-            " and text embeddings" if text else "",
-            self.source_shards,
-            out,
+def build_cache(
+    out: Path,
+    source_shards: str | list[str],
+    vae: nn.Module,
+    text_encoder: nn.Module | None,
+    options: DataOptions,
+    batch_size: int,
+    dtype: str,
+    precision: str,
+) -> bool:
+    """Cache `source_shards` in `out` with these encoders (`text_encoder` None: latents only)
+    and data settings, unless a complete cache of the same identity is there; whether it was
+    built. The encoders are left on the device they came on."""
+    meta = out / META_FILE
+    if meta.is_file():
+        wanted = _identity(
+            cache_metadata(vae, text_encoder, options.image_size, options.flip, dtype)
         )
-        device = next(vae.parameters()).device
-        write_latent_shards(
-            expand_shards(self.source_shards),
-            out,
-            vae,
-            text,
-            self.image_size,
-            batch_size=self.batch_size,
-            flips=self.flip,
-            dtype=self.cache_dtype,
-            device=device_type("auto"),
-            precision=self.precision,
-            replace=True,
-        )
-        for part in (vae, text):  # back where the model keeps them
-            if part is not None:
-                part.to(device)
-        self._meta = None
-
-    def train_dataloader(self) -> EpochLoader:
-        meta, empty = self.cache()
-        per_worker = max(1, self.batches_per_epoch // max(1, self.num_workers))
-        ds = make_latent_dataset(
-            expand_shards(self.train_shards),
-            empty,
-            self.batch_size,
-            True,
-            self.flip,
-            self.shuffle_buffer,
-            per_worker,
-            self.seed,
-        )
-        done = (lambda: batches_trained(self.trainer)) if self.trainer is not None else None
-        return EpochLoader(ds, self.num_workers, done)
-
-    def val_dataloader(self) -> EpochLoader | list:
-        if not self.val_shards:
-            return []
-        transform = ImageTransform(self.image_size)  # the cache's centre crop, no flip
-        ds = make_dataset(
-            expand_shards(self.val_shards),
-            transform,
-            self.batch_size,
-            train=False,
-            num_workers=self.num_workers,
-        )
-        return EpochLoader(ds, self.num_workers)
+        old = json.loads(meta.read_text())
+        if old.get("complete") and _identity(old) == wanted:
+            return False
+    if options.random_crop:
+        raise CacheError("random_crop cannot be cached: a cache holds one centre crop per image")
+    log.info(
+        "caching VAE latents%s of %s in %s",
+        " and text embeddings" if text_encoder else "",
+        source_shards,
+        out,
+    )
+    device = next(vae.parameters()).device
+    write_latent_shards(
+        expand_shards(source_shards),
+        out,
+        vae,
+        text_encoder,
+        options.image_size,
+        batch_size=batch_size,
+        flips=options.flip,
+        dtype=dtype,
+        device=device_type("auto"),
+        precision=precision,
+        replace=True,
+    )
+    for part in (vae, text_encoder):  # back where the model keeps them
+        if part is not None:
+            part.to(device)
+    return True

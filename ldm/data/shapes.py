@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -47,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ldm.data.shards import INFO_FILE
-from ldm.fileio import add_member
+from ldm.fileio import ShardWriter, shard_name
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -292,29 +291,19 @@ def _png_bytes(image: Image.Image) -> bytes:
 def _write_shard(job: tuple[str, str, int, int, int, int, int]) -> int:
     """Render samples ``[start, start + count)`` of a split into one tar shard.
 
-    Members follow webdataset's TarWriter: ``KEY.ext`` with extensions in
-    sorted order.  The stdlib writer keeps worker processes free of torch,
-    which importing webdataset would load.  Takes one tuple so that it can be
-    mapped over a process pool.
+    Written by `ldm.fileio.ShardWriter` (webdataset's TarWriter layout with the
+    stdlib, which keeps worker processes free of the torch that importing
+    webdataset would load).  Takes one tuple so that it can be mapped over a
+    process pool.
     """
     split_dir, split, shard_index, start, count, size, seed, colours = job
-    stem = Path(split_dir) / f"{shard_index:05d}"
-    with tarfile.open(f"{stem}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+    with ShardWriter(split_dir, first=shard_index, stats=True) as writer:
         for offset in range(count):
             image, meta = render_sample(sample_rng(seed, split, start + offset), size, colours)
-            key = f"{shard_index:05d}{offset:04d}"
+            key = writer.next_key()
             record = _sample_record(key, meta, size)
-            add_member(tar, f"{key}.json", json.dumps(record).encode())
-            add_member(tar, f"{key}.png", _png_bytes(image))
-            add_member(tar, f"{key}.txt", record["caption"].encode())
-    stats = {
-        "count": count,
-        "successes": count,
-        "failed_to_download": 0,
-        "failed_to_resize": 0,
-        "status_dict": {"success": count},
-    }
-    Path(f"{stem}_stats.json").write_text(json.dumps(stats, indent=4) + "\n")
+            members = {"json": json.dumps(record).encode(), "png": _png_bytes(image)}
+            writer.write(key, {**members, "txt": record["caption"].encode()})
     return count
 
 
@@ -349,7 +338,7 @@ def _run_jobs(jobs: list, workers: int, progress: bool, total: int) -> None:
 def _info(n_train: int, n_val: int, size: int, seed: int, shard_size: int, jobs: list) -> dict:
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for _, split, shard_index, *_ in jobs:
-        splits[split].append(f"{shard_index:05d}.tar")
+        splits[split].append(shard_name(shard_index))
     return {
         "dataset": "shapes",
         "format_version": FORMAT_VERSION,

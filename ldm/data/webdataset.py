@@ -28,21 +28,21 @@ import itertools
 import logging
 import os
 import random
+from dataclasses import replace
 from typing import Callable, Iterator
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data.buckets import bucket_batches, make_buckets, nearest_bucket
+from ldm.data.buckets import bucket_batches, nearest_bucket
 from ldm.data.filters import (
-    MetadataFilter,
     add_counts,
     new_counts,
     parse_metadata,
     rejection_reason,
 )
-from ldm.data.images import MAX_ASPECT, MAX_PIXELS, ImageLimits, ImageRejected, open_image
+from ldm.data.images import ImageRejected, open_image
+from ldm.data.options import DataOptions
 from ldm.data.shards import (
     IMAGE_EXTS,
     MAX_MEMBER_BYTES,
@@ -53,13 +53,11 @@ from ldm.data.shards import (
     rank_part,
     read_sample,
     read_shard,
-    read_stats_count,
     resampled,
     worker_batches,
 )
-from ldm.data.transforms import ImageTransform
 
-__all__ = ["make_dataset", "ImageTextDataModule"]
+__all__ = ["ImageTextStream", "make_dataset", "EpochLoader"]
 log = logging.getLogger(__name__)
 # Broken or hostile input (logged as a warning); the other reasons are filters at work.
 BROKEN = (
@@ -96,20 +94,18 @@ def read_meta(sample: dict) -> dict | None:
     return parse_metadata(sample.get("json"))
 
 
-def precheck(
-    sample: dict, filters: MetadataFilter, caption_key: str, skip_empty_captions: bool
-) -> tuple[str | None, str, str | None]:
+def precheck(sample: dict, options: DataOptions) -> tuple[str | None, str, str | None]:
     """(rejection reason or None, caption, image extension): every check short of decoding."""
     meta = read_meta(sample)
     if meta is None:
         reason, meta = "bad_metadata", {}
     else:
-        reason = rejection_reason(meta, filters) if filters.active else None
-    caption = caption_of(sample, meta, caption_key)
+        reason = rejection_reason(meta, options.filters) if options.filters.active else None
+    caption = caption_of(sample, meta, options.caption_key)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if reason is None and ext is None:
         reason = "no_image"
-    if reason is None and skip_empty_captions and not caption:
+    if reason is None and options.skip_empty_captions and not caption:
         reason = "no_caption"
     return reason, caption, ext
 
@@ -130,44 +126,32 @@ class ImageTextStream(IterableDataset):
         self,
         sources: list[list[str]],
         weights: list[float],
-        transform: ImageTransform,
         batch_size: int,
-        mode: str = "stream",
+        options: DataOptions,
         batches_per_worker: int | None = None,
-        shuffle_buffer: int = 1000,
-        filters: MetadataFilter = MetadataFilter(),
-        caption_key: str = "txt",
-        skip_empty_captions: bool = True,
-        buckets: list[tuple[int, int]] | None = None,
-        seed: int = 0,
-        drop_remainder: bool = False,
-        index: list[dict] | None = None,
-        index_counts: dict[str, int] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         loss_weights: list[float] | None = None,
-        image_limits: ImageLimits = ImageLimits(),
-        max_member_bytes: int = MAX_MEMBER_BYTES,
     ) -> None:
+        mode = options.mode
         if mode not in ("stream", "exact", "once"):
             raise DataError(f"data mode {mode!r}: use 'stream' or 'exact' ('once' for validation)")
-        if mode == "exact" and buckets:
+        if mode == "exact" and options.bucketing:
             raise DataError(
                 "aspect-ratio bucketing gives batch counts that depend on the shapes "
                 "met, so it runs in mode='stream' (set batches_per_epoch) only"
             )
         if loss_weights is not None and mode != "stream":
             raise DataError("per-source loss weights need sources mixed in mode='stream'")
-        self.sources, self.weights, self.transform = sources, weights, transform
-        self.loss_weights = loss_weights
-        self.batch_size, self.mode, self.batches_per_worker = batch_size, mode, batches_per_worker
-        self.shuffle_buffer, self.filters, self.caption_key = shuffle_buffer, filters, caption_key
-        self.skip_empty_captions, self.buckets, self.seed = skip_empty_captions, buckets, seed
-        self.drop_remainder, self.index, self.index_counts = drop_remainder, index, index_counts
+        self.sources, self.weights, self.loss_weights = sources, weights, loss_weights
+        self.batch_size, self.batches_per_worker = batch_size, batches_per_worker
+        self.options, self.mode, self.seed = options, mode, options.seed
+        self.transform, self.buckets = options.transform(), options.buckets
+        self.index: list[dict] | None = None  # what exact epochs and validation deal out
+        self.index_counts: dict[str, int] | None = None
         self.rank, self.world_size = (rank, world_size) if rank is not None else rank_and_world()
         self.epoch, self.resume_at = 0, 0
         self.counts = new_counts()
-        self.image_limits, self.max_member_bytes = image_limits, max_member_bytes
 
     def batches_per_epoch(self, workers: int) -> int:
         """Batches a rank reads in one epoch (every epoch the same) with `workers` workers."""
@@ -181,7 +165,7 @@ class ImageTextStream(IterableDataset):
                 self.batch_size,
                 self.world_size,
                 shuffle=False,
-                drop_remainder=self.drop_remainder and self.mode == "exact",
+                drop_remainder=self.options.drop_remainder and self.mode == "exact",
             )
         )
 
@@ -205,17 +189,15 @@ class ImageTextStream(IterableDataset):
     # -- checking and decoding (what a reader of other sample kinds overrides) ---------------
     def rejection(self, sample: dict) -> str | None:
         """Why a sample is rejected short of decoding it, or None."""
-        return precheck(sample, self.filters, self.caption_key, self.skip_empty_captions)[0]
+        return precheck(sample, self.options)[0]
 
     def check(self, sample: dict) -> dict | None:
         """The sample with its caption, image extension (and bucket), or None if rejected."""
-        reason, caption, ext = precheck(
-            sample, self.filters, self.caption_key, self.skip_empty_captions
-        )
+        reason, caption, ext = precheck(sample, self.options)
         bucket = None
         if reason is None:
             try:  # the header alone: its size is checked (and bucketed) before any decoding
-                with open_image(sample[ext], self.image_limits) as im:
+                with open_image(sample[ext], self.options.image_limits) as im:
                     bucket = nearest_bucket(*im.size, self.buckets) if self.buckets else None
             except ImageRejected as e:
                 reason = e.reason
@@ -232,7 +214,7 @@ class ImageTextStream(IterableDataset):
     def decode(self, sample: dict) -> dict | None:
         key, ext = sample["__key__"], sample["__ext__"]
         try:
-            with open_image(sample[ext], self.image_limits) as im:
+            with open_image(sample[ext], self.options.image_limits) as im:
                 image = self.transform(im, sample["bucket"])
         except Exception as e:  # a corrupt or hostile image must not end a long run
             reason = e.reason if isinstance(e, ImageRejected) else "bad_image"
@@ -264,7 +246,7 @@ class ImageTextStream(IterableDataset):
         failures = 0
         for url in urls:
             got = False
-            for sample in read_shard(url, self.count, self.max_member_bytes):
+            for sample in read_shard(url, self.count, self.options.max_member_bytes):
                 got, failures = True, 0
                 yield sample
             failures = 0 if got else failures + 1
@@ -287,7 +269,7 @@ class ImageTextStream(IterableDataset):
         buffer = []
         for sample in samples:
             buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
+            if len(buffer) >= self.options.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
@@ -338,7 +320,7 @@ class ImageTextStream(IterableDataset):
             self.batch_size,
             self.world_size,
             shuffle=self.mode == "exact",
-            drop_remainder=self.drop_remainder and self.mode == "exact",
+            drop_remainder=self.options.drop_remainder and self.mode == "exact",
         )
         if worker == 0 and self.rank == 0 and self.index_counts:  # the index pass's rejections
             add_counts(self.counts, self.index_counts)
@@ -406,64 +388,41 @@ def build_index(
 
 def make_dataset(
     urls,
-    transform: ImageTransform,
+    options: DataOptions,
     batch_size: int,
     train: bool,
-    shuffle_buffer: int = 1000,
     batches_per_epoch: int | None = None,
-    mode: str = "stream",
-    filters: MetadataFilter | None = None,
-    caption_key: str = "txt",
-    skip_empty_captions: bool = True,
-    buckets: list[tuple[int, int]] | None = None,
-    seed: int = 0,
-    drop_remainder: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
     num_workers: int = 1,
-    image_limits: ImageLimits = ImageLimits(),
-    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> ImageTextStream:
     """The batch stream over `urls` (a shard list, patterns, or `{urls, weight}` sources).
 
-    Training streams (`batches_per_epoch` batches per worker) or reads exact epochs (`mode`);
-    validation (`train=False`) reads each sample once, in order. `rank`/`world_size` default to
-    torch.distributed's, else the RANK/WORLD_SIZE environment variables; `num_workers` (the
-    loader's) only sizes the warning about fewer shards than readers. Images over
-    `image_limits` (by their header) and tar members over `max_member_bytes` are skipped and
-    counted, never decoded or read.
+    Training streams (`batches_per_epoch` batches per worker) or reads exact epochs
+    (`options.mode`); validation (`train=False`) reads each sample once, in order.
+    `rank`/`world_size` default to torch.distributed's, else the RANK/WORLD_SIZE environment
+    variables; `num_workers` (the loader's) only sizes the warning about fewer shards than
+    readers. Images over the options' limits (by their header) and tar members over their
+    `max_member_bytes` are skipped and counted, never decoded or read.
     """
     sources, weights = parse_sources(urls)
-    filters = filters or MetadataFilter()
-    mode = mode if train else "once"
+    options = options if train else replace(options, mode="once")
     ds = ImageTextStream(
         sources,
         weights,
-        transform,
         batch_size,
-        mode,
-        batches_per_epoch,
-        shuffle_buffer,
-        filters,
-        caption_key,
-        skip_empty_captions,
-        buckets,
-        seed,
-        drop_remainder,
-        None,
-        None,
-        rank,
-        world_size,
-        loss_weights(urls) if train else None,
-        image_limits,
-        max_member_bytes,
+        options,
+        batches_per_worker=batches_per_epoch,
+        rank=rank,
+        world_size=world_size,
+        loss_weights=loss_weights(urls) if train else None,
     )
-    if mode != "stream":
+    if options.mode != "stream":
         ds.index, ds.index_counts = build_index(
-            [u for s in sources for u in s], ds.rejection, max_member_bytes
+            [u for s in sources for u in s], ds.rejection, options.max_member_bytes
         )
     n_shards, readers = sum(map(len, sources)), ds.world_size * max(1, num_workers)
-    if mode == "stream" and n_shards < readers:
+    if options.mode == "stream" and n_shards < readers:
         log.warning(
             "%d shards for %d ranks x %d workers: readers share shards (each in its own order)",
             n_shards,
@@ -497,123 +456,3 @@ class EpochLoader(DataLoader):
         self.dataset.set_epoch(epoch, skip)
         self.passes += 1
         return super().__iter__()
-
-
-def batches_trained(trainer: L.Trainer) -> int:
-    """Training batches started in the run so far (restored with a checkpoint)."""
-    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
-
-
-class ImageTextDataModule(L.LightningDataModule):
-    """Train/validation loaders over shard patterns.
-
-    Args:
-        train_shards / val_shards: brace patterns, globs, URLs, lists of them, or for training a
-            list of `{urls: pattern(s), weight: w}` sources mixed by weight.
-        batches_per_epoch: batches per rank per training epoch in "stream" mode; None sizes the
-            epoch from img2dataset's `_stats.json` (samples / (batch_size * world size)).
-        mode: "stream" (resampled shards, LAION scale) or "exact" (each sample once per epoch).
-        filters: a `MetadataFilter` (or its fields as a dict) applied to `KEY.json`.
-        caption_key: `txt` reads `KEY.txt`; another name reads that file or json field.
-        bucketing: aspect-ratio buckets around image_size^2 ("stream" mode).
-        max_pixels / max_aspect: the most pixels, and the most extreme long/short side ratio,
-            an image's header may claim; others are skipped and counted (`too_many_pixels`,
-            `bad_aspect`) before any decoding (see `ldm.data.images` for the defaults).
-        max_member_bytes: the largest tar member read; a sample with a larger one is skipped
-            and counted (`member_too_large`) without reading it.
-        prepare: optional callable run once before loading (e.g. renders the shapes shards).
-    """
-
-    def __init__(
-        self,
-        train_shards,
-        val_shards=None,
-        batch_size: int = 64,
-        global_batch_size: int | None = None,
-        image_size: int = 64,
-        num_workers: int = 1,
-        batches_per_epoch: int | None = 1000,
-        random_crop: bool = False,
-        flip: bool = False,
-        shuffle_buffer: int = 1000,
-        prepare: Callable[[], object] | None = None,
-        mode: str = "stream",
-        filters: MetadataFilter | dict | None = None,
-        caption_key: str = "txt",
-        skip_empty_captions: bool = True,
-        bucketing: bool = False,
-        bucket_step: int = 64,
-        bucket_max_ratio: float = 2.0,
-        seed: int = 0,
-        drop_remainder: bool = False,
-        max_pixels: int = MAX_PIXELS,
-        max_aspect: float = MAX_ASPECT,
-        max_member_bytes: int = MAX_MEMBER_BYTES,
-    ) -> None:
-        super().__init__()
-        self.global_batch_size = global_batch_size  # applied by train.py (apply_global_batch)
-        self.train_shards, self.val_shards, self.prepare = train_shards, val_shards, prepare
-        self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
-        self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
-        self.transform = ImageTransform(image_size, random_crop=random_crop, flip=flip)
-        filters = filters or MetadataFilter()
-        self.options = dict(
-            mode=mode,
-            caption_key=caption_key,
-            skip_empty_captions=skip_empty_captions,
-            filters=filters if isinstance(filters, MetadataFilter) else MetadataFilter(**filters),
-            buckets=make_buckets(image_size, bucket_step, bucket_max_ratio) if bucketing else None,
-            seed=seed,
-            drop_remainder=drop_remainder,
-            image_limits=ImageLimits(max_pixels, max_aspect),
-            max_member_bytes=max_member_bytes,
-        )
-
-    def prepare_data(self) -> None:
-        if self.prepare is not None:
-            self.prepare()
-
-    def _batches_per_worker(self) -> int:
-        per_rank = self.batches_per_epoch
-        if per_rank is None:
-            urls = [u for s in parse_sources(self.train_shards)[0] for u in s]
-            n = read_stats_count(urls)
-            if n is None:
-                raise DataError(
-                    "batches_per_epoch is null but the shards have no img2dataset "
-                    "_stats.json beside them: set data.batches_per_epoch"
-                )
-            per_rank = max(1, n // (self.batch_size * rank_and_world()[1]))
-            log.info("epoch sized from _stats.json: %d samples -> %d batches per rank", n, per_rank)
-        return max(1, per_rank // max(1, self.num_workers))
-
-    def _batches_done(self) -> int:
-        return batches_trained(self.trainer) if self.trainer is not None else 0
-
-    def train_dataloader(self) -> EpochLoader:
-        stream = self.options["mode"] == "stream"
-        ds = make_dataset(
-            self.train_shards,
-            self.transform,
-            self.batch_size,
-            True,
-            self.shuffle_buffer,
-            self._batches_per_worker() if stream else None,
-            num_workers=self.num_workers,
-            **self.options,
-        )
-        return EpochLoader(ds, self.num_workers, self._batches_done)
-
-    def val_dataloader(self) -> EpochLoader | list:
-        if not self.val_shards:
-            return []
-        options = {**self.options, "buckets": None}  # validation losses compare at one shape
-        ds = make_dataset(
-            self.val_shards,
-            self.transform,
-            self.batch_size,
-            False,
-            num_workers=self.num_workers,
-            **options,
-        )
-        return EpochLoader(ds, self.num_workers)

@@ -490,8 +490,6 @@ def check_same_model(checkpoint: dict, own: dict[str, torch.Tensor], prediction:
 
 def fingerprint(state: dict[str, torch.Tensor], keys: set[str]) -> dict[str, list]:
     """A cheap identity of some tensors: shape and float64 sum of each (a missing one: None)."""
-    return {
-        k: [list(state[k].shape), float(state[k].double().sum())] if k in state else None
-        for k in sorted(keys)
-        if k not in state or state[k].is_floating_point()
-    }
+    from ldm.fingerprint import summary
+
+    return summary(state, keys)

@@ -8,8 +8,6 @@ first checkpoint (`is_new`, `check_reuse`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,11 +23,11 @@ from ldm.checkpoints import CheckpointError, load_weights
 from ldm.checkpoints.export import export_run
 from ldm.config import ConfigError
 from ldm.data.shards import DataError, expand_shards
+from ldm.fingerprint import digest
 from ldm.precision import Precision
 from ldm.training.callbacks import RunSummary
 from ldm.training.checkpointing import continue_wandb_run, resume_from
 from ldm.training.loggers import name_sweep_run
-from ldm.training.module import fingerprint
 from ldm.training.trainer import (
     apply_global_batch,
     make_trainer,
@@ -134,7 +132,7 @@ def make_class_images(
     (reused when the same base and settings made them before), in the precision sample.py
     samples in (`sampling_precision`): the same class images on every CPU kind."""
     state = {k: v for k, v in module.state_dict().items() if k.startswith(("unet.", "text_"))}
-    base = hashlib.sha256(json.dumps(fingerprint(state, set(state))).encode()).hexdigest()
+    base = digest(state)
     with module.sampling_pipeline(precision) as pipe:
         instantiate(class_images).ensure(pipe, base, image_size)
 

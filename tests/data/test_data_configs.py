@@ -33,7 +33,7 @@ def test_mixed_sources_from_the_command_line_read_through_the_config(tmp_path):
         f"{{urls: '{tmp_path}/b*.tar', weight: 0.3}}]",
     )
     dm = instantiate(cfg)
-    assert dm.options["filters"] == MetadataFilter(min_width=24, min_height=20)
+    assert dm.options.filters == MetadataFilter(min_width=24, min_height=20)
     batches = list(dm.train_dataloader())
     assert len(batches) == 3 and all(len(b["key"]) == 2 for b in batches)
     assert sum(b["counts"]["kept"] for b in batches) >= 6  # 24 x 20 images pass (inclusive)
@@ -51,3 +51,17 @@ def test_exact_config_reads_every_sample_once(tmp_path):
     )
     batches = list(instantiate(cfg).train_dataloader())
     assert sorted(k for b in batches for k in b["key"]) == sorted(keys) and len(batches) == 3
+
+
+def test_the_readers_are_plain_pytorch():
+    """ldm/README.md: only the data modules (ldm.data.modules) are Lightning's; the readers
+    and the latent cache import without it (a fresh interpreter, so no other test's import
+    counts)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ldm.data.options, ldm.data.webdataset, ldm.data.latents; "
+        "sys.exit(any(m.split('.')[0] == 'lightning' for m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ldm.data.transforms import ImageTransform
-from ldm.data.webdataset import EpochLoader, ImageTextDataModule, make_dataset
+from ldm.data.modules import ImageTextDataModule
+from ldm.data.options import DataOptions
+from ldm.data.webdataset import EpochLoader, make_dataset
 from tests.data.shard_helpers import write_keyed_shards
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tensor ops stall on busy shared cores
@@ -23,18 +24,16 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tensor ops stall on bus
 UNEVEN = [7, 3, 12, 1, 5]  # 28 samples in 5 shards of very different sizes
 
 
-def rank_batches(root, rank, world, mode, epochs=1, workers=2, **kw):
+def rank_batches(root, rank, world, mode, epochs=1, workers=2, batches_per_epoch=None, **kw):
     ds = make_dataset(
         str(root / "*.tar"),
-        ImageTransform(8),
+        DataOptions(8, shuffle_buffer=4, mode=mode, **kw),
         3,
         True,
-        shuffle_buffer=4,
-        mode=mode,
+        batches_per_epoch,
         rank=rank,
         world_size=world,
         num_workers=workers,
-        **kw,
     )
     loader = EpochLoader(ds, workers)
     return [list(loader) for _ in range(epochs)]
@@ -89,7 +88,7 @@ def test_fewer_shards_than_readers_warns_and_still_works(tmp_path, caplog):
         val = [
             list(
                 make_dataset(
-                    str(tmp_path / "*.tar"), ImageTransform(8), 2, False, rank=r, world_size=world
+                    str(tmp_path / "*.tar"), DataOptions(8), 2, False, rank=r, world_size=world
                 )
             )
             for r in range(world)
@@ -165,12 +164,10 @@ def test_a_loader_resumed_after_n_batches_yields_exactly_the_rest_of_their_epoch
     write_keyed_shards(tmp_path, UNEVEN)
     ds = make_dataset(
         str(tmp_path / "*.tar"),
-        ImageTransform(8),
+        DataOptions(8, shuffle_buffer=4, mode=mode),
         3,
         True,
-        shuffle_buffer=4,
         batches_per_epoch=4 if mode == "stream" else None,
-        mode=mode,
         num_workers=workers,
     )
     epoch_of = 4 * workers if mode == "stream" else 10  # batches an epoch

@@ -118,7 +118,7 @@ def test_output_is_deterministic_and_reencoding_gives_decodable_images(folder, t
 
 
 def test_reads_back_through_the_training_data_module(folder, tmp_path):
-    from ldm.data.webdataset import ImageTextDataModule
+    from ldm.data.modules import ImageTextDataModule
 
     root, _ = folder
     write_folder_shards(root, tmp_path / "out", shard_size=10, progress=False)

@@ -11,11 +11,12 @@ from PIL import Image
 
 from ldm.data.latents import (
     CacheError,
-    LatentDataModule,
     make_latent_dataset,
     read_cache_metadata,
     write_latent_shards,
 )
+from ldm.data.modules import LatentDataModule
+from ldm.data.options import DataOptions
 from ldm.data.transforms import ImageTransform
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
@@ -24,6 +25,7 @@ from ldm.training.module import LatentDiffusion
 from tests.conftest import tiny_parts
 
 SIZE = 64
+OPTIONS = DataOptions(SIZE)
 CAPTIONS = ["a red circle", "a blue square", "a green star on white", "", "a cat", "a dog"]
 
 
@@ -113,7 +115,7 @@ def cache_tolerance(folder: Path, **float32) -> dict:
 
 def cached_batch(root: Path) -> dict:
     meta, empty = read_cache_metadata([str(root / "cache/00000.tar")])
-    ds = make_latent_dataset([str(root / "cache/00000.tar")], empty, batch_size=16, train=False)
+    ds = make_latent_dataset([str(root / "cache/00000.tar")], empty, 16, False, OPTIONS)
     return next(iter(ds))
 
 
@@ -198,7 +200,7 @@ def test_float16_cache_is_close(cache, tmp_path):
         progress=False,
     )
     meta, empty = read_cache_metadata([str(tmp_path / "00000.tar")])
-    half = next(iter(make_latent_dataset([str(tmp_path / "00000.tar")], empty, 16, train=False)))
+    half = next(iter(make_latent_dataset([str(tmp_path / "00000.tar")], empty, 16, False, OPTIONS)))
     full = cached_batch(root)
     for k in ("latent_mean", "latent_std", "context"):
         torch.testing.assert_close(half[k], full[k], atol=2e-3, rtol=2e-3)
@@ -407,7 +409,11 @@ def test_latents_configs_compose_and_instantiate():
         cfg = compose("train", overrides=["data.cache_text=true", "text_encoder.frozen=true"])
         plain = compose("train", overrides=["data=latents", "data.train_shards=x/*.tar"])
     dm = instantiate(cfg.data)
-    assert isinstance(dm, LatentDataModule) and dm.image_size == 64 and not dm.random_crop
+    assert (
+        isinstance(dm, LatentDataModule)
+        and dm.options.image_size == 64
+        and not dm.options.random_crop
+    )
     assert cfg.text_encoder.frozen and cfg.data.val_shards.endswith("shards/val/*.tar")
     assert isinstance(instantiate(plain.data), LatentDataModule)
 
@@ -429,7 +435,9 @@ def test_latents_only_cache_trains_the_text_encoder_with_the_same_loss(cache, tm
     )
     meta, empty = read_cache_metadata([str(tmp_path / "00000.tar")])
     assert meta["text_encoder"] is None and empty is None
-    cached = next(iter(make_latent_dataset([str(tmp_path / "00000.tar")], None, 16, train=False)))
+    cached = next(
+        iter(make_latent_dataset([str(tmp_path / "00000.tar")], None, 16, False, OPTIONS))
+    )
     assert "context" not in cached and cached["caption"] == CAPTIONS
     check(str(tmp_path / "*.tar"), module)  # any text encoder, trainable too
     for number in range(3):
@@ -515,8 +523,7 @@ def test_a_resumed_latent_loader_reads_exactly_the_rest_of_its_epoch(cache):
         empty,
         2,
         True,
-        flip=True,
-        shuffle_buffer=3,
+        DataOptions(SIZE, flip=True, shuffle_buffer=3),
         batches_per_epoch=3,
     )
 
@@ -568,7 +575,7 @@ def test_an_interrupted_rebuild_leaves_the_old_cache_whole_and_readable(
     assert shard_bytes(out) == before
     urls = [str(out / "00000.tar"), str(out / "00001.tar")]
     meta, empty = read_cache_metadata(urls)
-    batch = next(iter(make_latent_dataset(urls, empty, batch_size=16, train=False)))
+    batch = next(iter(make_latent_dataset(urls, empty, 16, False, OPTIONS)))
     assert meta["complete"] and len(batch["key"]) == 12
     monkeypatch.setattr(latents, "encode_batch", encode)
     counts = build(progress=False, replace=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.data.modules import ImageTextDataModule
 from ldm.data.shards import DataError, expand_shards
 from ldm.data.transforms import ImageTransform, to_rgb
-from ldm.data.webdataset import ImageTextDataModule
 from tests.data.shard_helpers import (
     image_bytes,
     png_header,
@@ -97,13 +97,14 @@ def test_transform_resizes_the_short_side_and_centre_crops():
 
 # -- robustness, filters, captions, mixing, bucketing, counts ----------------------------------
 from ldm.data.filters import MetadataFilter, add_counts  # noqa: E402
+from ldm.data.options import DataOptions  # noqa: E402
 from ldm.data.webdataset import make_dataset  # noqa: E402
 from ldm.training.callbacks import DataCounts  # noqa: E402
 from tests.data.shard_helpers import sample, write_keyed_shards  # noqa: E402
 
 
-def read_all(urls, **options) -> tuple[list[str], dict[str, int], list[dict]]:
-    ds = make_dataset(urls, ImageTransform(16), 4, train=options.pop("train", False), **options)
+def read_all(urls, train=False, batches_per_epoch=None, **options) -> tuple[list, dict, list]:
+    ds = make_dataset(urls, DataOptions(16, **options), 4, train, batches_per_epoch)
     batches = list(ds)
     totals = {}
     for b in batches:
@@ -179,7 +180,7 @@ def test_metadata_filters_reject_with_counts_per_reason(tmp_path):
 
 def test_caption_from_a_json_field(tmp_path):
     write_shard(tmp_path / "00000.tar", [sample("a", caption="from txt", alt="from json")])
-    ds = make_dataset(str(tmp_path / "00000.tar"), ImageTransform(16), 4, False, caption_key="alt")
+    ds = make_dataset(str(tmp_path / "00000.tar"), DataOptions(16, caption_key="alt"), 4, False)
     assert next(iter(ds))["caption"] == ["from json"]
 
 
@@ -267,14 +268,8 @@ def test_a_stream_whose_filters_reject_everything_stops_with_a_clear_error(tmp_p
 
     monkeypatch.setattr(wd, "MAX_REJECTED_IN_A_ROW", 50)
     write_shard(tmp_path / "00000.tar", [sample(f"k{i}") for i in range(5)])
-    ds = make_dataset(
-        str(tmp_path / "*.tar"),
-        ImageTransform(8),
-        2,
-        True,
-        batches_per_epoch=3,
-        filters=MetadataFilter(max_punsafe=0.5),
-    )  # no punsafe in these shards
+    options = DataOptions(8, filters=MetadataFilter(max_punsafe=0.5))  # no punsafe in these shards
+    ds = make_dataset(str(tmp_path / "*.tar"), options, 2, True, batches_per_epoch=3)
     with pytest.raises(DataError, match="50 samples in a row rejected.*missing_metadata"):
         next(iter(ds))
 
@@ -294,12 +289,12 @@ def test_sources_carry_their_loss_weight_into_the_batch(tmp_path):
     a = write_shard(tmp_path / "a.tar", [sample(f"a{i}") for i in range(8)])
     b = write_shard(tmp_path / "b.tar", [sample(f"b{i}") for i in range(8)])
     spec = [{"urls": str(a), "weight": 0.5}, {"urls": str(b), "weight": 0.5, "loss_weight": 0.25}]
-    batches = list(make_dataset(spec, ImageTransform(32), 8, train=True, batches_per_epoch=4))
+    batches = list(make_dataset(spec, DataOptions(32), 8, train=True, batches_per_epoch=4))
     weights = torch.cat([x["loss_weight"] for x in batches])
     keys = [k for x in batches for k in x["key"]]
     assert all(w == (0.25 if k.startswith("b") else 1.0) for w, k in zip(weights.tolist(), keys))
     assert {k[0] for k in keys} == {"a", "b"}
-    plain = next(iter(make_dataset(str(a), ImageTransform(32), 4, train=True, batches_per_epoch=1)))
+    plain = next(iter(make_dataset(str(a), DataOptions(32), 4, train=True, batches_per_epoch=1)))
     assert "loss_weight" not in plain
 
 
@@ -342,8 +337,8 @@ def test_untrusted_samples_are_skipped_and_counted_each_under_its_reason(tmp_pat
     shard = write_sparse_shard(tmp_path / "00000.tar", hostile_samples())
     filters = MetadataFilter(min_aesthetic=5.0)
     for train in (False, True):  # an exact-style index pass, and a stream
-        options = dict(batches_per_epoch=1, shuffle_buffer=1) if train else {}
-        ds = make_dataset(str(shard), ImageTransform(64), 4, train, filters=filters, **options)
+        options = DataOptions(64, filters=filters, shuffle_buffer=1 if train else 1000)
+        ds = make_dataset(str(shard), options, 4, train, batches_per_epoch=1 if train else None)
         batches = list(ds)
         keys = [k for b in batches for k in b["key"]]
         assert keys == ["good0", "good1", "panorama", "good2"]
@@ -385,7 +380,7 @@ MEASURE = """
 import json, resource, sys, types
 # lightning is only the data module's base class here, and 8 of this script's 12 s to import
 sys.modules["lightning"] = types.SimpleNamespace(LightningDataModule=object)
-from ldm.data.webdataset import ImageTextDataModule
+from ldm.data.modules import ImageTextDataModule
 from ldm.data.filters import MetadataFilter
 dm = ImageTextDataModule(sys.argv[1], sys.argv[1], batch_size=4, image_size=int(sys.argv[2]),
                          num_workers=0, filters=MetadataFilter(min_aesthetic=5.0))
