@@ -92,7 +92,6 @@ class LatentDiffusion(L.LightningModule):
         self.nonfinite_steps, self.nonfinite_in_a_row, self.calls = 0, 0, 0
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.vae = vae.requires_grad_(False).eval()  # frozen: no grad, no optimizer state
-        self.unet_lora = self.text_lora = None
         self.trains.freeze(unet, text_encoder)
         self.new_word = self.trains.word
         if self.new_word:  # registered here (trains, is checkpointed), used by the text encoder
