@@ -23,6 +23,7 @@ class Trains(Protocol):
     keeps_ema: bool  # whether the module keeps an EMA of the U-Net (adapters do not)
     text_lr: float | None  # the text encoder's (or its adapters') own learning rate
     word: str | None  # textual inversion's new word
+    writes: str  # what the run exports (ldm.checkpoints.export): weights, lora or embedding
 
     def freeze(self, unet: nn.Module, text_encoder: TextEncoder) -> None: ...
 
@@ -39,6 +40,7 @@ class Full:
     text_lr: float | None = None
     keeps_ema: ClassVar[bool] = True
     word: ClassVar[None] = None
+    writes: ClassVar[str] = "weights"  # the EMA U-Net, VAE and text encoder, SD layout
 
     def freeze(self, unet: nn.Module, text_encoder: TextEncoder) -> None:
         pass
@@ -58,6 +60,7 @@ class LoRA:
     text_lr: float | None = None
     keeps_ema: ClassVar[bool] = False
     word: ClassVar[None] = None
+    writes: ClassVar[str] = "lora"  # the adapters, kohya layout
 
     def freeze(self, unet: nn.Module, text_encoder: TextEncoder) -> None:
         unet.requires_grad_(False)
@@ -84,6 +87,7 @@ class TextualInversion:
     init: str = "*"
     keeps_ema: ClassVar[bool] = False
     text_lr: ClassVar[None] = None
+    writes: ClassVar[str] = "embedding"  # the word's vectors, A1111's format
 
     def freeze(self, unet: nn.Module, text_encoder: TextEncoder) -> None:
         unet.requires_grad_(False)

@@ -6,6 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from ldm.checkpoints.export import run_writes
 from ldm.config import ROOT, register_resolvers
 from ldm.training.trains import Full, LoRA, TextualInversion
 
@@ -62,3 +63,16 @@ def test_textual_inversion_trains_the_new_word_only():
     m = build("model/trains=textual_inversion", "model.trains.word='<pastel>'")
     assert isinstance(m.trains, TextualInversion) and m.new_word == "<pastel>"
     assert trained(m) == {"word_vectors"} and m.ema is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "writes"),
+    [
+        ((), "weights"),
+        (("model/trains=lora",), "lora"),
+        (("model/trains=textual_inversion", "model.trains.word='<pastel>'"), "embedding"),
+    ],
+)
+def test_the_choice_says_what_the_run_exports(overrides, writes):
+    assert run_writes(build(*overrides)) == writes
+    assert run_writes(torch.nn.Module()) == "weights"  # a first stage's run: no choice, its VAE
