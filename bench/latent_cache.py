@@ -38,6 +38,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text_encoder import TextEncoder
 from ldm.models.unet import UNetModel
 from ldm.training.module import LatentDiffusion
+from ldm.training.options import LRSchedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def build(model_channels: int, optimizer: str = "adamw") -> LatentDiffusion:
         text,
         DiffusionObjective(schedule, prediction="eps"),
         optimizer=functools.partial(OPTIMIZERS[optimizer], lr=1e-5),
-        warmup_steps=1,
+        lr_schedule=LRSchedule(warmup_steps=1),
     )
 
 

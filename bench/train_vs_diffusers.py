@@ -57,12 +57,12 @@ from ldm.data.shapes import random_prompts
 from ldm.training.callbacks import device_peak_tflops, unet_train_flops
 
 FLAGS = {
-    "channels_last": ["model.channels_last=true"],
+    "channels_last": ["model.speed.channels_last=true"],
     "adamw_unfused": ["optim.fused=false"],
-    "attention_math": ["model.attention_backend=math"],
+    "attention_math": ["model.speed.attention_backend=math"],
     "gradient_checkpointing": ["unet.use_checkpoint=true"],
-    "ema_every_10": ["model.ema_every=10"],
-    "ema_cpu_every_10": ["model.ema_device=cpu", "model.ema_every=10"],
+    "ema_every_10": ["model.ema.every=10"],
+    "ema_cpu_every_10": ["model.ema.device=cpu", "model.ema.every=10"],
 }
 
 
@@ -121,13 +121,13 @@ class Diffusers:
         if as_written:  # the example's torch.optim.AdamW(lr, betas, weight_decay, eps)
             optim.keywords.pop("fused", None)
         self.opt = optim(self.unet.parameters())
-        warmup = cfg.model.warmup_steps
+        warmup = cfg.model.lr_schedule.warmup_steps
         self.lr = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup))
         )
         # The example's EMAModel(...) steps parameter by parameter; foreach=True in one call.
         self.ema = EMAModel(
-            self.unet.parameters(), decay=cfg.model.ema_decay or 0.999, foreach=not as_written
+            self.unet.parameters(), decay=cfg.model.ema.decay or 0.999, foreach=not as_written
         )
         self.ema.to(device)
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = list(FLAGS) if args.flags == "all" else [f for f in args.flags.split(",") if f]
     variants = {name: FLAGS[name] for name in wanted}
     if args.compile:
-        variants["compile"] = ["model.compile=true"]
+        variants["compile"] = ["model.speed.compile=true"]
     for name, extra in variants.items():
         loops[f"ours+{name}"] = Ours(compose_cfg(base + extra), args.device)
     times: dict[str, list[float]] = {name: [] for name in loops}

@@ -13,6 +13,7 @@ from ldm.config import ROOT, register_resolvers
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.training.module import LatentDiffusion
+from ldm.training.options import Captions, EMASettings, LRSchedule
 
 # What decides which kind of CPU the code acts as (ldm/precision.py): a subprocess keeps them, so
 # a suite run with LDM_CPU_BF16=1, or held to AVX2, runs its train.py / sample.py calls alike.
@@ -73,8 +74,12 @@ def make_tiny_module(**options) -> LatentDiffusion:
     """The tiny parts as a training module (v-prediction, EMA 0.9), with these options."""
     unet, vae, text = tiny_parts()
     objective = DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), prediction="v")
-    optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)
-    defaults = {"optimizer": optimizer, "warmup_steps": 2, "caption_dropout": 0.1, "ema_decay": 0.9}
+    defaults = {
+        "optimizer": functools.partial(torch.optim.AdamW, lr=1e-3),
+        "lr_schedule": LRSchedule(warmup_steps=2),
+        "captions": Captions(dropout=0.1),
+        "ema": EMASettings(decay=0.9),
+    }
     return LatentDiffusion(unet, vae, text, objective, **{**defaults, **options})
 
 

@@ -36,7 +36,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.y
 # values a recipe asks the user for (besides init= and the shards)
 REQUIRED = {
     "sd15_dreambooth": ["instance_shards=shards/00000.tar", "class_prompt=a photo of a dog"],
-    "sd15_textual_inversion": ["model.new_word='<my-style>'"],
+    "sd15_textual_inversion": ["model.trains.word='<my-style>'"],
 }
 SAMPLERS = sorted(p.stem for p in (ROOT / "configs" / "sampler").glob("*.yaml") if p.stem != "base")
 

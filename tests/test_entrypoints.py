@@ -287,8 +287,7 @@ def lora_run(trained, tmp_path_factory) -> Path:
     result = run(
         "train.py",
         *overrides,
-        "+lora_preset@model.lora=kohya",
-        "model.ema_decay=null",
+        "model/trains=lora",
         f"init={trained / 'model.safetensors'}",
         "export=lora.safetensors",
         "callbacks.checkpoint.keep=-1",
@@ -326,8 +325,7 @@ def test_lora_run_resumes_with_its_optimizer_state(lora_run, trained, tmp_path):
     result = run(
         "train.py",
         *overrides,
-        "+lora_preset@model.lora=kohya",
-        "model.ema_decay=null",
+        "model/trains=lora",
         f"init={trained / 'model.safetensors'}",
         "export=lora.safetensors",
         f"resume='{ckpt}'",
@@ -339,8 +337,7 @@ def test_lora_run_resumes_with_its_optimizer_state(lora_run, trained, tmp_path):
     bad = run(
         "train.py",
         *overrides,
-        "+lora_preset@model.lora=kohya",
-        "model.ema_decay=null",
+        "model/trains=lora",
         f"resume='{ckpt}'",
         f"hydra.run.dir={tmp_path / 'bad'}",
         cwd=tmp_path,
@@ -438,8 +435,8 @@ def test_dreambooth_makes_class_images_once_and_trains_with_them(trained, tmp_pa
         "data.random_crop=false",
         f"data.val_shards={shards}/val/*.tar",
         "callbacks.sample_grid.prompts=[a sks circle]",
-        "model.lora.rank=4",
-        "model.lora.alpha=4",
+        "model.trains.unet.rank=4",
+        "model.trains.unet.alpha=4",
     ]
     first = run("train.py", *args, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -457,9 +454,9 @@ def test_textual_inversion_writes_a_word_sample_py_reads(trained, tmp_path):
     result = run(
         "train.py",
         *overrides,
-        "model.ema_decay=null",
-        "model.new_word='<pastel>'",
-        "model.new_word_vectors=2",
+        "model/trains=textual_inversion",
+        "model.trains.word='<pastel>'",
+        "model.trains.vectors=2",
         f"init={trained / 'model.safetensors'}",
         "export=pastel.safetensors",
         f"hydra.run.dir={tmp_path / 'run'}",

@@ -12,6 +12,7 @@ ours for the tools people use.
                          the checks (known arguments, plain types, bounded sizes) it passes first
     load.py              load_model(path or folder) -> our modules; load_weights into existing ones
     export.py            SD single files (+ inference YAML), diffusers folders, a run's weights
+                         (what its choice of what trains says it writes)
     convert.py           `python -m ldm.checkpoints.convert SRC DST` (or `python -m ldm.convert`)
 """
 

@@ -192,19 +192,29 @@ def vae_metadata(cfg: DictConfig, module) -> dict:
     return meta
 
 
+def run_writes(module) -> str:
+    """What a run's weights file holds, as its choice of what trains says
+    (ldm.training.trains: weights, lora, embedding); a first stage's run has no choice and
+    writes its weights."""
+    trains = getattr(module, "trains", None)
+    return trains.writes if trains is not None else "weights"
+
+
 def export_run(cfg: DictConfig, module, path: str | Path) -> Path:
-    """A training module's weights as train.py writes them: a LoRA run's adapters (kohya layout,
-    `ss_*` metadata), a diffusion model's EMA U-Net, VAE and text encoder (SD layout,
-    `run_metadata`), or a first stage's VAE (`vae_metadata`)."""
-    word = getattr(module, "new_word", None)
-    if word:  # textual inversion: the new word's vectors, A1111's format
+    """A training module's weights as train.py writes them (`run_writes`): a textual inversion
+    run's new word (A1111's format), a LoRA run's adapters (kohya layout, `ss_*` metadata), a
+    diffusion model's EMA U-Net, VAE and text encoder (SD layout, `run_metadata`), or a first
+    stage's VAE (`vae_metadata`)."""
+    writes = run_writes(module)
+    if writes == "embedding":
+        word = module.trains.word
         path = save_embedding(
             path, module.text_encoder.embedding(word), word, {"ss_steps": str(module.global_step)}
         )
         log.info("embedding of %s written to %s", word, path)
         return path
-    adapters = module.adapters() if hasattr(module, "adapters") else {}
-    if adapters:
+    if writes == "lora":
+        adapters = module.adapters()
         meta = {
             CONFIG_KEY: run_metadata(cfg, module.objective)[CONFIG_KEY],
             "ss_steps": str(module.global_step),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable
 
 import lightning as L
@@ -18,33 +17,10 @@ from ldm.models.text_encoder import TextEncoder
 from ldm.pipeline import Pipeline
 from ldm.precision import Precision
 from ldm.training.ema import EMA
+from ldm.training.options import Captions, EMASettings, LRSchedule, Speed
+from ldm.training.trains import Full, Trains
 
 TRAINING_STATE = ("ema.", "unet_lora.", "text_lora.")  # kept in checkpoints whatever trains
-
-
-def keep_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n,) bool: which captions survive caption dropout with probability p. Dropped ones become
-    the empty prompt, which teaches the unconditional model classifier-free guidance needs."""
-    return torch.rand(n, generator=generator) >= p
-
-
-def augment_tags(
-    caption: str,
-    shuffle: bool,
-    keep_first: int,
-    dropout: float,
-    generator: torch.Generator | None = None,
-) -> str:
-    """Tag-style captions ("tag, tag, tag"): drop each tag after the first `keep_first` with
-    probability `dropout`, and shuffle those (kohya's shuffle_caption / keep_tokens /
-    caption_tag_dropout_rate); the first tags (e.g. a trigger word) stay in place."""
-    tags = [t.strip() for t in caption.split(",")]
-    head, tail = tags[:keep_first], tags[keep_first:]
-    if dropout:
-        tail = [t for t in tail if torch.rand((), generator=generator) >= dropout]
-    if shuffle and len(tail) > 1:
-        tail = [tail[i] for i in torch.randperm(len(tail), generator=generator).tolist()]
-    return ", ".join(t for t in head + tail if t)
 
 
 def step_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
@@ -60,48 +36,18 @@ def my_share(draw: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     return draw[rank * n : (rank + 1) * n]
 
 
-def attention_backend(name: str | None):
-    """A context choosing PyTorch's attention kernel (flash, efficient, cudnn, math), or none."""
-    if name is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    kinds = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-    if name not in kinds:
-        raise ValueError(f"attention_backend {name!r}: use one of {sorted(kinds)} or null")
-    return sdpa_kernel(kinds[name])
-
-
-def warmup_lambda(warmup_steps: int, decay_steps: int | None = None) -> Callable[[int], float]:
-    """Linear learning-rate warmup from 0, then constant, or with `decay_steps` a cosine decay
-    to 0 at that step (a short fine-tune at a high rate ends on settled weights)."""
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, warmup_steps))
-        if decay_steps is None or step < warmup_steps:
-            return warm
-        done = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * done))
-
-    return factor
-
-
 class LatentDiffusion(L.LightningModule):
-    """Frozen VAE + trainable U-Net + text encoder (trained or frozen) + an EMA of the U-Net.
+    """Frozen VAE + U-Net + text encoder (trained or frozen) + an EMA of the U-Net.
 
     Batches are dicts {"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}, or cached VAE
     posteriors {"latent_mean", "latent_std": (B, C, h, w), "caption"} with, from a cache made
     with the (frozen) text encoder, {"context": (B, L, D), "empty_context": (1, L, D)}.
 
-    Textual inversion: `new_word` (e.g. "<pastel>") gets `new_word_vectors` vectors, started
-    from the token embeddings of `new_word_init`; only they train.
-
-    Tag-style captions: `tag_shuffle`, `tag_keep_first`, `tag_dropout` (see `augment_tags`).
+    What trains is one choice, `trains` (ldm.training.trains: the full U-Net, LoRA / LoCon
+    adapters, textual inversion); the other settings are small dataclasses
+    (ldm.training.options): the `lr_schedule`, the `ema` (kept when the choice
+    keeps one), `captions` (dropout, tag augmentation), `speed` (channels_last, compile,
+    attention kernel). The U-Net's `use_checkpoint` trades compute for memory.
 
     Randomness: every draw of a training batch (posterior sample, timestep, noise, caption
     dropout) comes from `step_generator(seed, batch number)`, made for the global batch and
@@ -113,17 +59,8 @@ class LatentDiffusion(L.LightningModule):
     and is counted (`train/nonfinite_steps`); `max_nonfinite_in_a_row` such batches stop the
     run with the last checkpoint intact.
 
-    Speed options: `channels_last` (NHWC convolutions), `compile` (torch.compile of the U-Net
-    for training), `attention_backend` (flash / efficient / cudnn / math), `ema_every` (an EMA
-    update every k steps), `ema_device="cpu"` (the EMA in host memory, swapped into the U-Net to
-    validate and sample); the U-Net's `use_checkpoint` trades compute for memory.
-
-    LoRA: `lora` (and `text_lora`) build adapters for the U-Net (and text encoder), e.g. a
-    `configs/lora_preset/*.yaml` preset; the adapted models are then frozen and only the
-    adapters train (no EMA: `ema_decay=None`). `text_lr` gives the text encoder's parameters
-    (its adapters, or itself when it trains) their own learning rate. Lightning checkpoints
-    hold what trains (and the EMA), not the frozen parts, which a resumed run takes from its
-    configs / `init=` again: a fingerprint of them is stored and checked.
+    Lightning checkpoints hold what trains (and the EMA), not the frozen parts, which a resumed
+    run takes from its configs / `init=` again: a fingerprint of them is stored and checked.
     """
 
     def __init__(
@@ -133,66 +70,39 @@ class LatentDiffusion(L.LightningModule):
         text_encoder: TextEncoder,
         objective: DiffusionObjective,
         optimizer: Callable,
-        warmup_steps: int = 100,
-        decay_steps: int | None = None,
-        caption_dropout: float = 0.1,
-        ema_decay: float | None = 0.999,
-        lora: Callable[[nn.Module], LoRANetwork] | None = None,
-        text_lora: Callable[[nn.Module], LoRANetwork] | None = None,
-        text_lr: float | None = None,
-        new_word: str | None = None,
-        new_word_vectors: int = 1,
-        new_word_init: str = "*",
-        tag_shuffle: bool = False,
-        tag_keep_first: int = 0,
-        tag_dropout: float = 0.0,
+        trains: Trains | None = None,
+        lr_schedule: LRSchedule | None = None,
+        ema: EMASettings | None = None,
+        captions: Captions | None = None,
+        speed: Speed | None = None,
         seed: int = 0,
         max_nonfinite_in_a_row: int = 20,
-        ema_every: int = 1,
-        ema_device: str | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        attention_backend: str | None = None,
     ) -> None:
         super().__init__()
-        if channels_last:  # NHWC convolutions (faster with tensor cores); the EMA copies it
+        self.trains, self.lr_schedule = trains or Full(), lr_schedule or LRSchedule()
+        self.captions, self.speed = captions or Captions(), speed or Speed()
+        ema = ema or EMASettings()
+        if self.speed.channels_last:  # NHWC convolutions (faster with tensor cores); EMA copies it
             unet.to(memory_format=torch.channels_last)
-        self.channels_last, self.attention_backend = channels_last, attention_backend
         # The compiled U-Net trains; kept outside the module's children, so the state dict
         # keeps the U-Net's own names (the compiled wrapper shares its parameters).
-        object.__setattr__(self, "train_unet", torch.compile(unet) if compile else unet)
-        self.ema_every = ema_every
+        object.__setattr__(self, "train_unet", torch.compile(unet) if self.speed.compile else unet)
+        self.ema_every = ema.every
         self.seed, self.max_nonfinite_in_a_row = seed, max_nonfinite_in_a_row
         self.nonfinite_steps, self.nonfinite_in_a_row, self.calls = 0, 0, 0
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.vae = vae.requires_grad_(False).eval()  # frozen: no grad, no optimizer state
-        if (lora or text_lora or new_word) and ema_decay:
-            raise ValueError("LoRA and textual inversion keep no EMA: set model.ema_decay=null")
-        self.unet_lora = self.text_lora = None
-        if lora or text_lora or new_word:  # only the adapters (or the new word) train
-            unet.requires_grad_(False)
-            text_encoder.requires_grad_(False)
-        self.new_word = new_word
-        if new_word:  # registered here (trains, is checkpointed), used by the text encoder
-            self.word_vectors = nn.Parameter(self._init_vectors(new_word_init, new_word_vectors))
-            text_encoder.add_embedding(new_word, self.word_vectors)
-        self.tags = (tag_shuffle, tag_keep_first, tag_dropout)
-        if lora is not None:
-            self.unet_lora = lora(unet).attach()
-        if text_lora is not None:
-            self.text_lora = text_lora(text_encoder).attach()
-        self.ema = EMA(unet, ema_decay, ema_device) if ema_decay else None
+        self.trains.freeze(unet, text_encoder)
+        self.new_word = self.trains.word
+        if self.new_word:  # registered here (trains, is checkpointed), used by the text encoder
+            self.word_vectors = nn.Parameter(self.trains.start(text_encoder))
+            text_encoder.add_embedding(self.new_word, self.word_vectors)
+        self.unet_lora, self.text_lora = self.trains.adapters(unet, text_encoder)
+        keep = self.trains.keeps_ema and ema.decay
+        self.ema = EMA(unet, ema.decay, ema.device) if keep else None
         if self.ema is not None and self.ema.offloaded:  # DDP would broadcast it from its device
             self._ddp_params_and_buffers_to_ignore = [f"ema.{k}" for k in self.ema.state_dict()]
-        self.optimizer_factory, self.text_lr = optimizer, text_lr
-        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
-        self.caption_dropout = caption_dropout
-
-    @torch.no_grad()
-    def _init_vectors(self, text: str, n: int) -> torch.Tensor:
-        """(n, width): the mean token embedding of `text`, n times (textual inversion's start)."""
-        ids = torch.tensor(self.text_encoder.tokenizer.encode(text) or [0])
-        return self.text_encoder.model.token_embedding(ids).mean(0).repeat(n, 1)
+        self.optimizer_factory = optimizer
 
     @contextlib.contextmanager
     def sampling_unet(self):
@@ -230,7 +140,7 @@ class LatentDiffusion(L.LightningModule):
             raise ConfigError(
                 f"trainer.precision={self.trainer.precision} casts the EMA to half precision, "
                 f"where an update of (1 - decay) of a step is lost to rounding: use "
-                f"trainer.precision=bf16-mixed, or model.ema_decay=null (as LoRA runs do)"
+                f"trainer.precision=bf16-mixed, or model.ema.decay=null (adapters keep none)"
             )
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
@@ -271,7 +181,7 @@ class LatentDiffusion(L.LightningModule):
         here if not given): cached embeddings where the batch has them (the empty prompt's
         swapped in), else the text encoder on the kept captions."""
         if keep is None:
-            keep = keep_mask(len(batch["caption"]), self.caption_dropout)
+            keep = self.captions.keep(len(batch["caption"]))
         if "context" in batch:
             if self.text_encoder.trains:
                 raise ValueError(
@@ -281,9 +191,7 @@ class LatentDiffusion(L.LightningModule):
             context = batch["context"]
             keep = keep.to(context.device)[:, None, None]
             return torch.where(keep, context, batch["empty_context"].to(context)).float()
-        captions = batch["caption"]
-        if self.tags[0] or self.tags[2]:  # shuffle or drop tags
-            captions = [augment_tags(c, *self.tags, generator=generator) for c in captions]
+        captions = self.captions.augment(batch["caption"], generator)
         return self.text_encoder([c if k else "" for c, k in zip(captions, keep.tolist())])
 
     def position(self) -> tuple[int, int, int]:
@@ -303,7 +211,7 @@ class LatentDiffusion(L.LightningModule):
         shape = (n * world, *latent_shape[1:])
         posterior = torch.randn(shape, generator=g, device=device)
         t, eps, xi = self.objective.draw(shape, g, device)
-        keep = torch.rand(n * world, generator=g, device=device) >= self.caption_dropout
+        keep = self.captions.keep(n * world, g, device)
         parts = {"posterior": posterior, "t": t, "eps": eps, "xi": xi, "keep": keep.cpu()}
         out = {k: None if v is None else my_share(v, rank, n) for k, v in parts.items()}
         return {**out, "generator": g}
@@ -314,9 +222,9 @@ class LatentDiffusion(L.LightningModule):
         d = self.draws(n, mean.shape, mean.device)
         latents = self.vae.scale_latents(mean + std * d["posterior"].to(mean)).float()
         context = self.condition(batch, d["keep"], d["generator"])
-        if self.channels_last:
+        if self.speed.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
-        with attention_backend(self.attention_backend):
+        with self.speed.attention():
             loss = self.objective(
                 self.train_unet,
                 latents,
@@ -413,7 +321,8 @@ class LatentDiffusion(L.LightningModule):
     def parameter_groups(self) -> list[dict]:
         """One group, or two when the text encoder's parameters have their own `text_lr`."""
         params = self.trainable_parameters()
-        if self.text_lr is None:
+        text_lr = self.trains.text_lr
+        if text_lr is None:
             return [{"params": params}]
         text = {
             id(p)
@@ -423,7 +332,7 @@ class LatentDiffusion(L.LightningModule):
         }
         return [
             {"params": [p for p in params if id(p) not in text]},
-            {"params": [p for p in params if id(p) in text], "lr": self.text_lr},
+            {"params": [p for p in params if id(p) in text], "lr": text_lr},
         ]
 
     # -- checkpoints: what trains, not the frozen parts ------------------------------------
@@ -457,8 +366,7 @@ class LatentDiffusion(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.parameter_groups())
-        schedule = warmup_lambda(self.warmup_steps, self.decay_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule.factor())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -31,9 +31,9 @@ class UNetFSDP(FSDPStrategy):
         ema = getattr(lm, "ema", None)
         if ema is not None and ema.offloaded:
             raise ConfigError(
-                "model.ema_device=cpu works on one device and with DDP, not with FSDP: the "
+                "model.ema.device=cpu works on one device and with DDP, not with FSDP: the "
                 "U-Net's weights are sharded, so the EMA cannot be swapped in to sample. Drop "
-                "it (FSDP keeps the EMA whole on each GPU) or thin its updates: model.ema_every."
+                "it (FSDP keeps the EMA whole on each GPU) or thin its updates: model.ema.every."
             )
         whole = [lm.vae, ema]
         if not lm.text_encoder.trains:

@@ -22,6 +22,7 @@ from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.models.text_encoder import TextEncoder
 from ldm.training.module import LatentDiffusion
+from ldm.training.options import Captions, EMASettings, LRSchedule
 from tests.conftest import tiny_parts
 
 SIZE = 64
@@ -45,9 +46,9 @@ def make_module(caption_dropout=0.5, text=None) -> LatentDiffusion:
         text or frozen_text(),
         objective,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        warmup_steps=2,
-        caption_dropout=caption_dropout,
-        ema_decay=0.9,
+        lr_schedule=LRSchedule(warmup_steps=2),
+        captions=Captions(dropout=caption_dropout),
+        ema=EMASettings(decay=0.9),
     )
 
 
@@ -183,7 +184,7 @@ def test_training_step_gives_the_same_loss_from_the_same_seed(cache):
         from_cache = module.training_step(cached, 0)
         tol = cache_tolerance(root / "cache", atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(from_cache, direct, **tol)
-    assert module.caption_dropout == 0.5
+    assert module.captions.dropout == 0.5
 
 
 def test_float16_cache_is_close(cache, tmp_path):

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import make_tiny_module
 from ldm.config import ConfigError
 from ldm.training.amp import ClippingMixedPrecision
-from ldm.training.module import warmup_lambda
+from ldm.training.options import Captions, EMASettings
 from ldm.training.trainer import make_trainer
 
 CLIP = 0.05  # below the tiny model's gradient norms (~0.3-3): every step clips
@@ -67,7 +67,9 @@ def batches(n: int) -> list[dict]:
 
 def module(fused: bool):
     optimizer = functools.partial(RecordingAdamW, lr=1e-2, fused=fused, foreach=False)
-    return make_tiny_module(optimizer=optimizer, ema_decay=None, caption_dropout=0.0)
+    return make_tiny_module(
+        optimizer=optimizer, ema=EMASettings(decay=None), captions=Captions(dropout=0.0)
+    )
 
 
 def trainer_config(precision: str) -> dict:
@@ -104,7 +106,7 @@ def reference_run(precision: str, data: list[dict], fused: bool = False):
     if precision.endswith("-true") and dtype != torch.float32:
         m = m.to(dtype)
     opt = m.configure_optimizers()["optimizer"]
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(m.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, m.lr_schedule.factor())
     scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
     mixed = precision.endswith("-mixed")
     norms = []
@@ -187,6 +189,6 @@ def test_a_cast_precision_with_an_ema_is_refused_before_the_first_step():
     m = make_tiny_module()  # with its EMA
     trainer = make_trainer(trainer_config("bf16-true"))
     loader = torch.utils.data.DataLoader(batches(1), batch_size=None)
-    with pytest.raises(ConfigError, match="model.ema_decay=null"):
+    with pytest.raises(ConfigError, match="model.ema.decay=null"):
         trainer.fit(m, train_dataloaders=loader)
     assert trainer.global_step == 0

@@ -26,7 +26,7 @@ def one_and_two(alone_run, tmp_path_factory) -> tuple[Path, Path, Path]:
     folder of its own (to count what it writes), its EMA kept apart from DDP in host memory
     (an option that must not change the result)."""
     home = tmp_path_factory.mktemp("ddp")
-    finish(overrides(home, ranks=2) + ["model.ema_device=cpu"], home / "two", home)
+    finish(overrides(home, ranks=2) + ["model.ema.device=cpu"], home / "two", home)
     return home, alone_run, home / "two"
 
 

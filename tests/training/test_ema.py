@@ -1,11 +1,12 @@
 import torch
 
 from ldm.training.ema import EMA
+from ldm.training.options import EMASettings
 from tests.conftest import make_tiny_module as module
 
 
 def test_an_offloaded_ema_stays_on_its_device_when_the_module_moves():
-    m = module(ema_device="cpu")
+    m = module(ema=EMASettings(0.9, device="cpu"))
     expected = {k: v.clone() for k, v in m.ema.state_dict().items()}
     m.to("meta")  # stands for the accelerator: everything else moves
     assert all(p.is_meta for p in m.unet.parameters())
@@ -17,7 +18,7 @@ def test_an_offloaded_ema_stays_on_its_device_when_the_module_moves():
 
 
 def test_an_offloaded_ema_averages_exactly_like_one_on_the_device():
-    on_device, offloaded = module(), module(ema_device="cpu")
+    on_device, offloaded = module(), module(ema=EMASettings(0.9, device="cpu"))
     for m in (on_device, offloaded):
         with torch.no_grad():
             for i, p in enumerate(m.unet.parameters()):
@@ -44,7 +45,7 @@ def test_swapping_lends_the_average_and_gives_both_back_bit_for_bit():
 
 
 def test_ddp_leaves_an_offloaded_ema_alone():
-    m = module(ema_device="cpu")
+    m = module(ema=EMASettings(0.9, device="cpu"))
     names = {n for n, _ in m.named_parameters()} | {n for n, _ in m.named_buffers()}
     ignored = set(m._ddp_params_and_buffers_to_ignore)
     assert ignored == {n for n in names if n.startswith("ema.")} and ignored

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ldm.training.module import keep_mask, warmup_lambda
+from ldm.training.options import Captions
 
 
 def test_frozen_vae_gets_no_gradient_and_no_optimizer_state(tiny_module, batch):
@@ -19,18 +19,11 @@ def test_frozen_vae_gets_no_gradient_and_no_optimizer_state(tiny_module, batch):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_module.unet.parameters())
 
 
-def test_caption_dropout_rate_is_honoured():
-    n = 20000
-    for p in (0.0, 0.1, 0.5, 1.0):
-        dropped = n - int(keep_mask(n, p, torch.Generator().manual_seed(0)).sum())
-        assert abs(dropped / n - p) < 0.01
-
-
 def test_training_step_drops_captions_at_the_configured_rate(tiny_module, batch, monkeypatch):
     seen = []
     encode = tiny_module.text_encoder.forward
     monkeypatch.setattr(tiny_module.text_encoder, "forward", lambda c: seen.extend(c) or encode(c))
-    tiny_module.caption_dropout = 0.5
+    tiny_module.captions = Captions(dropout=0.5)
     for i in range(50):
         tiny_module.training_step(batch, i)
     assert 0.35 < seen.count("") / len(seen) < 0.65
@@ -47,34 +40,6 @@ def test_ema_tracks_the_unet(tiny_module):
     assert not any(q.requires_grad for q in shadow.parameters())
 
 
-def test_warmup_is_linear_then_constant():
-    f = warmup_lambda(4)
-    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-
-
-def test_cosine_decay_after_warmup_reaches_zero_at_decay_steps():
-    f = warmup_lambda(2, decay_steps=6)
-    got = [f(s) for s in range(8)]
-    assert got[:3] == [0.5, 1.0, 1.0] and got[4] == pytest.approx(0.5)
-    assert got[6] == pytest.approx(0.0, abs=1e-12) and got[7] == got[6]
-    assert all(a >= b for a, b in zip(got[1:], got[2:]))
-
-
-def test_tag_augmentation_keeps_the_first_tags_and_shuffles_or_drops_the_rest():
-    from ldm.training.module import augment_tags
-
-    torch.manual_seed(0)
-    caption = "sks, red, circle, blue, background, flat"
-    shuffled = {augment_tags(caption, True, 1, 0.0) for _ in range(30)}
-    assert len(shuffled) > 5 and all(s.startswith("sks, ") for s in shuffled)
-    assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in shuffled)
-    dropped = [augment_tags(caption, False, 2, 0.5).split(", ") for _ in range(200)]
-    assert all(d[:2] == ["sks", "red"] for d in dropped)
-    rate = 1 - sum(len(d) - 2 for d in dropped) / (4 * len(dropped))
-    assert abs(rate - 0.5) < 0.1
-    assert augment_tags(caption, False, 0, 0.0) == caption
-
-
 def test_sample_weights_scale_each_sample_loss(tiny_module, batch):
     plain = tiny_module.training_step(batch, 0)
     tiny_module.calls = 0  # the same draws again
@@ -89,6 +54,7 @@ def test_textual_inversion_trains_the_new_word_only(batch):
     from ldm.diffusion.objective import DiffusionObjective
     from ldm.diffusion.schedule import NoiseSchedule
     from ldm.training.module import LatentDiffusion
+    from ldm.training.trains import TextualInversion
 
     unet, vae, text = tiny_parts()
     module = LatentDiffusion(
@@ -97,18 +63,16 @@ def test_textual_inversion_trains_the_new_word_only(batch):
         text,
         DiffusionObjective(NoiseSchedule(zero_terminal_snr=True), "v"),
         functools.partial(torch.optim.AdamW, lr=1e-2),
-        ema_decay=None,
-        new_word="<pastel>",
-        new_word_vectors=2,
-        new_word_init="red",
+        trains=TextualInversion("<pastel>", vectors=2, init="red"),
     )
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable == ["word_vectors"]
+    assert module.ema is None and not module.adapters()
     start = text.embedding("<pastel>").detach().clone()
     assert start.shape == (2, text.width)
     opt = module.configure_optimizers()["optimizer"]
     words = {**batch, "caption": ["a <pastel> circle on a blue background"] * 4}
-    module.caption_dropout = 0.0
+    module.captions = Captions(dropout=0.0)
     module.training_step(words, 0).backward()
     opt.step()
     assert not torch.equal(text.embedding("<pastel>"), start)

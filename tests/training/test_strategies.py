@@ -33,7 +33,7 @@ def test_fsdp_refuses_an_ema_kept_on_the_cpu(tiny_module, monkeypatch):
     strategy, module = UNetFSDP(), tiny_module
     module.ema = EMA(module.unet, 0.9, device="cpu")
     monkeypatch.setattr(UNetFSDP, "lightning_module", property(lambda self: module))
-    with pytest.raises(ConfigError, match="ema_device=cpu works on one device and with DDP"):
+    with pytest.raises(ConfigError, match="ema.device=cpu works on one device and with DDP"):
         strategy._setup_model(module)
 
 
