@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch import nn
 from ldm.checkpoints.files import CheckpointError
 from ldm.config import ConfigError
 from ldm.diffusion.objective import DiffusionObjective
+from ldm.fingerprint import summary
 from ldm.models.lora import LoRANetwork
 from ldm.models.text_encoder import TextEncoder
 from ldm.pipeline import Pipeline
@@ -20,6 +22,7 @@ from ldm.training.ema import EMA
 from ldm.training.options import Captions, EMASettings, LRSchedule, Speed
 from ldm.training.trains import Full, Trains
 
+log = logging.getLogger(__name__)
 TRAINING_STATE = ("ema.", "unet_lora.", "text_lora.")  # kept in checkpoints whatever trains
 
 
@@ -99,6 +102,12 @@ class LatentDiffusion(L.LightningModule):
             text_encoder.add_embedding(self.new_word, self.word_vectors)
         self.unet_lora, self.text_lora = self.trains.adapters(unet, text_encoder)
         keep = self.trains.keeps_ema and ema.decay
+        if (
+            ema.decay and not self.trains.keeps_ema
+        ):  # said, so that a set model.ema is not lost unseen
+            log.info(
+                "no EMA: %s trains no full U-Net (model.ema unused)", type(self.trains).__name__
+            )
         self.ema = EMA(unet, ema.decay, ema.device) if keep else None
         if self.ema is not None and self.ema.offloaded:  # DDP would broadcast it from its device
             self._ddp_params_and_buffers_to_ignore = [f"ema.{k}" for k in self.ema.state_dict()]
@@ -345,7 +354,7 @@ class LatentDiffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         frozen = self.frozen_keys(state)
-        checkpoint["frozen_fingerprint"] = fingerprint(state, frozen)
+        checkpoint["frozen_fingerprint"] = summary(state, frozen)
         checkpoint["prediction"] = self.objective.prediction.value
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
 
@@ -354,7 +363,7 @@ class LatentDiffusion(L.LightningModule):
         fill in their tensors (a checkpoint leaves them out) from this module."""
         stored = checkpoint.get("frozen_fingerprint")
         own = self.state_dict()
-        if stored is not None and stored != fingerprint(own, set(stored)):
+        if stored is not None and stored != summary(own, set(stored)):
             raise CheckpointError(
                 "the frozen parts (VAE, a LoRA's base, a frozen text encoder) differ "
                 "from those the checkpoint was trained with: resume with the same "
@@ -394,10 +403,3 @@ def check_same_model(checkpoint: dict, own: dict[str, torch.Tensor], prediction:
             + "; ".join(p for p in problems if p)
             + ". Resume with the configs it was trained with (its run's .hydra/config.yaml)."
         )
-
-
-def fingerprint(state: dict[str, torch.Tensor], keys: set[str]) -> dict[str, list]:
-    """A cheap identity of some tensors: shape and float64 sum of each (a missing one: None)."""
-    from ldm.fingerprint import summary
-
-    return summary(state, keys)
