@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ldm import precision
-from ldm.data.latents import encode_batch
+from ldm.data.latents_write import encode_batch
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.models.autoencoder import AutoencoderKL

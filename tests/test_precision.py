@@ -125,7 +125,7 @@ def test_every_entry_point_resolves_precision_the_same_way(cpu_bf16, has, tmp_pa
     pipe, _ = Pipeline.load(str(ckpt), torch.device("cpu"), precision="bf16")  # on request
     assert pipe.precision.value == "bf16-mixed"
 
-    from ldm.data.latents import write_latent_shards
+    from ldm.data.latents_write import write_latent_shards
     from tests.data.test_latents import write_image_shard
 
     unet, vae, text = tiny_parts()

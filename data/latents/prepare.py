@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.config import ROOT, architecture, exit_on, fail, register_resolvers
-from ldm.data.latents import CacheError, require_frozen, write_latent_shards
+from ldm.data.latents import CacheError, require_frozen
+from ldm.data.latents_write import write_latent_shards
 from ldm.data.shards import DataError, expand_shards
 
 

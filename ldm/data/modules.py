@@ -18,8 +18,6 @@ from torch import nn
 
 from ldm.data.latents import (
     CacheError,
-    build_cache,
-    cache_folder,
     check_data_settings,
     check_models,
     make_latent_dataset,
@@ -27,6 +25,7 @@ from ldm.data.latents import (
     require_frozen,
     warn_other_precision,
 )
+from ldm.data.latents_write import build_cache, cache_folder
 from ldm.data.options import DataOptions
 from ldm.data.shards import DataError, expand_shards, parse_sources, read_stats_count
 from ldm.data.webdataset import EpochLoader, make_dataset, rank_and_world

@@ -61,7 +61,8 @@ def test_the_readers_are_plain_pytorch():
     import sys
 
     code = (
-        "import sys, ldm.data.options, ldm.data.webdataset, ldm.data.latents; "
+        "import sys, ldm.data.options, ldm.data.webdataset, ldm.data.latents, "
+        "ldm.data.latents_write; "
         "sys.exit(any(m.split('.')[0] == 'lightning' for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -13,8 +13,8 @@ from ldm.data.latents import (
     CacheError,
     make_latent_dataset,
     read_cache_metadata,
-    write_latent_shards,
 )
+from ldm.data.latents_write import write_latent_shards
 from ldm.data.modules import LatentDataModule
 from ldm.data.options import DataOptions
 from ldm.data.transforms import ImageTransform
@@ -549,7 +549,7 @@ def test_an_interrupted_rebuild_leaves_the_old_cache_whole_and_readable(
 ):
     """A cache of another VAE is rebuilt beside the old one and swapped in complete: a build
     that fails midway leaves the old cache as it was (and loadable), the next one resumes it."""
-    import ldm.data.latents as latents
+    import ldm.data.latents_write as latents
 
     root, _ = cache
     module, out = make_module(), tmp_path / "latents"
