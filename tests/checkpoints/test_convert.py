@@ -402,7 +402,8 @@ def test_train_initialised_from_an_sd_file_trains_and_its_export_loads(tmp_path)
     trained = model.unet.state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in parts["unet"].state_dict().items())
     # An init that does not fit is an error naming the part, before any training.
-    result = run("train.py", *overrides, f"init={init}", "unet.model_channels=16", cwd=tmp_path)
+    bad = [f"init={init}", "unet.model_channels=16", f"hydra.run.dir={tmp_path / 'bad'}"]
+    result = run("train.py", *overrides, *bad, cwd=tmp_path)  # a fresh folder: the run above stays
     assert result.returncode != 0 and "unet (init.ckpt) weights do not fit" in result.stderr
 
 
