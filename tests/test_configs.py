@@ -23,7 +23,14 @@ def compose_train(*overrides: str, hydra: bool = False):
 
 
 @pytest.mark.parametrize(
-    "overrides", [(), ("experiment=shapes_vae",), ("unet=tiny", "vae=tiny", "text_encoder=tiny")]
+    "overrides",
+    [
+        (),
+        ("experiment=shapes_vae",),
+        ("unet=tiny", "vae=tiny", "text_encoder=tiny"),
+        ("debug=tiny_parts",),
+        ("experiment=shapes_lora", "debug=tiny_parts", "init=weights.safetensors"),
+    ],
 )
 def test_train_configs_instantiate(overrides):
     cfg = compose_train(*overrides)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import subprocess_env
+from conftest import subprocess_env, tiny_overrides
 from ldm import precision
 from ldm.checkpoints import read_config
 from wandb_records import history
@@ -31,33 +31,12 @@ def run(script: str, *overrides: str, cwd: Path, **env_vars: str) -> subprocess.
 
 
 def tiny_train_overrides(tmp: Path) -> list[str]:
-    """The default run on the tiny parts, on images encoded each step and a trainable text
-    encoder (test_default_run_caches_latents_and_text covers the default's cached data)."""
+    """The tests' tiny run (conftest.tiny_overrides) with its shards in tmp/shards, its run in
+    tmp/run, and throughput logged every 2 steps (test_train_writes_weights_grids... reads it)."""
     shards = tmp / "shards"
     return [
-        "unet=tiny",
-        "vae=tiny",
-        "text_encoder=tiny",
-        "text_encoder.frozen=false",
-        "data=shapes",
-        f"data.prepare.out_dir={shards}",
-        "data.prepare.n_train=64",
-        "data.prepare.n_val=16",
-        "data.prepare.shard_size=32",
-        f"data.train_shards={shards}/train/*.tar",
-        f"data.val_shards={shards}/val/*.tar",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "trainer.limit_val_batches=1",
-        "trainer.log_every_n_steps=1",
-        "callbacks.sample_grid.every_n_steps=2",
-        "callbacks.sample_grid.sampler.steps=2",
-        "callbacks.checkpoint.every_n_train_steps=2",
+        *tiny_overrides(shards),
         "callbacks.throughput.window=2",
-        "callbacks.adherence.n_prompts=2",
-        "callbacks.adherence.sampler.steps=2",
         f"hydra.run.dir={tmp / 'run'}",
     ]
 
@@ -75,12 +54,11 @@ def test_default_run_caches_latents_and_text_then_trains_on_them(tmp_path):
     rendered shards before the first step, with the text embeddings, and training reads it."""
     from ldm.data.latents import read_cache_metadata
 
-    overrides = [
-        o for o in tiny_train_overrides(tmp_path) if not o.startswith(("data=", "text_encoder."))
-    ]
     cache = tmp_path / "latents"
     args = [
-        *overrides,
+        *tiny_train_overrides(tmp_path),
+        "data=shapes_cached",
+        "text_encoder.frozen=true",
         f"data.source_shards={tmp_path}/shards/train/*.tar",
         f"data.train_shards={cache}/*.tar",
         "trainer.max_steps=2",
@@ -124,12 +102,10 @@ def test_train_runs_in_each_precision_with_the_default_optimizer_and_clipping(se
     """Fused AdamW and gradient_clip_val 1.0 as configured by default, in bf16 autocast, in fp16
     with loss scaling, and on 2 DDP ranks in the precision `auto` picks (bf16 under
     LDM_CPU_BF16=1): each run trains its steps and writes its weights."""
-    overrides = [
-        o for o in tiny_train_overrides(tmp_path) if "sample_grid" not in o and "adherence" not in o
-    ]
+    overrides = tiny_train_overrides(tmp_path)
     overrides += ["callbacks.sample_grid=null", "callbacks.adherence=null"]
     overrides += ["trainer.limit_val_batches=0"]  # steps only: the callbacks are tested above
-    ranks = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    ranks = ["trainer=cpu", "trainer.devices=2", "strategy=ddp"]
     extra = ranks if setting == "ddp" else [f"trainer.precision={setting}"]
     result = run("train.py", *overrides, "trainer.max_steps=2", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -403,27 +379,10 @@ def test_dreambooth_makes_class_images_once_and_trains_with_them(trained, tmp_pa
     """experiment=sd15_dreambooth on the tiny parts: the base model draws the class images
     (kept, then reused by the next run), mixed with the instance shards at a loss weight."""
     shards = trained.parent / "shards"
-    overrides = [
-        o
-        for o in tiny_train_overrides(trained.parent)
-        if not o.startswith(
-            (
-                "hydra.",
-                "data=",
-                "text_encoder.frozen",
-                "data.train_shards",
-                "data.val_shards",
-                "data.prepare",
-                "callbacks.adherence",
-            )
-        )
-    ]
     args = [
         "experiment=sd15_dreambooth",
-        *overrides,
-        "unet=tiny",
-        "vae=tiny",
-        "text_encoder=tiny",
+        "debug=tiny_parts",
+        "callbacks.throughput.window=2",
         f"init={trained / 'model.safetensors'}",
         f"instance_shards={shards}/train/00000.tar",
         "class_prompt=a red circle on a blue background",
@@ -431,7 +390,6 @@ def test_dreambooth_makes_class_images_once_and_trains_with_them(trained, tmp_pa
         f"class_images.out_dir={tmp_path / 'class'}",
         "class_images.sampler.steps=2",
         "data.image_size=64",
-        "data.batch_size=4",
         "data.random_crop=false",
         f"data.val_shards={shards}/val/*.tar",
         "callbacks.sample_grid.prompts=[a sks circle]",

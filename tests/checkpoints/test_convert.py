@@ -374,24 +374,18 @@ def test_cli(tmp_path, capsys):
 def test_train_initialised_from_an_sd_file_trains_and_its_export_loads(tmp_path):
     """train.py init=FILE with an LDM-layout .ckpt (EMA keys, schedule buffers) of the tiny
     configs' structure: two steps, then the exported file loads with the frozen VAE unchanged."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from test_entrypoints import run, tiny_train_overrides
 
-    from ldm.config import ROOT
+    from conftest import tiny_configs
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose("train", overrides=["unet=tiny", "vae=tiny", "text_encoder=tiny"])
+    cfg = tiny_configs()
     parts = {
         k: randomize_(instantiate(cfg[k]), i) for i, k in enumerate(("unet", "vae", "text_encoder"))
     }
     init = tmp_path / "init.ckpt"
     torch.save({"state_dict": _original_layout(parts, "sd2")}, init)
-    overrides = [
-        o
-        for o in tiny_train_overrides(tmp_path)
-        if not o.startswith(("trainer.max_steps", "callbacks"))
-    ]
+    overrides = tiny_train_overrides(tmp_path)
     result = run(
         "train.py",
         *overrides,
@@ -408,7 +402,8 @@ def test_train_initialised_from_an_sd_file_trains_and_its_export_loads(tmp_path)
     trained = model.unet.state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in parts["unet"].state_dict().items())
     # An init that does not fit is an error naming the part, before any training.
-    result = run("train.py", *overrides, f"init={init}", "unet.model_channels=16", cwd=tmp_path)
+    bad = [f"init={init}", "unet.model_channels=16", f"hydra.run.dir={tmp_path / 'bad'}"]
+    result = run("train.py", *overrides, *bad, cwd=tmp_path)  # a fresh folder: the run above stays
     assert result.returncode != 0 and "unet (init.ckpt) weights do not fit" in result.stderr
 
 

@@ -11,48 +11,32 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import subprocess_env, tiny_overrides
 from wandb_records import history
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def overrides(tmp: Path, ranks: int = 1, steps: int = 16) -> list[str]:
-    """The tiny parts on a small rendered set, exact epochs of 48 samples (3 global batches of 16
-    an epoch, so resumes land inside and at the end of epochs), 2 loader workers a rank,
-    validation and sample callbacks on, a checkpoint every 2 steps."""
-    shards = tmp / "shards"
+    """The tests' tiny run (conftest.tiny_overrides) on a smaller rendered set: exact epochs of
+    48 samples (3 global batches of 16 an epoch, so resumes land inside and at the end of
+    epochs), 2 loader workers a rank, validation and sample callbacks on, a checkpoint every 2
+    steps; with `ranks` > 1, that many DDP processes on the CPU."""
     return [
-        "unet=tiny",
-        "vae=tiny",
-        "text_encoder=tiny",
-        "text_encoder.frozen=false",
-        "data=shapes",
-        f"data.prepare.out_dir={shards}",
+        *tiny_overrides(tmp / "shards"),
         "data.prepare.n_train=48",
         "data.prepare.n_val=12",
         "data.prepare.shard_size=16",
-        f"data.train_shards={shards}/train/*.tar",
-        f"data.val_shards={shards}/val/*.tar",
         "+data.mode=exact",
         f"data.batch_size={16 // ranks}",
         "data.num_workers=2",
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=4",
         "trainer.limit_val_batches=2",
-        "trainer.log_every_n_steps=1",
         "callbacks.sample_grid.every_n_steps=8",
-        "callbacks.sample_grid.sampler.steps=2",
-        "callbacks.checkpoint.every_n_train_steps=2",
-        "callbacks.adherence.n_prompts=2",
-        "callbacks.adherence.sampler.steps=2",
         "+callbacks.batch_keys._target_=ldm.training.callbacks.BatchKeys",
         "resume=auto",
-        *(
-            ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={ranks}"]
-            if ranks > 1
-            else []
-        ),
+        *(["trainer=cpu", f"trainer.devices={ranks}", "strategy=ddp"] if ranks > 1 else []),
     ]
 
 

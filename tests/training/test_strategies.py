@@ -1,4 +1,5 @@
-"""configs/trainer/*.yaml: each composes into a Trainer setup; FSDP (which needs a GPU to run)
+"""configs/trainer/*.yaml (the device) and configs/strategy/*.yaml (how a run spreads): each
+composes into a Trainer setup, either strategy with either device; FSDP (which needs a GPU to run)
 is checked for what it wraps and what it leaves whole."""
 
 import pytest
@@ -37,22 +38,27 @@ def test_fsdp_refuses_an_ema_kept_on_the_cpu(tiny_module, monkeypatch):
         strategy._setup_model(module)
 
 
-@pytest.mark.parametrize("name", ["default", "cpu", "gpu", "ddp", "fsdp"])
-def test_each_trainer_config_composes(name):
+@pytest.mark.parametrize("device", ["default", "cpu", "gpu"])
+@pytest.mark.parametrize("strategy", [None, "ddp", "fsdp"])
+def test_each_device_and_strategy_config_composes(device, strategy):
     from hydra import compose, initialize_config_dir
 
     from ldm.config import ROOT, register_resolvers
 
     register_resolvers()
+    overrides = [f"trainer={device}", *([f"strategy={strategy}"] if strategy else [])]
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={name}"], return_hydra_config=False)
-    strategy = cfg.trainer.strategy
-    if name == "ddp":
-        assert isinstance(instantiate(strategy), DDPStrategy)
-    elif name == "fsdp":
-        assert strategy._target_ == "ldm.training.strategies.UNetFSDP"
+        cfg = compose("train", overrides=overrides, return_hydra_config=False)
+    trainer = cfg.trainer
+    if strategy == "ddp":
+        assert isinstance(instantiate(trainer.strategy), DDPStrategy)
+    elif strategy == "fsdp":
+        assert trainer.strategy._target_ == "ldm.training.strategies.UNetFSDP"
     else:
-        assert strategy == "auto"
+        assert trainer.strategy == "auto"
+    # the strategy leaves the device as the trainer config chose it; FSDP shards over GPUs only
+    expected = "gpu" if strategy == "fsdp" else {"default": "auto"}.get(device, device)
+    assert trainer.accelerator == expected
 
 
 @pytest.mark.parametrize(
