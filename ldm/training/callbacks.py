@@ -246,7 +246,7 @@ class ShapesAdherence(L.Callback):
         height: int = 64,
         width: int = 64,
     ) -> None:
-        from ldm.data.shapes import random_prompts
+        from ldm.shapes.render import random_prompts
 
         self.prompts = random_prompts(n_prompts, prompt_seed)
         self.seeds = [seed + i for i in range(n_prompts)]
@@ -255,7 +255,7 @@ class ShapesAdherence(L.Callback):
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
-        from ldm.evaluation.shapes import score
+        from ldm.shapes.judge import score
 
         images = sample_ema(
             trainer, pl_module, self.prompts, self.seeds, self.sampler, self.height, self.width

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data import shapes
-from ldm.data.shapes import (
+from ldm.shapes import render as shapes
+from ldm.shapes.render import (
     PALETTE,
     SHAPES,
     caption,

@@ -5,7 +5,7 @@ palette colour on a solid background of a different palette colour, captioned
 ``a {shape colour} {shape} on a {background colour} background``.  The caption
 space is small (8 backgrounds x 7 shape colours x 3 shapes = 168 captions), so
 prompt adherence of a generator can be measured exactly by image analysis
-(see ``ldm.evaluation.shapes``).
+(see ``ldm.shapes.judge``).
 
 Geometry, in continuous pixel coordinates with (0, 0) the top-left corner of
 the image and pixel (i, j) covering [i, i+1] x [j, j+1]:
