@@ -5,7 +5,7 @@
 For each run directory's `model.safetensors`, samples a fixed prompt set (one fixed seed each,
 DDIM 20 steps, guidance 4) with `trailing` spacing (the first step at t = T-1, where an eps
 model on a zero-terminal-SNR schedule has no defined x0) and with `leading` spacing (first step
-at t = 950 for 20 steps), and judges the images with `ldm.evaluation.shapes.score`.
+at t = 950 for 20 steps), and judges the images with `ldm.shapes.judge.score`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoints import load_model
-from ldm.data.shapes import random_prompts
 from ldm.diffusion.samplers import SamplerConfig
-from ldm.evaluation.shapes import score
 from ldm.pipeline import Pipeline
+from ldm.shapes.judge import score
+from ldm.shapes.render import random_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

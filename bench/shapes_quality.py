@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoints.export import run_metadata
 from ldm.checkpoints.layout import save
 from ldm.config import register_resolvers
-from ldm.data.shapes import random_prompts
+from ldm.shapes.render import random_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def evaluate(weights: Path, prompts: Path, out: Path, n: int, steps: int, sample
         [
             sys.executable,
             "-m",
-            "ldm.evaluation.shapes",
+            "ldm.shapes.judge",
             str(out),
             "--json",
             str(out / "scores.json"),

@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 
 from ldm import precision
 from ldm.config import ROOT, register_resolvers
-from ldm.data.shapes import random_prompts
+from ldm.shapes.render import random_prompts
 
 DEFAULT_VARIANTS = {
     "images": "data=shapes text_encoder.frozen=false",

@@ -3,12 +3,12 @@
     python bench/style_finetune.py BASE.safetensors --recipe shapes_lora [--recipe shapes_locon ...]
         [--out bench/results/style_finetune] [--n 4] [-- EXTRA TRAIN.PY OVERRIDES]
 
-As a user would: the style set (200 pastel images, `ldm.data.pastel`) is rendered into a folder
+As a user would: the style set (200 pastel images, `ldm.shapes.pastel`) is rendered into a folder
 and made into shards by `data/folder/prepare.py`; each recipe trains with
 `train.py experiment=RECIPE init=BASE`; then `sample.py` (its defaults) makes the held-out
 prompts (captions the style set does not hold) x `--n` seeds twice, with and without
 ", pastel style", from the base and from each fine-tune (with its LoRA file, embedding or
-weights), and `ldm.evaluation.pastel` judges them. Written to OUT: results.json, results.md
+weights), and `ldm.shapes.pastel_judge` judges them. Written to OUT: results.json, results.md
 (one row per model: training minutes, steps, file size, and on each prompt set the hue and
 shape adherence and the pastel / plain fractions), and comparison_{pastel,plain}.png: a row
 per model, the same prompts and seeds.
@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.data.pastel import styled, write_style_folder
-from ldm.data.shapes import caption_space
-from ldm.evaluation.pastel import score_style
-from ldm.evaluation.shapes import _load_dir
+from ldm.shapes.judge import _load_dir
+from ldm.shapes.pastel import styled, write_style_folder
+from ldm.shapes.pastel_judge import score_style
+from ldm.shapes.render import caption_space
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -53,7 +53,7 @@ from ldm import precision
 from ldm.checkpoints.diffusers_configs import diffusers_unet_config, scheduler_config
 from ldm.checkpoints.keymaps import sd_unet_to_diffusers
 from ldm.config import ROOT, register_resolvers
-from ldm.data.shapes import random_prompts
+from ldm.shapes.render import random_prompts
 from ldm.training.callbacks import device_peak_tflops, unet_train_flops
 
 FLAGS = {

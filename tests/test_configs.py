@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.config import ROOT, register_resolvers
-from ldm.data.shapes import render_sample, sample_rng
+from ldm.shapes.render import render_sample, sample_rng
 from ldm.training.vae_module import psnr
 
 register_resolvers()
@@ -106,9 +106,9 @@ def test_shipped_shapes_vae_reconstructs_at_its_recorded_quality(shipped_vae):
 
 def test_shipped_shapes_vae_keeps_pastel_colours(shipped_vae):
     """Fine-tunes to a style need a first stage that can draw it (data/shapes/VAE.md)."""
-    from ldm.data.pastel import pastel_image, styled
-    from ldm.data.shapes import caption
-    from ldm.evaluation.pastel import score_style
+    from ldm.shapes.pastel import pastel_image, styled
+    from ldm.shapes.pastel_judge import score_style
+    from ldm.shapes.render import caption
 
     samples = [render_sample(sample_rng(7, "val", i)) for i in range(64)]
     images = [np.asarray(pastel_image(im)) for im, _ in samples]

@@ -3,7 +3,7 @@
     python data/shapes/prepare.py --out data/shapes/shards --n-train 20000 --n-val 512
 
 Writes ``OUT/train/NNNNN.tar`` and ``OUT/val/NNNNN.tar`` plus ``_info.json``;
-see ``ldm.data.shapes.write_shards``.  Output is byte-for-byte deterministic
+see ``ldm.shapes.dataset.write_shards``.  Output is byte-for-byte deterministic
 for a given seed.
 """
 
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.data.shapes import shards_ready, write_shards
+from ldm.shapes.dataset import shards_ready, write_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "data" / "shapes" / "shards"

@@ -2,7 +2,7 @@
 
     python data/shapes/style.py OUT_DIR [--n 200] [--seed 0]
 
-Then `python data/folder/prepare.py OUT_DIR SHARDS_DIR` makes its shards (see ldm/data/pastel.py
+Then `python data/folder/prepare.py OUT_DIR SHARDS_DIR` makes its shards (see ldm/shapes/pastel.py
 for the style: every colour channel c becomes round((c + 255) / 2), captions end in
 ", pastel style").
 """
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.data.pastel import write_style_folder
+from ldm.shapes.pastel import write_style_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""Lightning callbacks: sample grids, throughput, validation metrics to CSV, shapes adherence,
-data counts, the keys of each batch, the run's summary."""
+"""Lightning callbacks: sample grids, throughput, validation metrics to CSV, data counts, the keys
+of each batch, the run's summary (the shapes set's adherence: ldm.shapes.adherence)."""
 
 from __future__ import annotations
 
@@ -228,46 +228,6 @@ class MetricsCSV(L.Callback):
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)
-
-
-class ShapesAdherence(L.Callback):
-    """At each validation, sample a fixed prompt set with fixed seeds from the EMA U-Net and log
-    the shapes judge's accuracies as val/adherence_{background,shape_colour,shape,all}.
-
-    Only meaningful for models trained on the shapes set: the judge reads back shapes captions.
-    """
-
-    def __init__(
-        self,
-        n_prompts: int = 32,
-        prompt_seed: int = 0,
-        seed: int = 0,
-        sampler: SamplerConfig | None = None,
-        height: int = 64,
-        width: int = 64,
-    ) -> None:
-        from ldm.data.shapes import random_prompts
-
-        self.prompts = random_prompts(n_prompts, prompt_seed)
-        self.seeds = [seed + i for i in range(n_prompts)]
-        self.sampler = sampler or SamplerConfig(name="ddim", steps=20)
-        self.height, self.width = height, width
-
-    @torch.no_grad()
-    def measure(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
-        from ldm.evaluation.shapes import score
-
-        images = sample_ema(
-            trainer, pl_module, self.prompts, self.seeds, self.sampler, self.height, self.width
-        )
-        result = score(list(images.numpy()), self.prompts)
-        return {k: float(v) for k, v in result.items() if k != "n"}
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        for name, value in self.measure(trainer, pl_module).items():
-            pl_module.log(f"val/adherence_{name}", value, rank_zero_only=True)
 
 
 class DataCounts(L.Callback):

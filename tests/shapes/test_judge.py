@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageFilter
 from PIL.PngImagePlugin import PngInfo
 
-from ldm.data.shapes import PALETTE, caption, random_prompts, render, render_sample, sample_rng
-from ldm.evaluation.shapes import judge, main, score
+from ldm.shapes.judge import judge, main, score
+from ldm.shapes.render import PALETTE, caption, random_prompts, render, render_sample, sample_rng
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,7 +128,7 @@ def test_cli_empty_directory_is_one_error_line(tmp_path):
     paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     process = subprocess.run(
-        [sys.executable, "-m", "ldm.evaluation.shapes", str(tmp_path)],
+        [sys.executable, "-m", "ldm.shapes.judge", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

@@ -1,9 +1,9 @@
-"""The pastel judge (ldm.evaluation.pastel) on rendered images, plain and pastel, with noise."""
+"""The pastel judge (ldm.shapes.pastel_judge) on rendered images, plain and pastel, with noise."""
 
 import numpy as np
 import pytest
 
-from ldm.data.pastel import (
+from ldm.shapes.pastel import (
     PASTEL,
     parse_styled,
     pastel_image,
@@ -11,8 +11,8 @@ from ldm.data.pastel import (
     styled,
     write_style_folder,
 )
-from ldm.data.shapes import PALETTE, caption, render_sample, sample_rng
-from ldm.evaluation.pastel import EITHER, judge_style, main, score_style
+from ldm.shapes.pastel_judge import EITHER, judge_style, main, score_style
+from ldm.shapes.render import PALETTE, caption, render_sample, sample_rng
 
 
 def rendered(n: int, sigma: float, seed: int = 11):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm.data.shapes import PALETTE, caption, parse_caption, render_sample, sample_rng
+from ldm.shapes.render import PALETTE, caption, parse_caption, render_sample, sample_rng
 
 SUFFIX = ", pastel style"
 STYLE_SPLIT = 7  # the generator stream of style samples, apart from train/val/prompts

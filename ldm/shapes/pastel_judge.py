@@ -1,6 +1,6 @@
-"""Prompt adherence with the pastel style (`ldm.data.pastel`), judged by image analysis.
+"""Prompt adherence with the pastel style (`ldm.shapes.pastel`), judged by image analysis.
 
-`judge_style` reads, besides the three attributes of `ldm.evaluation.shapes.judge`, whether
+`judge_style` reads, besides the three attributes of `ldm.shapes.judge.judge`, whether
 each colour is plain or pastel:
 
 * the background's median colour is matched against the 8 plain and 8 pastel colours (on a
@@ -14,7 +14,7 @@ image's noise: a white colour counts as either (pastel in a pastel prompt, plain
 one). `score_style` reports hue adherence (pastel or not), shape adherence, and the fraction of
 images whose two colours both read as pastel (`pastel`) or both as plain (`plain`).
 
-    python -m ldm.evaluation.pastel DIR [--json out.json]
+    python -m ldm.shapes.pastel_judge DIR [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ldm.config import exit_on
-from ldm.data.pastel import PASTEL, parse_styled
-from ldm.data.shapes import PALETTE
-from ldm.evaluation.shapes import (
+from ldm.shapes.judge import (
     NONE,
     _as_rgb_array,
     _background,
@@ -36,6 +34,8 @@ from ldm.evaluation.shapes import (
     judge,
     run_cli,
 )
+from ldm.shapes.pastel import PASTEL, parse_styled
+from ldm.shapes.render import PALETTE
 
 EITHER = "either"  # white: plain and pastel cannot be told apart
 _REFS = [(name, False, np.array(rgb, float)) for name, rgb in PALETTE.items()]

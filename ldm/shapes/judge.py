@@ -19,7 +19,7 @@ misshapen generated images.  Only numpy is needed.
 
 Command line::
 
-    python -m ldm.evaluation.shapes DIR [--json out.json]
+    python -m ldm.shapes.judge DIR [--json out.json]
 
 scores every PNG in DIR against its prompt, read from the PNG text chunk
 ``prompt`` or else from a sidecar ``.txt`` file of the same name.
@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from ldm.config import exit_on
-from ldm.data.shapes import PALETTE, SHAPES, parse_caption
+from ldm.shapes.render import PALETTE, SHAPES, parse_caption
 
 ATTRIBUTES: tuple[str, ...] = ("background", "shape_colour", "shape")
 NONE = "none"
