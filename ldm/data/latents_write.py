@@ -5,6 +5,7 @@ place once complete (`write_latent_shards`), or from a data module's settings (`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -154,54 +155,66 @@ def write_latent_shards(
     vae = vae.to(device).eval()
     text_encoder = text_encoder and text_encoder.to(device).eval()
     meta = cache_metadata(vae, text_encoder, image_size, flips, dtype, sources)
-    found = _read_json(final / META_FILE)
-    if found is not None and identity(found) != identity(meta) and not replace:
-        raise CacheError(
-            f"{final} holds a cache made with other models or settings; "
-            f"remove it or choose another folder"
-        )
-    if found is not None and identity(found) == identity(meta):
-        out = final  # this very cache (unfinished by an older version of this code): finished
-    else:
-        if found is not None:
-            log.warning("%s holds a cache of other models or settings: rebuilding it", final)
-        out = building_dir(final, meta)
+    out = build_folder(final, meta, replace)
     out.mkdir(parents=True, exist_ok=True)
-    old = out / META_FILE
-    _write_json(old, {**meta, "complete": False})
+    _write_json(out / META_FILE, {**meta, "complete": False})
     if text_encoder is not None:
         with torch.no_grad():
             empty = text_encoder([""])[0]  # (L, D)
         (out / EMPTY_FILE).write_bytes(npy_bytes(empty, dtype))
-    transform, counts = ImageTransform(image_size), {"written": 0, "skipped": [], "shards": []}
-    from tqdm import tqdm
-
     chosen = resolve_precision(precision, device)
     meta["precision"] = chosen.value  # what the encoders ran in; not part of the identity
     with precision_autocast(chosen, device):
-        for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
-            path = out / shard_name(i)
-            if not path.is_file():
-                n, skipped = write_latent_shard(
-                    url,
-                    out,
-                    i,
-                    vae,
-                    text_encoder,
-                    transform,
-                    batch_size,
-                    flips,
-                    dtype,
-                    device,
-                    keep,
-                )
-                counts["written"] += n
-                counts["skipped"] += [f"{url}:{k}" for k in skipped]
-            counts["shards"].append({"shard": path.name, "source": url})
-    _write_json(old, {**meta, "complete": True, "counts": counts})
+        encode = functools.partial(
+            write_latent_shard,
+            vae=vae,
+            text_encoder=text_encoder,
+            transform=ImageTransform(image_size),
+            batch_size=batch_size,
+            flips=flips,
+            dtype=dtype,
+            device=device,
+            keep=keep,
+        )
+        counts = encode_sources(urls, out, encode, progress)
+    _write_json(out / META_FILE, {**meta, "complete": True, "counts": counts})
     if out != final:
         _carry_other_files(final, out)
         replace_folder(out, final.resolve())
+    return counts
+
+
+def build_folder(final: Path, meta: dict, replace: bool) -> Path:
+    """Where the cache `meta` describes is written: `final` itself when it holds this very
+    cache unfinished (by an older version of this code), else a fresh `building_dir`; a cache
+    of other models or settings in `final` is an error unless it is to be replaced."""
+    found = _read_json(final / META_FILE)
+    if found is None:
+        return building_dir(final, meta)
+    if identity(found) == identity(meta):
+        return final
+    if not replace:
+        raise CacheError(
+            f"{final} holds a cache made with other models or settings; "
+            f"remove it or choose another folder"
+        )
+    log.warning("%s holds a cache of other models or settings: rebuilding it", final)
+    return building_dir(final, meta)
+
+
+def encode_sources(urls: list[str], out: Path, encode: Callable, progress: bool) -> dict:
+    """Shard i of `out` from source `urls[i]` with `encode(url, out, i)`, unless an interrupted
+    build of the same cache wrote it already; what was written and skipped."""
+    from tqdm import tqdm
+
+    counts = {"written": 0, "skipped": [], "shards": []}
+    for i, url in enumerate(tqdm(urls, unit="shard", desc="latents", disable=not progress)):
+        path = out / shard_name(i)
+        if not path.is_file():
+            n, skipped = encode(url, out, i)
+            counts["written"] += n
+            counts["skipped"] += [f"{url}:{k}" for k in skipped]
+        counts["shards"].append({"shard": path.name, "source": url})
     return counts
 
 
