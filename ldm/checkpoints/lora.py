@@ -1,5 +1,6 @@
 """LoRA files: the kohya layout (A1111, ComfyUI and diffusers read it) and the diffusers / PEFT
-layout, each read and written; adapters built from a file for our modules.
+layout, each read and written; a file's adapters matched by name to the layers of our modules
+(`ldm.models.lora.networks_from` then puts them into LoRA networks).
 
 kohya: `lora_unet_<diffusers path>.lora_down.weight` / `.lora_up.weight` / `.alpha` (dots of the
 path as underscores), the text encoder as `lora_te_text_model_encoder_layers_N_...`, `ss_*`
@@ -43,7 +44,7 @@ from ldm.checkpoints.lora_names import (
     unet_names,
 )
 from ldm.diffusion.prediction import Prediction
-from ldm.models.lora import LoRAModule, LoRANetwork, _AttentionLoRA
+from ldm.models.lora import LoRAModule, LoRANetwork, Place, adapter_tensors, networks_from
 
 Adapters = dict[str, dict[str, torch.Tensor]]  # canonical name -> {"down", "up", "alpha"}
 KOHYA_SUFFIX = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -296,33 +297,22 @@ def save_lora(
 
 def network_adapters(network: LoRANetwork, names: Mapping[str, str]) -> Adapters:
     """The adapters of a network by canonical name (`names`: our path -> canonical name)."""
-    out: Adapters = {}
-    for path, adapter in network.items():
-        if isinstance(adapter, _AttentionLoRA):
-            for part, proj in ATTENTION_PARTS.items():
-                out[f"{names[path]}.{proj}"] = _tensors(getattr(adapter, part))
-        else:
-            out[names[path]] = _tensors(adapter)
-    return out
-
-
-def _tensors(m: LoRAModule) -> dict[str, torch.Tensor]:
     return {
-        "down": m.lora_down.weight.detach(),
-        "up": m.lora_up.weight.detach(),
-        "alpha": m.alpha.detach().clone(),
+        names[path] + (f".{ATTENTION_PARTS[part]}" if part else ""): tensors
+        for path, part, tensors in adapter_tensors(network)
     }
 
 
 def layer_names(
     unet: nn.Module | None, text_encoder: nn.Module | None, unet_config: Mapping | None
-) -> dict[str, tuple[str, str, nn.Module]]:
-    """canonical name -> (component, our path, layer) of every layer a LoRA file may adapt."""
+) -> dict[str, Place]:
+    """canonical name -> (component, our path, layer, attention projection or None) of every
+    layer a LoRA file may adapt."""
     table = {}
     if unet is not None:
         paths = [p for p, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         for p, name in unet_names(paths, unet_config).items():
-            table[name] = ("unet", p, unet.get_submodule(p))
+            table[name] = ("unet", p, unet.get_submodule(p), None)
     if text_encoder is not None:
         paths = [
             p
@@ -332,10 +322,10 @@ def layer_names(
         for p, name in text_names(paths).items():
             layer = text_encoder.get_submodule(p)
             if isinstance(layer, nn.MultiheadAttention):
-                for proj in ATTENTION_PARTS.values():
-                    table[f"{name}.{proj}"] = ("text_encoder", p, layer)
+                for part, proj in ATTENTION_PARTS.items():
+                    table[f"{name}.{proj}"] = ("text_encoder", p, layer, part)
             else:
-                table[name] = ("text_encoder", p, layer)
+                table[name] = ("text_encoder", p, layer, None)
     return table
 
 
@@ -349,83 +339,11 @@ def build_networks(
     """LoRA networks ({"unet": ..., "text_encoder": ...}, those the adapters reach) holding the
     adapters' weights for these modules. An adapter that fits no layer, or whose shapes do not
     fit its layer, is an error naming it: nothing is dropped."""
-    table = layer_names(unet, text_encoder, unet_config)
-    unknown = sorted(n for n in adapters if n not in table)
-    if unknown:
-        raise CheckpointError(
-            f"{what}: {len(unknown)} adapter(s) fit no layer of this model "
-            f"(a LoRA for another architecture?): {', '.join(unknown[:5])}"
-        )
-    grouped: dict[str, dict[str, dict]] = {}
-    for name, parts in adapters.items():
-        component, path, _ = table[name]
-        grouped.setdefault(component, {}).setdefault(path, {})[name] = parts
-    networks = {}
-    for component, by_path in grouped.items():
-        layers = {p: table[next(iter(names))][2] for p, names in by_path.items()}
-        modules = {p: _module_for(layers[p], names, what) for p, names in by_path.items()}
-        networks[component] = LoRANetwork(layers, modules)
-    return networks
-
-
-def _module_for(layer: nn.Module, named: dict[str, dict], what: str) -> nn.Module:
-    """The adapter module of one layer holding the file's tensors; they are checked against the
-    layer first, so that nothing is allocated for a shape the layer cannot take."""
-    for name, tensors in named.items():
-        _check_fit(layer, tensors, name, what)
-    if isinstance(layer, nn.MultiheadAttention):
-        parts = {
-            part: named.get(f"{_stem(named)}.{proj}") for part, proj in ATTENTION_PARTS.items()
-        }
-        present = next(p for p in parts.values() if p is not None)
-        rank = {k: (p or present)["down"].shape[0] for k, p in parts.items()}
-        alpha = {k: float((p or present)["alpha"]) for k, p in parts.items()}
-        module = _AttentionLoRA(layer, rank, alpha)
-        for part, tensors in parts.items():
-            sub = getattr(module, part)
-            if tensors is None:  # a projection the file leaves alone: a zero adapter
-                nn.init.zeros_(sub.lora_up.weight)
-            else:
-                _load(sub, tensors)
-        return module
-    ((name, tensors),) = named.items()
-    rank = tensors["down"].shape[0]
-    module = LoRAModule.of(layer, rank, float(tensors["alpha"]))
-    _load(module, tensors)
-    return module
-
-
-def _stem(named: dict[str, dict]) -> str:
-    return next(iter(named)).rsplit(".", 1)[0]
-
-
-def adapter_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (down, up) weight shapes of a rank-`rank` adapter of `layer` (LoRAModule's)."""
-    if isinstance(layer, nn.MultiheadAttention):
-        return (rank, layer.embed_dim), (layer.embed_dim, rank)
-    if isinstance(layer, nn.Conv2d):
-        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
-    return (rank, layer.in_features), (layer.out_features, rank)
-
-
-def _check_fit(layer: nn.Module, tensors: dict[str, torch.Tensor], name: str, what: str) -> None:
-    """A file's tensors fit the adapter of `layer` at their rank: the same leading two sizes
-    and as many elements (a 1x1 convolution's may come as a matrix)."""
-    shapes = adapter_shapes(layer, tensors["down"].shape[0])
-    for part, shape in zip(("down", "up"), shapes):
-        t = tensors[part]
-        if t.numel() != math.prod(shape) or t.shape[:2] != shape[:2]:
-            raise CheckpointError(
-                f"{what}: {name}.{part} has shape {tuple(t.shape)} but the "
-                f"layer needs {shape}: a LoRA for another model"
-            )
-
-
-def _load(module: LoRAModule, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for part, param in (("down", module.lora_down.weight), ("up", module.lora_up.weight)):
-            param.copy_(tensors[part].reshape(param.shape))
-    module.alpha.fill_(float(tensors["alpha"]))
+    places = layer_names(unet, text_encoder, unet_config)
+    try:
+        return networks_from(adapters, places)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
