@@ -53,7 +53,7 @@ def one_variant(args: argparse.Namespace) -> dict:
     from hydra.utils import instantiate
 
     from ldm.checkpoints.layout import save
-    from ldm.checkpoints.lora import save_networks
+    from ldm.checkpoints.lora_networks import save_networks
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = precision.resolve(args.precision, device)

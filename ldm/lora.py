@@ -20,7 +20,8 @@ import sys
 from ldm.checkpoints import CheckpointError, load_model
 from ldm.checkpoints.export import save_sd
 from ldm.checkpoints.files import check_output
-from ldm.checkpoints.lora import merge_loras, pair_scales, read_lora, read_loras, save_lora
+from ldm.checkpoints.lora import pair_scales, read_lora, read_loras, save_lora
+from ldm.checkpoints.lora_networks import merge_loras
 from ldm.config import exit_on, fail
 
 

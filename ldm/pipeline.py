@@ -14,7 +14,8 @@ from torch import nn
 
 from ldm.checkpoints import CheckpointError, load_model
 from ldm.checkpoints.embeddings import check_words, read_embedding
-from ldm.checkpoints.lora import merge_loras, read_loras
+from ldm.checkpoints.lora import read_loras
+from ldm.checkpoints.lora_networks import merge_loras
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SamplerConfig, sample
 from ldm.diffusion.schedule import NoiseSchedule

@@ -13,6 +13,11 @@ ours for the tools people use.
     load.py              load_model(path or folder) -> our modules; load_weights into existing ones
     export.py            SD single files (+ inference YAML), diffusers folders, a run's weights
                          (what its choice of what trains says it writes)
+    lora.py              LoRA files: the kohya and diffusers / PEFT layouts, read and written,
+                         their key names and metadata (a new layout is added here)
+    lora_networks.py     LoRA files and our models: each layer's canonical name, a file's
+                         adapters built and merged into a loaded model, a run's networks written
+    embeddings.py        A1111 textual-inversion files
     convert.py           `python -m ldm.checkpoints.convert SRC DST` (or `python -m ldm.convert`)
 """
 

@@ -21,7 +21,7 @@ from ldm.checkpoints.embeddings import save_embedding
 from ldm.checkpoints.files import CONFIG_KEY, CheckpointError
 from ldm.checkpoints.layout import save
 from ldm.checkpoints.load import Loaded
-from ldm.checkpoints.lora import save_networks
+from ldm.checkpoints.lora_networks import save_networks
 from ldm.config import architecture
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE

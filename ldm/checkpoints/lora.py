@@ -1,24 +1,30 @@
 """LoRA files: the kohya layout (A1111, ComfyUI and diffusers read it) and the diffusers / PEFT
-layout, each read and written; adapters built from a file for our modules.
+layout, each read and written, with their key names; a newcomer adding a layout adds it here.
+
+Every adapter has a canonical name: its component (`unet` or `text_encoder`) and the module path
+diffusers' `UNet2DConditionModel` or transformers' `CLIPTextModel` give that layer, e.g.
+`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or
+`text_encoder.text_model.encoder.layers.3.self_attn.q_proj` (which layer of our models has which
+canonical name is `ldm.checkpoints.lora_networks`'). A file is read into adapters by canonical
+name, {name: {"down", "up", "alpha"}}, and written from them; a key that fits neither layout, or
+an adapter without its pair, is an error naming it.
 
 kohya: `lora_unet_<diffusers path>.lora_down.weight` / `.lora_up.weight` / `.alpha` (dots of the
 path as underscores), the text encoder as `lora_te_text_model_encoder_layers_N_...`, `ss_*`
-training metadata. This is the layout written by default: ComfyUI does not map the PEFT names of
-XX
+training metadata. This is the layout written by default. Underscores inside diffusers' own
+words (`down_blocks`, `to_q`, `self_attn`, ...) are told apart by a table (`_WORDS`), so a kohya
+name can be turned back without the model. diffusers / PEFT: `unet.<diffusers path>.lora_A.weight`
 / `.lora_B.weight`, the text encoder as `text_encoder.text_model.encoder.layers.N...`, and the
 alphas in diffusers' `lora_adapter_metadata` (PEFT LoraConfig per component: `r`, `lora_alpha`,
 `rank_pattern`, `alpha_pattern`, `target_modules`), since diffusers refuses tensor keys without
 `lora` in them. Every tensor and alpha survives kohya <-> PEFT unchanged.
 
-A file is first read into adapters by canonical name (`lora_names`): {name: {"down", "up",
-"alpha"}}; a key that fits neither layout, or an adapter without its pair, is an error naming it.
-
 Files are untrusted, and only data is taken from them: torch files are read weights-only, no
 metadata value is ever a class or function to call, the PEFT metadata is checked field by field
 (`peft_config`), every adapter's tensors and alpha are checked (`check_adapter`), and a module is
-only allocated once its tensors are known to fit the layer, so its size is that of the file's
-own tensors, never a size the file merely claims. Each refusal is one CheckpointError naming
-the file.
+only allocated once its tensors are known to fit the layer (`ldm.models.lora.networks_from`), so
+its size is that of the file's own tensors, never a size the file merely claims. Each refusal is
+one CheckpointError naming the file.
 """
 
 from __future__ import annotations
@@ -30,26 +36,84 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ldm.checkpoints.detect import architecture_name
 from ldm.checkpoints.files import CheckpointError, read, save_state
-from ldm.checkpoints.lora_names import (
-    ATTENTION_PARTS,
-    READ_PREFIXES,
-    canonical_name,
-    kohya_name,
-    text_names,
-    unet_names,
-)
-from ldm.diffusion.prediction import Prediction
-from ldm.models.lora import LoRAModule, LoRANetwork, _AttentionLoRA
 
 Adapters = dict[str, dict[str, torch.Tensor]]  # canonical name -> {"down", "up", "alpha"}
 KOHYA_SUFFIX = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 PEFT_SUFFIX = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
 UNSUPPORTED = ("lora_mid", "hada_", "lokr_", "dora_scale", "oft_", "diff", ".w_norm", ".b_norm")
 MAX_RANK = 65536  # far above any published LoRA; PEFT metadata claiming more is not a LoRA file
+
+
+# --------------------------------------------------------------------------------------------
+# kohya names <-> canonical names
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+READ_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+# diffusers / transformers module names that hold an underscore themselves (longest first)
+_WORDS = sorted(
+    [
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "transformer_blocks",
+        "proj_in",
+        "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "time_emb_proj",
+        "conv_shortcut",
+        "conv_in",
+        "conv_out",
+        "text_model",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "final_layer_norm",
+        "layer_norm1",
+        "layer_norm2",
+        "time_embedding",
+        "linear_1",
+        "linear_2",
+        "conv_norm_out",
+    ],
+    key=len,
+    reverse=True,
+)
+
+
+def kohya_name(canonical: str) -> str:
+    """`unet.down_blocks.0...to_q` -> `lora_unet_down_blocks_0_..._to_q`."""
+    component, path = canonical.split(".", 1)
+    return KOHYA_PREFIX[component] + path.replace(".", "_")
+
+
+def canonical_name(kohya: str) -> str:
+    """The inverse of `kohya_name`; ValueError for a name of no known component. Also read:
+    `lora_te1_` (SDXL's first text encoder, and diffusers' PEFT -> kohya conversion) and text
+    names without `text_model_` (transformers 5 module paths)."""
+    for prefix, component in READ_PREFIXES.items():
+        if kohya.startswith(prefix):
+            path = _dotted(kohya[len(prefix) :])
+            if component == "text_encoder" and not path.startswith("text_model."):
+                path = "text_model." + path
+            return f"{component}.{path}"
+    raise ValueError(f"{kohya!r} is neither a lora_unet_* nor a lora_te_* name")
+
+
+def _dotted(flat: str) -> str:
+    out, rest = [], flat
+    while rest:
+        word = next((w for w in _WORDS if rest == w or rest.startswith(w + "_")), None)
+        word = word or rest.split("_", 1)[0]
+        out.append(word)
+        rest = rest[len(word) + 1 :]
+    return ".".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,234 +354,9 @@ def save_lora(
     return save_state(path, kohya_state(adapters), metadata, dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# adapters <-> our networks
-
-
-def network_adapters(network: LoRANetwork, names: Mapping[str, str]) -> Adapters:
-    """The adapters of a network by canonical name (`names`: our path -> canonical name)."""
-    out: Adapters = {}
-    for path, adapter in network.items():
-        if isinstance(adapter, _AttentionLoRA):
-            for part, proj in ATTENTION_PARTS.items():
-                out[f"{names[path]}.{proj}"] = _tensors(getattr(adapter, part))
-        else:
-            out[names[path]] = _tensors(adapter)
-    return out
-
-
-def _tensors(m: LoRAModule) -> dict[str, torch.Tensor]:
-    return {
-        "down": m.lora_down.weight.detach(),
-        "up": m.lora_up.weight.detach(),
-        "alpha": m.alpha.detach().clone(),
-    }
-
-
-def layer_names(
-    unet: nn.Module | None, text_encoder: nn.Module | None, unet_config: Mapping | None
-) -> dict[str, tuple[str, str, nn.Module]]:
-    """canonical name -> (component, our path, layer) of every layer a LoRA file may adapt."""
-    table = {}
-    if unet is not None:
-        paths = [p for p, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        for p, name in unet_names(paths, unet_config).items():
-            table[name] = ("unet", p, unet.get_submodule(p))
-    if text_encoder is not None:
-        paths = [
-            p
-            for p, m in text_encoder.named_modules()
-            if p.endswith((".attn", ".mlp.c_fc", ".mlp.c_proj")) and ".resblocks." in p
-        ]
-        for p, name in text_names(paths).items():
-            layer = text_encoder.get_submodule(p)
-            if isinstance(layer, nn.MultiheadAttention):
-                for proj in ATTENTION_PARTS.values():
-                    table[f"{name}.{proj}"] = ("text_encoder", p, layer)
-            else:
-                table[name] = ("text_encoder", p, layer)
-    return table
-
-
-def build_networks(
-    adapters: Adapters,
-    unet: nn.Module | None,
-    text_encoder: nn.Module | None,
-    unet_config: Mapping | None,
-    what: str = "LoRA",
-) -> dict[str, LoRANetwork]:
-    """LoRA networks ({"unet": ..., "text_encoder": ...}, those the adapters reach) holding the
-    adapters' weights for these modules. An adapter that fits no layer, or whose shapes do not
-    fit its layer, is an error naming it: nothing is dropped."""
-    table = layer_names(unet, text_encoder, unet_config)
-    unknown = sorted(n for n in adapters if n not in table)
-    if unknown:
-        raise CheckpointError(
-            f"{what}: {len(unknown)} adapter(s) fit no layer of this model "
-            f"(a LoRA for another architecture?): {', '.join(unknown[:5])}"
-        )
-    grouped: dict[str, dict[str, dict]] = {}
-    for name, parts in adapters.items():
-        component, path, _ = table[name]
-        grouped.setdefault(component, {}).setdefault(path, {})[name] = parts
-    networks = {}
-    for component, by_path in grouped.items():
-        layers = {p: table[next(iter(names))][2] for p, names in by_path.items()}
-        modules = {p: _module_for(layers[p], names, what) for p, names in by_path.items()}
-        networks[component] = LoRANetwork(layers, modules)
-    return networks
-
-
-def _module_for(layer: nn.Module, named: dict[str, dict], what: str) -> nn.Module:
-    """The adapter module of one layer holding the file's tensors; they are checked against the
-    layer first, so that nothing is allocated for a shape the layer cannot take."""
-    for name, tensors in named.items():
-        _check_fit(layer, tensors, name, what)
-    if isinstance(layer, nn.MultiheadAttention):
-        parts = {
-            part: named.get(f"{_stem(named)}.{proj}") for part, proj in ATTENTION_PARTS.items()
-        }
-        present = next(p for p in parts.values() if p is not None)
-        rank = {k: (p or present)["down"].shape[0] for k, p in parts.items()}
-        alpha = {k: float((p or present)["alpha"]) for k, p in parts.items()}
-        module = _AttentionLoRA(layer, rank, alpha)
-        for part, tensors in parts.items():
-            sub = getattr(module, part)
-            if tensors is None:  # a projection the file leaves alone: a zero adapter
-                nn.init.zeros_(sub.lora_up.weight)
-            else:
-                _load(sub, tensors)
-        return module
-    ((name, tensors),) = named.items()
-    rank = tensors["down"].shape[0]
-    module = LoRAModule.of(layer, rank, float(tensors["alpha"]))
-    _load(module, tensors)
-    return module
-
-
-def _stem(named: dict[str, dict]) -> str:
-    return next(iter(named)).rsplit(".", 1)[0]
-
-
-def adapter_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (down, up) weight shapes of a rank-`rank` adapter of `layer` (LoRAModule's)."""
-    if isinstance(layer, nn.MultiheadAttention):
-        return (rank, layer.embed_dim), (layer.embed_dim, rank)
-    if isinstance(layer, nn.Conv2d):
-        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
-    return (rank, layer.in_features), (layer.out_features, rank)
-
-
-def _check_fit(layer: nn.Module, tensors: dict[str, torch.Tensor], name: str, what: str) -> None:
-    """A file's tensors fit the adapter of `layer` at their rank: the same leading two sizes
-    and as many elements (a 1x1 convolution's may come as a matrix)."""
-    shapes = adapter_shapes(layer, tensors["down"].shape[0])
-    for part, shape in zip(("down", "up"), shapes):
-        t = tensors[part]
-        if t.numel() != math.prod(shape) or t.shape[:2] != shape[:2]:
-            raise CheckpointError(
-                f"{what}: {name}.{part} has shape {tuple(t.shape)} but the "
-                f"layer needs {shape}: a LoRA for another model"
-            )
-
-
-def _load(module: LoRAModule, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for part, param in (("down", module.lora_down.weight), ("up", module.lora_up.weight)):
-            param.copy_(tensors[part].reshape(param.shape))
-    module.alpha.fill_(float(tensors["alpha"]))
-
-
-# --------------------------------------------------------------------------------------------
-# what a LoRA run writes, and using LoRA files
-
-
-KOHYA_VERSIONS = {
-    "stable-diffusion-v1": "sd_v1",
-    "stable-diffusion-v2-512": "sd_v2",
-    "stable-diffusion-v2-768-v": "sd_v2_v",
-    "ldm-custom": "ldm_custom",
-}
-
-
-def base_version(unet_config: Mapping, prediction: str) -> tuple[str, str]:
-    """(kohya's ss_base_model_version, the model spec's architecture) of a base model."""
-    name = architecture_name({"unet": unet_config, "diffusion": {"prediction": prediction}})
-    return KOHYA_VERSIONS[name], f"{name}/lora"
-
-
-def lora_metadata(
-    networks: Mapping[str, LoRANetwork],
-    unet_config: Mapping,
-    prediction: str,
-    extra: Mapping[str, object] | None = None,
-) -> dict[str, str]:
-    """kohya's `ss_*` keys (the minimum set tools read) and the model spec's, as strings."""
-    modules = [m for net in networks.values() for m in net.modules() if isinstance(m, LoRAModule)]
-    linear = [
-        m for m in modules if m.lora_down.weight.ndim == 2 or m.lora_down.weight.shape[-1] == 1
-    ]
-    conv = [m for m in modules if m not in linear]
-    version, architecture = base_version(unet_config, prediction)
-    args = (
-        {"conv_dim": str(conv[0].rank), "conv_alpha": f"{float(conv[0].alpha):g}"} if conv else {}
-    )
-    first = linear[0] if linear else modules[0]
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(first.rank),
-        "ss_network_alpha": f"{float(first.alpha):g}",
-        "ss_network_args": json.dumps(args),
-        "ss_v2": str(version.startswith("sd_v2")),
-        "ss_base_model_version": version,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": "diffusers",
-        "modelspec.prediction_type": Prediction.parse(prediction).modelspec_name,
-    }
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
-    return meta
-
-
-def save_networks(
-    path: str | os.PathLike,
-    networks: Mapping[str, LoRANetwork],
-    unet_config: Mapping,
-    prediction: str,
-    layout: str = "kohya",
-    extra_metadata: Mapping[str, object] | None = None,
-) -> Path:
-    """A LoRA run's networks as one file (kohya layout by default) with kohya's metadata."""
-    names = {"unet": lambda paths: unet_names(paths, unet_config), "text_encoder": text_names}
-    adapters: Adapters = {}
-    for component, net in networks.items():
-        adapters.update(network_adapters(net, names[component](net.paths)))
-    meta = lora_metadata(networks, unet_config, prediction, extra_metadata)
-    return save_lora(path, adapters, layout, meta)
-
-
 def read_loras(loras: list[tuple[str, float]]) -> list[tuple[str, Adapters, float]]:
     """(file name, adapters, scale) of LoRA files: read, and checked, before any model is."""
     return [(Path(path).name, read_lora(path)[0], scale) for path, scale in loras]
-
-
-def merge_loras(model, loras: list[tuple[str, Adapters, float]]) -> None:
-    """Merge read LoRA files, each at its scale, into a loaded model's U-Net and text encoder."""
-    for name, adapters, scale in loras:
-        try:
-            networks = build_networks(
-                adapters, model.unet, model.text_encoder, model.config["unet"], what=name
-            )
-        except ValueError as e:  # e.g. an adapter on a layer LoRA cannot adapt
-            raise CheckpointError(f"{name}: {e}") from None
-        for net in networks.values():
-            net.set_multiplier(scale)
-            net.merge()
-
-
-def apply_loras(model, loras: list[tuple[str, float]]) -> None:
-    """Merge LoRA files (path, scale) into a loaded model's U-Net and text encoder."""
-    merge_loras(model, read_loras(loras))
 
 
 def pair_scales(files: list[str], scales) -> list[tuple[str, float]]:

@@ -11,17 +11,24 @@ back to the layer's.
 Open_clip's attention (`nn.MultiheadAttention`) computes its q/k/v and output projections from
 its weight tensors, not through modules a hook could see; there the adapters' weight deltas are
 added to those tensors for the attention's own forward (`attach` wraps the instance's forward).
+
+Given adapter tensors ({"down", "up", "alpha"} each, a LoRA file's) are put into networks here
+too (`networks_from`, each adapter placed on a layer by the caller, and checked to fit it before
+anything is allocated), and taken back out of them (`adapter_tensors`); the names files give
+adapters, and the files themselves, are `ldm.checkpoints.lora`'s.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+PROJECTIONS = ("q", "k", "v", "out")  # the adapted projections of an attention, in their order
 
 
 class LoRAModule(nn.Module):
@@ -122,10 +129,9 @@ class _AttentionLoRA(nn.Module):
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
             raise ValueError("LoRA supports plain self-attention (open_clip's text blocks) only")
         d, device = attn.embed_dim, attn.in_proj_weight.device
-        parts = ("q", "k", "v", "out")
-        ranks = rank if isinstance(rank, dict) else dict.fromkeys(parts, rank)
-        alphas = alpha if isinstance(alpha, dict) else dict.fromkeys(parts, alpha)
-        for part in parts:
+        ranks = rank if isinstance(rank, dict) else dict.fromkeys(PROJECTIONS, rank)
+        alphas = alpha if isinstance(alpha, dict) else dict.fromkeys(PROJECTIONS, alpha)
+        for part in PROJECTIONS:
             setattr(self, part, LoRAModule(d, d, ranks[part], alphas[part], device=device))
 
     def is_zero(self) -> bool:
@@ -335,3 +341,110 @@ def adapt_text_encoder(
         kinds=(nn.Linear, nn.MultiheadAttention),
     )
     return LoRANetwork.create(layers, rank, alpha, dropout=dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# given adapter tensors <-> networks
+
+Tensors = dict[str, torch.Tensor]  # one adapter: {"down", "up", "alpha"}
+# where a named adapter goes: (component, layer path, layer, attention projection or None)
+Place = tuple[str, str, nn.Module, str | None]
+
+
+def networks_from(
+    adapters: Mapping[str, Tensors], places: Mapping[str, Place]
+) -> dict[str, LoRANetwork]:
+    """LoRA networks by component (those the adapters reach) holding the adapters' weights, each
+    adapter on the layer (and projection) `places` gives its name. An adapter with no place, or
+    whose shapes do not fit its layer, is a ValueError naming it: nothing is dropped."""
+    unknown = sorted(n for n in adapters if n not in places)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} adapter(s) fit no layer of this model "
+            f"(a LoRA for another architecture?): {', '.join(unknown[:5])}"
+        )
+    grouped: dict[str, dict[str, dict]] = {}
+    for name, tensors in adapters.items():
+        component, path, _, _ = places[name]
+        grouped.setdefault(component, {}).setdefault(path, {})[name] = tensors
+    networks = {}
+    for component, by_path in grouped.items():
+        layers = {p: places[next(iter(named))][2] for p, named in by_path.items()}
+        modules = {p: _module_for(layers[p], named, places) for p, named in by_path.items()}
+        networks[component] = LoRANetwork(layers, modules)
+    return networks
+
+
+def _module_for(layer: nn.Module, named: dict[str, Tensors], places: Mapping[str, Place]):
+    """The adapter module of one layer holding the given tensors; they are checked against the
+    layer first, so that nothing is allocated for a shape the layer cannot take."""
+    for name, tensors in named.items():
+        _check_fit(layer, tensors, name)
+    if isinstance(layer, nn.MultiheadAttention):
+        parts: dict[str, Tensors | None] = dict.fromkeys(PROJECTIONS)
+        for name, tensors in named.items():
+            parts[places[name][3]] = tensors
+        present = next(p for p in parts.values() if p is not None)
+        rank = {k: (p or present)["down"].shape[0] for k, p in parts.items()}
+        alpha = {k: float((p or present)["alpha"]) for k, p in parts.items()}
+        module = _AttentionLoRA(layer, rank, alpha)
+        for part, tensors in parts.items():
+            sub = getattr(module, part)
+            if tensors is None:  # a projection the file leaves alone: a zero adapter
+                nn.init.zeros_(sub.lora_up.weight)
+            else:
+                _load(sub, tensors)
+        return module
+    ((name, tensors),) = named.items()
+    rank = tensors["down"].shape[0]
+    module = LoRAModule.of(layer, rank, float(tensors["alpha"]))
+    _load(module, tensors)
+    return module
+
+
+def adapter_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (down, up) weight shapes of a rank-`rank` adapter of `layer` (LoRAModule's)."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return (rank, layer.embed_dim), (layer.embed_dim, rank)
+    if isinstance(layer, nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return (rank, layer.in_features), (layer.out_features, rank)
+
+
+def _check_fit(layer: nn.Module, tensors: Tensors, name: str) -> None:
+    """Given tensors fit the adapter of `layer` at their rank: the same leading two sizes and as
+    many elements (a 1x1 convolution's may come as a matrix)."""
+    shapes = adapter_shapes(layer, tensors["down"].shape[0])
+    for part, shape in zip(("down", "up"), shapes):
+        t = tensors[part]
+        if t.numel() != math.prod(shape) or t.shape[:2] != shape[:2]:
+            raise ValueError(
+                f"{name}.{part} has shape {tuple(t.shape)} but the "
+                f"layer needs {shape}: a LoRA for another model"
+            )
+
+
+def _load(module: LoRAModule, tensors: Tensors) -> None:
+    with torch.no_grad():
+        for part, param in (("down", module.lora_down.weight), ("up", module.lora_up.weight)):
+            param.copy_(tensors[part].reshape(param.shape))
+    module.alpha.fill_(float(tensors["alpha"]))
+
+
+def adapter_tensors(network: LoRANetwork) -> Iterator[tuple[str, str | None, Tensors]]:
+    """(layer path, attention projection or None, tensors) of every adapter of a network, in its
+    order (an attention's projections in PROJECTIONS order)."""
+    for path, adapter in network.items():
+        if isinstance(adapter, _AttentionLoRA):
+            for part in PROJECTIONS:
+                yield path, part, _tensors(getattr(adapter, part))
+        else:
+            yield path, None, _tensors(adapter)
+
+
+def _tensors(m: LoRAModule) -> Tensors:
+    return {
+        "down": m.lora_down.weight.detach(),
+        "up": m.lora_up.weight.detach(),
+        "alpha": m.alpha.detach().clone(),
+    }

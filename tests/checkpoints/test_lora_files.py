@@ -16,13 +16,8 @@ from torch import nn
 from ldm.checkpoints import CheckpointError, files, layout, load_model
 from ldm.checkpoints.diffusers_configs import diffusers_unet_config
 from ldm.checkpoints.export import save_diffusers
-from ldm.checkpoints.lora import (
-    build_networks,
-    network_adapters,
-    read_lora,
-    save_lora,
-)
-from ldm.checkpoints.lora_names import kohya_name, text_names, unet_names
+from ldm.checkpoints.lora import kohya_name, read_lora, save_lora
+from ldm.checkpoints.lora_networks import build_networks, network_adapters, text_names, unet_names
 from ldm.config import ROOT, register_resolvers
 from ldm.models.lora import LoRAModule, adapt_text_encoder
 from ldm.models.text_encoder import TextEncoder

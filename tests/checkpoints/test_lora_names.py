@@ -6,7 +6,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from ldm.checkpoints.diffusers_configs import diffusers_unet_config
-from ldm.checkpoints.lora_names import canonical_name, kohya_name, text_names, unet_names
+from ldm.checkpoints.lora import canonical_name, kohya_name
+from ldm.checkpoints.lora_networks import text_names, unet_names
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -1,12 +1,21 @@
 """LoRA adapters on the U-Net and the text encoder: a fresh adapter changes nothing, merged and
-hooked adapters agree, only adapter weights train, and the base model's state dict is untouched."""
+hooked adapters agree, only adapter weights train, the base model's state dict is untouched, and
+given adapter tensors rebuild a network."""
+
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import tiny_parts
-from ldm.models.lora import LoRAModule, LoRANetwork, select_layers
+from ldm.models.lora import (
+    LoRAModule,
+    LoRANetwork,
+    adapter_tensors,
+    networks_from,
+    select_layers,
+)
 from sd_fixtures import randomize_
 
 UNET_ALL = [
@@ -168,3 +177,25 @@ def test_dropouts_apply_in_training_only():
     assert any(
         float(o.detach().abs().sum()) == 0 for o in outs
     )  # module dropout skipped some steps
+
+
+def test_given_tensors_round_trip_through_networks_and_misfits_are_named(parts):
+    """adapter_tensors -> networks_from rebuilds a network exactly (an attention's four
+    projections included); a name with no place, or a tensor that does not fit its layer, is a
+    ValueError naming it."""
+    _, text = parts
+    net = text_network(text)
+    randomize_up(net)
+    places, adapters = {}, {}
+    for path, part, tensors in adapter_tensors(net):
+        name = f"{path}.{part}" if part else path
+        places[name] = ("text_encoder", path, text.get_submodule(path), part)
+        adapters[name] = tensors
+    rebuilt = networks_from(adapters, places)["text_encoder"]
+    assert rebuilt.state_dict().keys() == net.state_dict().keys()
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="1 adapter\\(s\\) fit no layer.*nowhere"):
+        networks_from({**adapters, "nowhere": adapters[name]}, places)
+    wrong = {name: {**adapters[name], "down": torch.zeros(4, 7)}}
+    with pytest.raises(ValueError, match=f"{re.escape(name)}.down has shape \\(4, 7\\)"):
+        networks_from(wrong, places)
