@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.shapes.dataset import shards_ready, write_shards
+from ldm.shapes.dataset import N_TRAIN, N_VAL, SHARD_SIZE, SIZE, shards_ready, write_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "data" / "shapes" / "shards"
@@ -23,11 +23,11 @@ DEFAULT_OUT = REPO_ROOT / "data" / "shapes" / "shards"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    parser.add_argument("--n-train", type=int, default=20000, help="training images")
-    parser.add_argument("--n-val", type=int, default=512, help="validation images")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--n-train", type=int, default=N_TRAIN, help="training images")
+    parser.add_argument("--n-val", type=int, default=N_VAL, help="validation images")
+    parser.add_argument("--size", type=int, default=SIZE, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shard-size", type=int, default=2000, help="images per tar")
+    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="images per tar")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     parser.add_argument("--force", action="store_true", help="rewrite even if the shards are ready")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -26,6 +26,9 @@ from ldm.shapes.render import SPLITS, caption, render_sample, sample_rng
 # Bump whenever rendering or the shard layout changes, so that shards_ready()
 # rejects shards written by an older version.
 FORMAT_VERSION = 1
+# The embedded set's size: write_shards' and ensure_shards' defaults, data/shapes/prepare.py's
+# and configs/data/shapes.yaml's (tests/shapes/test_dataset.py holds them equal).
+N_TRAIN, N_VAL, SIZE, SHARD_SIZE = 20000, 512, 64, 2000
 _MAX_PER_SHARD = 10_000  # keys have 4 digits for the index within a shard
 
 
@@ -135,11 +138,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def write_shards(
     out_dir: str | os.PathLike,
-    n_train: int = 20000,
-    n_val: int = 512,
-    size: int = 64,
+    n_train: int = N_TRAIN,
+    n_val: int = N_VAL,
+    size: int = SIZE,
     seed: int = 0,
-    shard_size: int = 2000,
+    shard_size: int = SHARD_SIZE,
     progress: bool = True,
     workers: int | None = None,
     colours: str = "palette",
@@ -216,11 +219,11 @@ def shard_paths(out_dir: str | os.PathLike, split: str) -> list[Path]:
 
 def ensure_shards(
     out_dir: str | os.PathLike,
-    n_train: int = 20000,
-    n_val: int = 512,
-    size: int = 64,
+    n_train: int = N_TRAIN,
+    n_val: int = N_VAL,
+    size: int = SIZE,
     seed: int = 0,
-    shard_size: int = 2000,
+    shard_size: int = SHARD_SIZE,
     colours: str = "palette",
 ) -> Path:
     """Render the shard set unless an identical one is already there (the data module's

@@ -142,3 +142,18 @@ def test_prepare_cli(tmp_path, capsys):
     assert shards_ready(tmp_path / "s", 3, 2, 32, 0)
     assert prepare.main(argv) == 0
     assert "already ready" in capsys.readouterr().out
+
+
+def test_the_set_size_is_stated_once():
+    """configs/data/shapes.yaml renders the set the module's constants say, as the prepare
+    command does by default."""
+    from omegaconf import OmegaConf
+
+    prepare = OmegaConf.load(REPO_ROOT / "configs" / "data" / "shapes.yaml").prepare
+    stated = (prepare.n_train, prepare.n_val, prepare.size, prepare.shard_size)
+    assert stated == (dataset.N_TRAIN, dataset.N_VAL, dataset.SIZE, dataset.SHARD_SIZE)
+    spec = importlib.util.spec_from_file_location("prepare", REPO_ROOT / "data/shapes/prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--out", "x"])
+    assert (args.n_train, args.n_val, args.size, args.shard_size) == stated
