@@ -98,7 +98,7 @@ def test_a_crafted_file_runs_nothing_through_any_entry_point(tmp_path, entry):
             f"ckpt={ck}",
             f"out_dir={tmp_path / 'out'}",
         ),
-        "convert": ("-m", "ldm.convert", str(st), str(tmp_path / "out.safetensors")),
+        "convert": ("-m", "ldm.checkpoints.convert", str(st), str(tmp_path / "out.safetensors")),
         "train init": ("train.py", *train_args(tmp_path, run_dir, f"init={ck}")),
         "train resume": ("train.py", *train_args(tmp_path, run_dir, f"resume={ck}")),
         "train auto": ("train.py", *train_args(tmp_path, run_dir, "resume=auto")),

@@ -18,7 +18,7 @@ ours for the tools people use.
     lora_networks.py     LoRA files and our models: each layer's canonical name, a file's
                          adapters built and merged into a loaded model, a run's networks written
     embeddings.py        A1111 textual-inversion files
-    convert.py           `python -m ldm.checkpoints.convert SRC DST` (or `python -m ldm.convert`)
+    convert.py           `ldm-convert SRC DST` (or `python -m ldm.checkpoints.convert`)
 """
 
 from ldm.checkpoints.files import CONFIG_KEY, CheckpointError, read, read_config, save_state

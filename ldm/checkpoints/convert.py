@@ -3,13 +3,12 @@
     python -m ldm.checkpoints.convert SRC DST.safetensors            # -> one SD single file
     python -m ldm.checkpoints.convert SRC DST_FOLDER --to diffusers  # -> a diffusers folder
 
-(`python -m ldm.convert` is the same command; an existing DST is replaced only with
-`--overwrite`.) SRC is anything `load_model` reads: our
-`model.safetensors`, an SD 1.x/2.x `.safetensors`/`.ckpt` (`--ema` takes its EMA U-Net) or a
-diffusers folder. The single file has the original layout (SD 1 text encoder in CLIP names), the
-architecture, prediction type and our config in its metadata, and, for v (and x0) prediction
-models, the inference YAML beside it (`DST.yaml`, like SD 2's v2-inference-v.yaml) that A1111
-and older loaders look for.
+(`ldm-convert` is the same command; an existing DST is replaced only with `--overwrite`.)
+SRC is anything `load_model` reads: our `model.safetensors`, an SD 1.x/2.x
+`.safetensors`/`.ckpt` (`--ema` takes its EMA U-Net) or a diffusers folder. The single file has
+the original layout (SD 1 text encoder in CLIP names), the architecture, prediction type and our
+config in its metadata, and, for v (and x0) prediction models, the inference YAML beside it
+(`DST.yaml`, like SD 2's v2-inference-v.yaml) that A1111 and older loaders look for.
 """
 
 from __future__ import annotations
