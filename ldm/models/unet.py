@@ -190,48 +190,59 @@ class UNetModel(nn.Module):
             nn.Linear(time_embed_dim, time_embed_dim),
         )
 
-        # Down path. skip_channels records the width of every input block's
-        # output, which the up path concatenates back in reverse order.
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
-        )
-        skip_channels = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = self._res_and_attention(ch, model_channels * mult, time_embed_dim, ds)
-                ch = model_channels * mult
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-                ds *= 2
-
+        self.input_blocks, skips = self._down_path(in_channels, channel_mult, num_res_blocks)
+        ch = skips[-1]
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, time_embed_dim, ch, **self._block_kwargs),
             self._spatial_transformer(ch),
             ResBlock(ch, time_embed_dim, ch, **self._block_kwargs),
         )
-
-        # Up path: one more block per level than on the way down, so that
-        # every skip (including conv_in's and the Downsamples') is consumed.
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                in_ch = ch + skip_channels.pop()
-                layers = self._res_and_attention(in_ch, model_channels * mult, time_embed_dim, ds)
-                ch = model_channels * mult
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
+        self.output_blocks = self._up_path(skips, channel_mult, num_res_blocks)
         self.out = nn.Sequential(
-            GroupNorm32(norm_groups, ch),
+            GroupNorm32(norm_groups, model_channels * channel_mult[0]),  # the up path's width
             nn.SiLU(),
             zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
+
+    def _down_path(
+        self, in_channels: int, channel_mult: Sequence[int], num_res_blocks: int
+    ) -> tuple[nn.ModuleList, list[int]]:
+        """conv_in, then per level `num_res_blocks` ResBlocks (+ attention) and a Downsample
+        (but on the last level); with the width of every block's output, which the up path
+        concatenates back in reverse order."""
+        mc, emb = self.model_channels, self.model_channels * 4
+        blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, mc, 3, padding=1))])
+        skips, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks.append(
+                    TimestepEmbedSequential(*self._res_and_attention(ch, mc * mult, emb, ds))
+                )
+                ch = mc * mult
+                skips.append(ch)
+            if level != len(channel_mult) - 1:
+                blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skips.append(ch)
+                ds *= 2
+        return blocks, skips
+
+    def _up_path(
+        self, skips: list[int], channel_mult: Sequence[int], num_res_blocks: int
+    ) -> nn.ModuleList:
+        """One more block per level than on the way down, so that every skip (conv_in's and the
+        Downsamples' included) is consumed; an Upsample ends each level but the last."""
+        mc, emb = self.model_channels, self.model_channels * 4
+        skips, blocks = list(skips), nn.ModuleList()
+        ch, ds = skips[-1], 2 ** (len(channel_mult) - 1)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = self._res_and_attention(ch + skips.pop(), mc * mult, emb, ds)
+                ch = mc * mult
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                blocks.append(TimestepEmbedSequential(*layers))
+        return blocks
 
     def _heads(self, ch: int) -> tuple[int, int]:
         """(number of heads, head width) for a transformer of width ``ch``."""
