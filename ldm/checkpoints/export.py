@@ -43,22 +43,8 @@ def sd_metadata(config: dict) -> dict:
 
 def inference_yaml(config: dict) -> dict:
     """The original LDM inference config of a model (what v2-inference-v.yaml says for SD 2)."""
-    u, v, t = config["unet"], config["vae"], config["text_encoder"]
     sched = {**SD_SCHEDULE, **config["diffusion"]["schedule"]}
-    heads = (
-        {"num_head_channels": u["num_head_channels"]}
-        if u.get("num_head_channels", -1) != -1
-        else {"num_heads": u["num_heads"]}
-    )
-    open_clip_tower = t.get("layer") == "penultimate" or not t.get("pad_with_eot")
-    cond = (
-        {
-            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-            "params": {"freeze": True, "layer": t.get("layer", "last")},
-        }
-        if open_clip_tower
-        else {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
-    )
+    u = config["unet"]
     params = {
         "parameterization": Prediction.parse(config["diffusion"]["prediction"]).ldm_name,
         "linear_start": sched["beta_start"],
@@ -73,48 +59,11 @@ def inference_yaml(config: dict) -> dict:
         "cond_stage_trainable": False,
         "conditioning_key": "crossattn",
         "monitor": "val/loss_simple_ema",
-        "scale_factor": v.get("scale_factor", SD_SCALE_FACTOR),
+        "scale_factor": config["vae"].get("scale_factor", SD_SCALE_FACTOR),
         "use_ema": False,
-        "unet_config": {
-            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-            "params": {
-                "use_checkpoint": True,
-                "image_size": 32,
-                "in_channels": u["in_channels"],
-                "out_channels": u["out_channels"],
-                "model_channels": u["model_channels"],
-                "attention_resolutions": list(u["attention_resolutions"]),
-                "num_res_blocks": u["num_res_blocks"],
-                "channel_mult": list(u["channel_mult"]),
-                **heads,
-                "use_spatial_transformer": True,
-                "use_linear_in_transformer": bool(u.get("use_linear_in_transformer")),
-                "transformer_depth": u.get("transformer_depth", 1),
-                "context_dim": u["context_dim"],
-                "legacy": False,
-            },
-        },
-        "first_stage_config": {
-            "target": "ldm.models.autoencoder.AutoencoderKL",
-            "params": {
-                "embed_dim": v.get("embed_dim", 4),
-                "monitor": "val/rec_loss",
-                "ddconfig": {
-                    "double_z": True,
-                    "z_channels": v.get("z_channels", 4),
-                    "resolution": 256,
-                    "in_channels": 3,
-                    "out_ch": 3,
-                    "ch": v.get("ch", 128),
-                    "ch_mult": list(v.get("ch_mult", [1, 2, 4, 4])),
-                    "num_res_blocks": v.get("num_res_blocks", 2),
-                    "attn_resolutions": [],
-                    "dropout": 0.0,
-                },
-                "lossconfig": {"target": "torch.nn.Identity"},
-            },
-        },
-        "cond_stage_config": cond,
+        "unet_config": ldm_unet_config(u),
+        "first_stage_config": ldm_first_stage_config(config["vae"]),
+        "cond_stage_config": ldm_cond_stage_config(config["text_encoder"]),
     }
     return {
         "model": {
@@ -123,6 +72,69 @@ def inference_yaml(config: dict) -> dict:
             "params": params,
         }
     }
+
+
+def ldm_unet_config(u: dict) -> dict:
+    """The original code's UNetModel config of our U-Net config."""
+    heads = (
+        {"num_head_channels": u["num_head_channels"]}
+        if u.get("num_head_channels", -1) != -1
+        else {"num_heads": u["num_heads"]}
+    )
+    return {
+        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": {
+            "use_checkpoint": True,
+            "image_size": 32,
+            "in_channels": u["in_channels"],
+            "out_channels": u["out_channels"],
+            "model_channels": u["model_channels"],
+            "attention_resolutions": list(u["attention_resolutions"]),
+            "num_res_blocks": u["num_res_blocks"],
+            "channel_mult": list(u["channel_mult"]),
+            **heads,
+            "use_spatial_transformer": True,
+            "use_linear_in_transformer": bool(u.get("use_linear_in_transformer")),
+            "transformer_depth": u.get("transformer_depth", 1),
+            "context_dim": u["context_dim"],
+            "legacy": False,
+        },
+    }
+
+
+def ldm_first_stage_config(v: dict) -> dict:
+    """The original code's AutoencoderKL config of our VAE config."""
+    return {
+        "target": "ldm.models.autoencoder.AutoencoderKL",
+        "params": {
+            "embed_dim": v.get("embed_dim", 4),
+            "monitor": "val/rec_loss",
+            "ddconfig": {
+                "double_z": True,
+                "z_channels": v.get("z_channels", 4),
+                "resolution": 256,
+                "in_channels": 3,
+                "out_ch": 3,
+                "ch": v.get("ch", 128),
+                "ch_mult": list(v.get("ch_mult", [1, 2, 4, 4])),
+                "num_res_blocks": v.get("num_res_blocks", 2),
+                "attn_resolutions": [],
+                "dropout": 0.0,
+            },
+            "lossconfig": {"target": "torch.nn.Identity"},
+        },
+    }
+
+
+def ldm_cond_stage_config(t: dict) -> dict:
+    """The original code's text encoder: OpenCLIP's (SD 2: penultimate layer, zero padding) or
+    CLIP's (SD 1)."""
+    if t.get("layer") == "penultimate" or not t.get("pad_with_eot"):
+        return {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": t.get("layer", "last")},
+        }
+    return {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
 
 
 def save_sd(
