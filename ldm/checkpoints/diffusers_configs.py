@@ -20,8 +20,10 @@ DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
 # ------------------------------------------------------------------------------- U-Net
 
 
-def diffusers_unet_config(config: Mapping) -> dict:
-    """The diffusers `UNet2DConditionModel` arguments equivalent to a `UNetModel` config."""
+def diffusers_unet_config(config: Mapping, micro_dim: int = 256) -> dict:
+    """The diffusers `UNet2DConditionModel` arguments equivalent to a `UNetModel` config; a
+    vector-conditioned one (SDXL's `adm_in_channels`) as diffusers' "text_time" embedding, its
+    micro-conditioning embedded `micro_dim` wide per number (SDXL: 256)."""
     n_levels = len(config["channel_mult"])
     channels = [config["model_channels"] * m for m in config["channel_mult"]]
     has_attention = [2**lv in config["attention_resolutions"] for lv in range(n_levels)]
@@ -30,6 +32,8 @@ def diffusers_unet_config(config: Mapping) -> dict:
         heads = [c // config["num_head_channels"] for c in channels]
     else:
         heads = config["num_heads"]
+    depth = config.get("transformer_depth", 1)
+    vector = config.get("adm_in_channels")
     return dict(
         in_channels=config["in_channels"],
         out_channels=config["out_channels"],
@@ -41,15 +45,24 @@ def diffusers_unet_config(config: Mapping) -> dict:
         ],
         cross_attention_dim=config["context_dim"],
         attention_head_dim=heads,
-        transformer_layers_per_block=config.get("transformer_depth", 1),
+        transformer_layers_per_block=depth if isinstance(depth, int) else list(depth),
         use_linear_projection=config.get("use_linear_in_transformer", False),
         norm_num_groups=config.get("norm_groups", 32),
+        **(
+            dict(
+                addition_embed_type="text_time",
+                addition_time_embed_dim=micro_dim,
+                projection_class_embeddings_input_dim=vector,
+            )
+            if vector is not None
+            else {}
+        ),
     )
 
 
 _UNSUPPORTED_UNET = (
     "class_embed_type",
-    "addition_embed_type",
+    "reverse_transformer_layers_per_block",
     "encoder_hid_dim",
     "num_class_embeds",
     "time_embedding_type",
@@ -61,8 +74,10 @@ _UNSUPPORTED_UNET = (
 def unet_config_from_diffusers(cfg: Mapping) -> dict:
     """A `UNetModel` config from a diffusers `unet/config.json`."""
     bad = [k for k in _UNSUPPORTED_UNET if cfg.get(k) not in (None, False, "positional")]
+    if cfg.get("addition_embed_type") not in (None, "text_time"):  # text_time: SDXL's
+        bad.append("addition_embed_type")
     if bad:
-        raise ValueError(f"diffusers U-Net features without an SD 1.x/2.x equivalent: {bad}")
+        raise ValueError(f"diffusers U-Net features without an SD 1.x/2.x or SDXL equivalent: {bad}")
     channels = list(cfg["block_out_channels"])
     base = channels[0]
     heads = cfg.get("attention_head_dim", 8)
@@ -81,6 +96,8 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
         norm_groups=cfg.get("norm_num_groups", 32),
     )
+    if cfg.get("addition_embed_type") == "text_time":
+        out["adm_in_channels"] = cfg["projection_class_embeddings_input_dim"]
     if isinstance(heads, int):
         out["num_heads"] = heads
     else:  # a head count per level of fixed width (SD 2.x: 64 channels per head)

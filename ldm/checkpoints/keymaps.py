@@ -40,6 +40,9 @@ def _unet_prefix_map(config: Mapping) -> dict[str, tuple[str, bool]]:
         "mid_block.attentions.0.": ("middle_block.1.", False),
         "mid_block.resnets.1.": ("middle_block.2.", True),
     }
+    if config.get("adm_in_channels") is not None:  # SDXL's vector conditioning
+        prefixes["add_embedding.linear_1."] = ("label_emb.0.0.", False)
+        prefixes["add_embedding.linear_2."] = ("label_emb.0.2.", False)
     # Down path: input_blocks.0 is conv_in, then n_res blocks per level and a Downsample
     # after every level but the last.
     for level in range(n_levels):
@@ -105,8 +108,8 @@ def diffusers_unet_to_sd(
 ) -> dict[str, torch.Tensor]:
     """A diffusers `UNet2DConditionModel` state dict in SD names (no `model.diffusion_model.`).
 
-    `config` holds the `UNetModel` arguments `channel_mult`, `num_res_blocks` and
-    `attention_resolutions`."""
+    `config` holds the `UNetModel` arguments `channel_mult`, `num_res_blocks`,
+    `attention_resolutions` and (SDXL) `adm_in_channels`."""
     return _rename_by_prefix(state, _unet_prefix_map(config), _RESNET_RENAMES, "SD")
 
 

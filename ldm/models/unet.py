@@ -52,6 +52,21 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     return embedding
 
 
+def micro_conditioning(time_ids: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL's micro-conditioning (B, k) -> (B, k * dim): each number (original height, width,
+    crop top, left, target height, width) Fourier-embedded as a timestep is; concatenated after
+    the pooled text embedding, it is the U-Net's vector conditioning `y`."""
+    return timestep_embedding(time_ids.flatten(), dim).reshape(time_ids.shape[0], -1)
+
+
+def per_level(depth: int | Sequence[int], levels: int) -> tuple[int, ...]:
+    """The transformer depth of each level from one number or a list of one per level."""
+    depths = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+    if len(depths) != levels:
+        raise ValueError(f"transformer_depth has {len(depths)} entries for {levels} levels")
+    return depths
+
+
 class ResBlock(nn.Module):
     """Residual block whose features are shifted by the timestep embedding."""
 
@@ -137,7 +152,12 @@ class UNetModel(nn.Module):
         num_heads / num_head_channels: a fixed head count (SD 1.x), or a fixed
             head width with heads = channels // num_head_channels (SD 2.x).
         context_dim: width of the cross-attention context (text embeddings).
-        transformer_depth: transformer blocks per SpatialTransformer.
+        transformer_depth: transformer blocks per SpatialTransformer: one number, or one per
+            level (SDXL: [0, 2, 10]; a level without attention ignores its entry); the middle
+            block takes the last level's.
+        adm_in_channels: width of the vector conditioning `y` added to the time embedding
+            through `label_emb` (SDXL: 2816, the pooled text embedding and the Fourier-embedded
+            micro-conditioning, `micro_conditioning`); None: no vector conditioning.
         use_linear_in_transformer: linear instead of 1x1 conv projections (SD 2.x).
         dropout: dropout inside ResBlocks and transformers.
         use_checkpoint: gradient checkpointing of ResBlocks and transformer
@@ -156,11 +176,12 @@ class UNetModel(nn.Module):
         num_heads: int = -1,
         num_head_channels: int = -1,
         context_dim: int | None = None,
-        transformer_depth: int = 1,
+        transformer_depth: int | Sequence[int] = 1,
         use_linear_in_transformer: bool = False,
         dropout: float = 0.0,
         use_checkpoint: bool = False,
         norm_groups: int = 32,
+        adm_in_channels: int | None = None,
     ):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
@@ -171,11 +192,11 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.attention_resolutions = tuple(attention_resolutions)
+        self.transformer_depth = per_level(transformer_depth, len(channel_mult))
         self._block_kwargs = dict(
             dropout=dropout, norm_groups=norm_groups, use_checkpoint=use_checkpoint
         )
         self._transformer_kwargs = dict(
-            depth=transformer_depth,
             context_dim=context_dim,
             dropout=dropout,
             use_linear=use_linear_in_transformer,
@@ -189,12 +210,20 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             nn.Linear(time_embed_dim, time_embed_dim),
         )
+        if adm_in_channels is not None:  # SD layout: label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(adm_in_channels, time_embed_dim),
+                    nn.SiLU(),
+                    nn.Linear(time_embed_dim, time_embed_dim),
+                )
+            )
 
         self.input_blocks, skips = self._down_path(in_channels, channel_mult, num_res_blocks)
         ch = skips[-1]
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, time_embed_dim, ch, **self._block_kwargs),
-            self._spatial_transformer(ch),
+            self._spatial_transformer(ch, self.transformer_depth[-1]),
             ResBlock(ch, time_embed_dim, ch, **self._block_kwargs),
         )
         self.output_blocks = self._up_path(skips, channel_mult, num_res_blocks)
@@ -216,7 +245,11 @@ class UNetModel(nn.Module):
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 blocks.append(
-                    TimestepEmbedSequential(*self._res_and_attention(ch, mc * mult, emb, ds))
+                    TimestepEmbedSequential(
+                        *self._res_and_attention(
+                            ch, mc * mult, emb, ds, self.transformer_depth[level]
+                        )
+                    )
                 )
                 ch = mc * mult
                 skips.append(ch)
@@ -236,7 +269,8 @@ class UNetModel(nn.Module):
         ch, ds = skips[-1], 2 ** (len(channel_mult) - 1)
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = self._res_and_attention(ch + skips.pop(), mc * mult, emb, ds)
+                depth = self.transformer_depth[level]
+                layers = self._res_and_attention(ch + skips.pop(), mc * mult, emb, ds, depth)
                 ch = mc * mult
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
@@ -250,15 +284,18 @@ class UNetModel(nn.Module):
             return ch // self.num_head_channels, self.num_head_channels
         return self.num_heads, ch // self.num_heads
 
-    def _spatial_transformer(self, ch: int) -> SpatialTransformer:
+    def _spatial_transformer(self, ch: int, depth: int) -> SpatialTransformer:
         heads, dim_head = self._heads(ch)
-        return SpatialTransformer(ch, heads, dim_head, **self._transformer_kwargs)
+        return SpatialTransformer(ch, heads, dim_head, depth=depth, **self._transformer_kwargs)
 
-    def _res_and_attention(self, in_ch: int, out_ch: int, emb_ch: int, ds: int) -> list[nn.Module]:
-        """A ResBlock, followed by a SpatialTransformer at attention resolutions."""
+    def _res_and_attention(
+        self, in_ch: int, out_ch: int, emb_ch: int, ds: int, depth: int
+    ) -> list[nn.Module]:
+        """A ResBlock, followed by a SpatialTransformer of `depth` blocks at attention
+        resolutions."""
         layers: list[nn.Module] = [ResBlock(in_ch, emb_ch, out_ch, **self._block_kwargs)]
         if ds in self.attention_resolutions:
-            layers.append(self._spatial_transformer(out_ch))
+            layers.append(self._spatial_transformer(out_ch, depth))
         return layers
 
     def forward(
@@ -266,9 +303,11 @@ class UNetModel(nn.Module):
         x: torch.Tensor,
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W); timesteps: (B,) or scalar, int or float;
-        context: (B, L, context_dim). Returns (B, out_channels, H, W).
+        context: (B, L, context_dim); y: (B, adm_in_channels), the vector conditioning of a model
+        that has one (SDXL). Returns (B, out_channels, H, W).
 
         H and W must be divisible by 2 ** (len(channel_mult) - 1).
         """
@@ -277,6 +316,14 @@ class UNetModel(nn.Module):
         dtype = self.time_embed[0].weight.dtype  # inputs in the weights' dtype: bf16-true runs
         t_emb = timestep_embedding(timesteps, self.model_channels)  # (B, model_channels) float32
         emb = self.time_embed(t_emb.to(dtype))  # (B, 4 * model_channels)
+        if hasattr(self, "label_emb") != (y is not None):
+            raise ValueError(
+                "this U-Net takes a vector conditioning y (adm_in_channels)"
+                if y is None
+                else "y given, but this U-Net has no vector conditioning (adm_in_channels=None)"
+            )
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         context = None if context is None else context.to(dtype)
 
         h = x.to(dtype)
