@@ -77,7 +77,9 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
     if cfg.get("addition_embed_type") not in (None, "text_time"):  # text_time: SDXL's
         bad.append("addition_embed_type")
     if bad:
-        raise ValueError(f"diffusers U-Net features without an SD 1.x/2.x or SDXL equivalent: {bad}")
+        raise ValueError(
+            f"diffusers U-Net features without an SD 1.x/2.x or SDXL equivalent: {bad}"
+        )
     channels = list(cfg["block_out_channels"])
     base = channels[0]
     heads = cfg.get("attention_head_dim", 8)

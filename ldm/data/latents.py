@@ -52,7 +52,12 @@ class CacheError(DataError):
 
 def text_encoder_settings(text_encoder: nn.Module) -> dict:
     """What besides the weights changes a text encoder's output."""
-    return {k: getattr(text_encoder, k, None) for k in ("layer", "pad_with_eot", "context_length")}
+    settings = {
+        k: getattr(text_encoder, k, None) for k in ("layer", "pad_with_eot", "context_length")
+    }
+    if not getattr(text_encoder, "final_norm", True):  # only when set: older caches keep their hash
+        settings["final_norm"] = False
+    return settings
 
 
 def npy_bytes(a: torch.Tensor, dtype: str) -> bytes:

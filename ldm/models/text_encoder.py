@@ -59,6 +59,12 @@ class TextEncoder(nn.Module):
         train_token_embedding: when not frozen, whether the (vocab x width) token table trains;
             it is most of a small tower's parameters and of its optimizer cost.
         pad_with_eot: pad with the end-of-text token (SD 1.x) instead of zeros (open_clip).
+        final_norm: the final LayerNorm on the output (SD 1/2); SDXL reads both towers'
+            penultimate hidden states without it.
+
+    `encode_tokens(ids, pooled=True)` also returns the pooled vector: the last layer's
+    (normalised) end-of-text token through `text_projection` (SDXL's second tower: the 1280-d
+    vector conditioning), whichever layer the per-token output comes from.
 
     New words (textual inversion, Gal et al., 2022): `add_embedding(token, vectors)` makes
     `token` in a prompt stand for (n, width) vectors of its own, given ids after the vocabulary.
@@ -75,6 +81,7 @@ class TextEncoder(nn.Module):
         train_token_embedding: bool = True,
         pad_with_eot: bool = False,
         quick_gelu: bool | None = None,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         if layer not in ("last", "penultimate"):
@@ -85,6 +92,7 @@ class TextEncoder(nn.Module):
         self.context_length = self.model.context_length
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
         self.layer, self.frozen, self.pad_with_eot = layer, frozen, pad_with_eot
+        self.final_norm = final_norm
         self.quick_gelu = gelu  # part of the architecture: exporters write it into configs
         if frozen:
             self.requires_grad_(False).eval()
@@ -157,8 +165,11 @@ class TextEncoder(nn.Module):
             ids = ids.masked_fill(after, eot)
         return ids
 
-    def encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) -> embeddings (B, L, width)."""
+    def encode_tokens(
+        self, ids: torch.Tensor, pooled: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) -> embeddings (B, L, width); with `pooled`, (embeddings, the pooled
+        vector (B, projection width))."""
         m = self.model
         x = self._embed(ids) + m.positional_embedding[: ids.shape[1]]  # (B, L, D)
         mask = (
@@ -170,7 +181,22 @@ class TextEncoder(nn.Module):
         depth = len(blocks) - (1 if self.layer == "penultimate" else 0)
         for block in blocks[:depth]:
             x = block(x, attn_mask=mask)
-        return m.ln_final(x)
+        context = m.ln_final(x) if self.final_norm else x
+        if not pooled:
+            return context
+        for block in blocks[depth:]:
+            x = block(x, attn_mask=mask)
+        first_eot = (ids == self.tokenizer.eot_token_id).int().argmax(dim=-1)  # (B,)
+        return context, self.project(m.ln_final(x)[torch.arange(ids.shape[0]), first_eot])
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, width) -> (B, projection width) through open_clip's `text_projection`: a (width,
+        dim) matrix applied as x @ P (a transformers `text_projection.weight` is its transpose,
+        `ldm.checkpoints.keymaps`), a Linear, or none."""
+        proj = self.model.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Module) else x @ proj
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, L, D); ids past the vocabulary are the new words' vectors."""

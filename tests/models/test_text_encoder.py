@@ -144,3 +144,57 @@ def test_sd2_penultimate_matches_open_clip_intermediates():
         torch.testing.assert_close(
             enc.encode_tokens(ids), out["text_intermediates"][0], rtol=0, atol=1e-6
         )
+
+
+# --- SDXL: penultimate hidden states without the final norm, and the pooled vector ----------
+
+
+def test_sdxl_tower_matches_transformers_clip_with_projection():
+    """SDXL's second tower as diffusers runs it (CLIPTextModelWithProjection: hidden_states[-2]
+    and text_embeds) against ours on the same random weights. text_projection is square here,
+    as bigG's 1280 x 1280 is, so a transposed copy would load without error: only the numbers
+    tell."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ldm.checkpoints.keymaps import hf_clip_to_open_clip
+
+    width = 32
+    torch.manual_seed(0)
+    reference = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            hidden_act="gelu",
+            projection_dim=width,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        )
+    ).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours = TextEncoder(
+        text_cfg=dict(TINY, layers=3), layer="penultimate", final_norm=False, quick_gelu=False
+    )
+    state = {"model." + k: v for k, v in hf_clip_to_open_clip(reference.state_dict()).items()}
+    ours.load_state_dict(state, strict=True)
+    ids = ours.tokenize(["a photograph of an astronaut riding a horse", "", "a red circle"])
+    with torch.no_grad():
+        out = reference(input_ids=ids, output_hidden_states=True)
+        context, pooled = ours.encode_tokens(ids, pooled=True)
+    torch.testing.assert_close(context, out.hidden_states[-2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, out.text_embeds, rtol=0, atol=1e-5)
+    # The same file read with the projection the other way round loads (square) but is wrong.
+    flipped = TextEncoder(
+        text_cfg=dict(TINY, layers=3), layer="penultimate", final_norm=False, quick_gelu=False
+    )
+    flipped.load_state_dict({**state, "model.text_projection": state["model.text_projection"].t()})
+    with torch.no_grad():
+        _, wrong = flipped.encode_tokens(ids, pooled=True)
+    assert (wrong - out.text_embeds).abs().max() > 1e-3
+    assert torch.equal(ours.encode_tokens(ids), context)  # the context alone is the same
