@@ -119,3 +119,15 @@ def test_shipped_shapes_vae_keeps_pastel_colours(shipped_vae):
     recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
     result = score_style(list(recon.numpy()), prompts)
     assert result["pastel"] >= 0.95 and result["background"] >= 0.95  # recorded: 1.00 / 1.00
+
+
+def test_the_sdxl_parts_configs():
+    """unet=sdxl, vae=sdxl and text_encoder=sdxl compose; built on the meta device, the U-Net is
+    SDXL base's (2,567,463,684 parameters) and the VAE SD's shape scaled by 0.13025."""
+    cfg = compose_train("unet=sdxl", "vae=sdxl", "text_encoder=sdxl")
+    with torch.device("meta"):
+        unet, vae = instantiate(cfg.unet), instantiate(cfg.vae)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert hasattr(unet, "label_emb") and unet.transformer_depth == (0, 2, 10)
+    assert vae.scale_factor == 0.13025 and sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert [e.model_name for e in cfg.text_encoder.embedders] == ["ViT-L-14", "ViT-bigG-14"]

@@ -219,3 +219,44 @@ class TextEncoder(nn.Module):
         ids = self.tokenize(prompts).to(self.model.positional_embedding.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):
             return self.encode_tokens(ids)
+
+
+class DualTextEncoder(nn.Module):
+    """SDXL's text conditioning: two `TextEncoder` towers read the same prompt; their per-token
+    outputs are concatenated (CLIP ViT-L 768 + OpenCLIP bigG 1280 = 2048) and the last tower's
+    pooled vector is the U-Net's vector conditioning, with the micro-conditioning
+    (`ldm.models.unet.micro_conditioning`). Parameter names `embedders.N.model.*`, as an SDXL
+    single file's `conditioner.embedders.N`."""
+
+    def __init__(self, embedders: list[TextEncoder]) -> None:
+        super().__init__()
+        lengths = {e.context_length for e in embedders}
+        if len(embedders) < 2 or len(lengths) != 1:
+            raise ValueError(
+                f"a DualTextEncoder needs two or more towers of one context length, got "
+                f"{len(embedders)} of lengths {sorted(lengths)}"
+            )
+        self.embedders = nn.ModuleList(embedders)
+        self.context_length = lengths.pop()
+
+    @property
+    def width(self) -> int:
+        return sum(e.width for e in self.embedders)
+
+    @property
+    def trains(self) -> bool:
+        return any(e.trains for e in self.embedders)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, L, sum of widths), pooled (B, the last tower's projection width))."""
+        contexts = []
+        for e in self.embedders[:-1]:
+            contexts.append(e(prompts))
+        last = self.embedders[-1]
+        ids = last.tokenize(prompts).to(last.model.positional_embedding.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and last.trains):
+            context, pooled = last.encode_tokens(ids, pooled=True)
+        return torch.cat([*contexts, context], dim=-1), pooled
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode(prompts)[0]

@@ -198,3 +198,106 @@ def test_sdxl_tower_matches_transformers_clip_with_projection():
         _, wrong = flipped.encode_tokens(ids, pooled=True)
     assert (wrong - out.text_embeds).abs().max() > 1e-3
     assert torch.equal(ours.encode_tokens(ids), context)  # the context alone is the same
+
+
+def _hf_tower(with_projection: bool, act: str, pad: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    model = cls(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            hidden_act=act,
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=pad,
+        )
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def test_dual_text_encoder_is_diffusers_sdxl_prompt_encoding():
+    """StableDiffusionXLPipeline.encode_prompt: each tower's hidden_states[-2] concatenated,
+    the pooled vector the second tower's text_embeds."""
+    from ldm.checkpoints.keymaps import hf_clip_to_open_clip
+    from ldm.models.text_encoder import DualTextEncoder
+
+    torch.manual_seed(0)
+    first, second = _hf_tower(False, "quick_gelu", 49407), _hf_tower(True, "gelu", 0)
+    common = dict(layer="penultimate", final_norm=False)
+    ours = DualTextEncoder(
+        [
+            TextEncoder(
+                text_cfg=dict(TINY, layers=3, proj_type="none"),
+                pad_with_eot=True,
+                quick_gelu=True,
+                **common,
+            ),
+            TextEncoder(text_cfg=dict(TINY, layers=3), quick_gelu=False, **common),
+        ]
+    )
+    for i, ref in enumerate((first, second)):
+        state = {"model." + k: v for k, v in hf_clip_to_open_clip(ref.state_dict()).items()}
+        ours.embedders[i].load_state_dict(state, strict=True)
+    prompts = ["a photograph of an astronaut riding a horse", ""]
+    with torch.no_grad():
+        context, pooled = ours.encode(prompts)
+        outs = [
+            ref(input_ids=e.tokenize(prompts), output_hidden_states=True)
+            for e, ref in zip(ours.embedders, (first, second))
+        ]
+    expected = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+    assert context.shape == (2, 16, 64) and ours.width == 64
+    torch.testing.assert_close(context, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, outs[1].text_embeds, rtol=0, atol=1e-5)
+
+
+def test_sdxl_towers_full_size_equal_transformers_on_meta():
+    """configs/text_encoder/sdxl.yaml at full size (meta device): each tower has the parameters
+    and, renamed, the keys of diffusers' text_encoder (CLIPTextModel, ViT-L) and text_encoder_2
+    (CLIPTextModelWithProjection, bigG)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.checkpoints.keymaps import hf_clip_to_open_clip
+    from ldm.config import ROOT
+
+    cfg = OmegaConf.load(ROOT / "configs" / "text_encoder" / "sdxl.yaml")
+    common = dict(vocab_size=49408, max_position_embeddings=77)
+    vit_l = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        **common,
+    )
+    big_g = CLIPTextConfig(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        hidden_act="gelu",
+        projection_dim=1280,
+        **common,
+    )
+    with torch.device("meta"):
+        ours = instantiate(cfg)
+        references = [CLIPTextModel(vit_l), CLIPTextModelWithProjection(big_g)]
+    assert ours.width == 2048 and ours.context_length == 77
+    for tower, ref in zip(ours.embedders, references):
+        assert sum(p.numel() for p in tower.parameters()) == sum(
+            p.numel() for p in ref.parameters()
+        )
+        renamed = {"model." + k for k in hf_clip_to_open_clip(ref.state_dict())}
+        assert renamed == set(tower.state_dict())
