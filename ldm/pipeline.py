@@ -137,17 +137,26 @@ class Pipeline:
         negative_prompts: list[str] | None = None,
         height: int = 64,
         width: int = 64,
+        crop: tuple[int, int] = (0, 0),
+        original_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """The sampled latents (B, C, height / f, width / f), in the diffusion model's space."""
+        """The sampled latents (B, C, height / f, width / f), in the diffusion model's space.
+        `crop` (top, left) and `original_size` (height, width; default: the image's) are SDXL's
+        micro-conditioning, ignored by SD 1/2 models."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         f = self.vae.downsample_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of the VAE factor {f}")
         negative = negative_prompts or [""] * len(prompts)
+        time_ids = torch.tensor([[*(original_size or (height, width)), *crop, height, width]])
+        time_ids = time_ids.float().expand(len(prompts), -1)
         with self.autocast():
-            context = self.text_encoder(list(prompts))
-            uncond = self.text_encoder(list(negative)) if sampler.cfg_scale != 1.0 else None
+            enc = self.text_encoder
+            context = enc.condition(list(prompts), time_ids)
+            uncond = None
+            if sampler.cfg_scale != 1.0:  # an empty negative prompt is SDXL's zeros
+                uncond = enc.condition(list(negative), time_ids, drop=[n == "" for n in negative])
             denoiser = make_denoiser(
                 self.unet,
                 self.schedule,

@@ -67,3 +67,123 @@ def sd_parts(family: str, seed: int = 0) -> dict[str, torch.nn.Module]:
         "vae": randomize_(AutoencoderKL(**VAE), seed + 1).eval(),
         "text_encoder": randomize_(TextEncoder(**TEXT[family]), seed + 2).eval(),
     }
+
+
+# SDXL's structure, small: no attention at the first level, per-level transformer depth, linear
+# projections, 64-channel heads, two text towers (CLIP conventions, then open_clip's with a
+# projection) read at their penultimate hidden states, the vector conditioning [pooled,
+# six micro-conditioning numbers x 256] and the SDXL VAE's scale.
+SDXL_WIDTH = 32  # each text tower's width: context 64, pooled 32
+SDXL_UNET = dict(
+    in_channels=4,
+    out_channels=4,
+    model_channels=64,
+    channel_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attention_resolutions=[2, 4],
+    num_head_channels=64,
+    context_dim=2 * SDXL_WIDTH,
+    transformer_depth=[0, 1, 2],
+    use_linear_in_transformer=True,
+    adm_in_channels=SDXL_WIDTH + 6 * 256,
+    norm_groups=32,
+)
+SDXL_TOWER = dict(width=SDXL_WIDTH, heads=1, layers=3, context_length=16)
+
+
+def sdxl_towers() -> list[dict]:
+    common = dict(layer="penultimate", final_norm=False)
+    return [
+        dict(text_cfg=dict(SDXL_TOWER, proj_type="none"), pad_with_eot=True, quick_gelu=True),
+        dict(text_cfg=dict(SDXL_TOWER), pad_with_eot=False, quick_gelu=False),
+    ], common
+
+
+def sdxl_parts(seed: int = 0) -> dict[str, torch.nn.Module]:
+    from ldm.models.text_encoder import DualTextEncoder
+
+    torch.manual_seed(seed)
+    towers, common = sdxl_towers()
+    text = DualTextEncoder([TextEncoder(**t, **common) for t in towers])
+    return {
+        "unet": randomize_(UNetModel(**SDXL_UNET), seed).eval(),
+        "vae": randomize_(AutoencoderKL(**VAE, scale_factor=0.13025), seed + 1).eval(),
+        "text_encoder": randomize_(text, seed + 2).eval(),
+    }
+
+
+def sdxl_diffusers_folder(folder, seed: int = 0):
+    """A small SDXL pipeline folder made by diffusers itself (`StableDiffusionXLPipeline(...)
+    .save_pretrained`): seeded random weights in its own classes and configs, written by hand
+    here rather than by our exporter; the tokenizers' vocabulary is open_clip's."""
+    import diffusers
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from ldm.checkpoints.diffusers import write_tokenizer
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        attention_head_dim=(1, 2, 2),  # head counts: 64 channels each
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=2 * SDXL_WIDTH,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=SDXL_WIDTH + 6 * 256,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.13025,
+    )
+    text = dict(
+        vocab_size=49408,
+        hidden_size=SDXL_WIDTH,
+        intermediate_size=4 * SDXL_WIDTH,
+        num_hidden_layers=3,
+        num_attention_heads=1,
+        max_position_embeddings=16,
+        projection_dim=SDXL_WIDTH,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+    encoder = CLIPTextModel(CLIPTextConfig(**text, hidden_act="quick_gelu", pad_token_id=49407))
+    encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**text, hidden_act="gelu", pad_token_id=0)
+    )
+    for i, module in enumerate((unet, vae, encoder, encoder_2)):
+        randomize_(module, seed + i, scale=0.02)
+    towers, common = sdxl_towers()
+    tokenizers = []
+    for name, tower in zip(("tok", "tok_2"), towers):
+        write_tokenizer(folder.parent / name, TextEncoder(**tower, **common))
+        tokenizers.append(CLIPTokenizer.from_pretrained(folder.parent / name))
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae, encoder, encoder_2, *tokenizers, unet, scheduler, force_zeros_for_empty_prompt=True
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

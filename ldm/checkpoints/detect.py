@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 OPEN_CLIP_NAMES = {
     (768, 12): "ViT-L-14",
     (1024, 24): "ViT-H-14",
+    (1280, 32): "ViT-bigG-14",
 }  # (width, layers) -> open_clip name
 
 

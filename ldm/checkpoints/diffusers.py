@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from ldm.checkpoints.diffusers_configs import (
     diffusers_unet_config,
     diffusers_vae_config,
     diffusion_from_scheduler,
+    hf_projection_text_config,
     hf_text_config,
     scheduler_config,
+    sdxl_tower_config,
     text_config_from_hf,
     unet_config_from_diffusers,
     vae_config_from_diffusers,
@@ -99,12 +102,53 @@ def _text_state(folder: Path, cfg: dict, sd2: bool) -> dict[str, torch.Tensor]:
     return {"model." + k: v for k, v in tower.items()}
 
 
+SDXL_TOWERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+
+
+def _pads_with_eot(tokenizer: Path, default: bool) -> bool:
+    """Whether a tokenizer folder pads with the end-of-text token (else with "!", id 0: zeros
+    in open_clip's terms), from its special_tokens_map.json; `default` without one."""
+    path = tokenizer / "special_tokens_map.json"
+    if not path.is_file():
+        return default
+    pad = _json(path).get("pad_token", "<|endoftext|>" if default else "!")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return pad == "<|endoftext|>"
+
+
+def _text_encoder(folder: Path) -> tuple[dict, Callable[[], dict]]:
+    """(config, a reader of the state) of a folder's text encoder: one CLIPTextModel (SD 1/2)
+    or, with `text_encoder_2/`, SDXL's two towers as one `DualTextEncoder`."""
+    if not (folder / "text_encoder_2").is_dir():
+        text_hf = _json(folder / "text_encoder" / "config.json")
+        sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
+        config = _translated(folder / "text_encoder" / "config.json", text_config_from_hf, sd2)
+        return config, lambda: _text_state(folder / "text_encoder", text_hf, sd2)
+    towers = [
+        _translated(
+            folder / part / "config.json",
+            sdxl_tower_config,
+            _pads_with_eot(folder / tokenizer, default=i == 0),
+            i == len(SDXL_TOWERS) - 1,  # the last tower's pooled vector is projected
+        )
+        for i, (part, tokenizer) in enumerate(SDXL_TOWERS)
+    ]
+
+    def state() -> dict[str, torch.Tensor]:
+        return {
+            f"embedders.{i}.model.{k}": v
+            for i, (part, _) in enumerate(SDXL_TOWERS)
+            for k, v in keymaps.hf_clip_to_open_clip(_weights(folder / part)).items()
+        }
+
+    return {"_target_": "ldm.models.text_encoder.DualTextEncoder", "embedders": towers}, state
+
+
 def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
-    """(config, part states in our names) of a diffusers pipeline folder."""
+    """(config, part states in our names) of a diffusers pipeline folder (SD 1/2 or SDXL)."""
     unet_cfg = _translated(folder / "unet" / "config.json", unet_config_from_diffusers)
     vae_cfg = _translated(folder / "vae" / "config.json", vae_config_from_diffusers)
-    text_hf = _json(folder / "text_encoder" / "config.json")
-    sd2 = text_hf.get("hidden_act") != "quick_gelu"  # OpenCLIP towers use exact GELU
+    text_cfg, text_state = _text_encoder(folder)
     scheduler = folder / "scheduler" / "scheduler_config.json"
     sample_size = _json(folder / "unet" / "config.json").get("sample_size") or 64
     if isinstance(sample_size, list):  # diffusers allows [height, width]
@@ -112,9 +156,7 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
     config = {
         "unet": unet_cfg,
         "vae": vae_cfg,
-        "text_encoder": _translated(
-            folder / "text_encoder" / "config.json", text_config_from_hf, sd2
-        ),
+        "text_encoder": text_cfg,
         "diffusion": (
             _translated(scheduler, diffusion_from_scheduler)
             if scheduler.parent.is_dir()
@@ -127,7 +169,7 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
         states = {
             "unet": keymaps.diffusers_unet_to_sd(_weights(folder / "unet"), unet_cfg),
             "vae": keymaps.diffusers_vae_to_sd(_weights(folder / "vae")),
-            "text_encoder": _text_state(folder / "text_encoder", text_hf, sd2),
+            "text_encoder": text_state(),
         }
     except KeyError as e:
         raise CheckpointError(f"{folder}: {e.args[0]}") from None
@@ -197,32 +239,73 @@ def write_folder(folder: Path, parts: dict[str, nn.Module], config: dict) -> Pat
         keymaps.sd_vae_to_diffusers(vae.state_dict()),
         "diffusion_pytorch_model.safetensors",
     )
-    layers = len(text.model.transformer.resblocks) - (1 if text.layer == "penultimate" else 0)
-    tower = {k.removeprefix("model."): v for k, v in text.state_dict().items()}
-    hf = keymaps.open_clip_to_hf_clip(tower, layers)
-    hf.pop("text_model.embeddings.position_ids")  # not a saved buffer in transformers
-    _save_part(folder / "text_encoder", hf_text_config(text, layers), hf, "model.safetensors")
-    write_tokenizer(folder / "tokenizer", text)
+    towers = _write_text_encoder(folder, text)
     write_text(
         folder / "scheduler" / "scheduler_config.json",
         json.dumps(scheduler_config(config["diffusion"]), indent=2),
     )
-    write_text(
-        folder / "model_index.json",
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": DIFFUSERS_VERSION,
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            },
-            indent=2,
-        ),
-    )
+    write_text(folder / "model_index.json", json.dumps(model_index(towers), indent=2))
     return folder
+
+
+def _write_text_encoder(folder: Path, text: nn.Module) -> int:
+    """The text tower(s) and tokenizer(s): `text_encoder/` (+ `text_encoder_2/` for SDXL's
+    second tower, with its projection); returns the number of towers."""
+    if not hasattr(text, "embedders"):  # SD 1/2: an SD 2 tower stops one block early
+        layers = len(text.model.transformer.resblocks) - (1 if text.layer == "penultimate" else 0)
+        _save_tower(folder / "text_encoder", text, layers, hf_text_config(text, layers))
+        write_tokenizer(folder / "tokenizer", text)
+        return 1
+    if len(text.embedders) != len(SDXL_TOWERS):
+        raise CheckpointError(f"a diffusers folder holds {len(SDXL_TOWERS)} towers, not more")
+    first, last = text.embedders
+    layers = len(first.model.transformer.resblocks)
+    _save_tower(folder / "text_encoder", first, layers, hf_text_config(first, layers))
+    _save_tower(folder / "text_encoder_2", last, None, hf_projection_text_config(last))
+    for tower, (_, tokenizer) in zip(text.embedders, SDXL_TOWERS):
+        write_tokenizer(folder / tokenizer, tower)
+    return 2
+
+
+def _save_tower(folder: Path, tower: nn.Module, layers: int | None, config: dict) -> None:
+    """One tower in transformers names, its first `layers` blocks (all: None); a projected
+    tower's `text_projection.weight`, a Linear's, is open_clip's matrix transposed."""
+    own = {k.removeprefix("model."): v for k, v in tower.state_dict().items()}
+    hf = keymaps.open_clip_to_hf_clip(own, layers)
+    hf.pop("text_model.embeddings.position_ids")  # not a saved buffer in transformers
+    if layers is None:
+        hf["text_projection.weight"] = own["text_projection"].t().contiguous()
+    _save_part(folder, config, hf, "model.safetensors")
+
+
+def model_index(towers: int) -> dict:
+    """`model_index.json` of a `StableDiffusionPipeline` folder, or with two text towers a
+    `StableDiffusionXLPipeline` one (an empty negative prompt read as zeros, as SDXL does)."""
+    if towers == 1:
+        return {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            **_PIPELINE_PARTS,
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+    return {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **_PIPELINE_PARTS,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "force_zeros_for_empty_prompt": True,
+    }
+
+
+_PIPELINE_PARTS = {
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+}

@@ -16,11 +16,12 @@ from ldm.diffusion.schedule import SD_SCHEDULE
 from ldm.models.autoencoder import SD_SCALE_FACTOR
 
 DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
+MICRO_DIM = 256  # SDXL's width per micro-conditioning number (`unet.micro_conditioning`)
 
 # ------------------------------------------------------------------------------- U-Net
 
 
-def diffusers_unet_config(config: Mapping, micro_dim: int = 256) -> dict:
+def diffusers_unet_config(config: Mapping, micro_dim: int = MICRO_DIM) -> dict:
     """The diffusers `UNet2DConditionModel` arguments equivalent to a `UNetModel` config; a
     vector-conditioned one (SDXL's `adm_in_channels`) as diffusers' "text_time" embedding, its
     micro-conditioning embedded `micro_dim` wide per number (SDXL: 256)."""
@@ -99,6 +100,11 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
         norm_groups=cfg.get("norm_num_groups", 32),
     )
     if cfg.get("addition_embed_type") == "text_time":
+        if cfg.get("addition_time_embed_dim", MICRO_DIM) != MICRO_DIM:
+            raise ValueError(
+                f"addition_time_embed_dim {cfg['addition_time_embed_dim']}: the "
+                f"micro-conditioning is embedded {MICRO_DIM} wide per number (SDXL's)"
+            )
         out["adm_in_channels"] = cfg["projection_class_embeddings_input_dim"]
     if isinstance(heads, int):
         out["num_heads"] = heads
@@ -187,6 +193,41 @@ def text_config_from_hf(cfg: Mapping, sd2: bool) -> dict:
     )
 
 
+def sdxl_tower_config(cfg: Mapping, pad_with_eot: bool, projection: bool) -> dict:
+    """Our `TextEncoder` config for one of an SDXL folder's towers (a transformers
+    `CLIPTextModel` or, `projection`, `CLIPTextModelWithProjection` config): every block kept,
+    read at the penultimate layer's hidden states without the final LayerNorm, as SDXL does."""
+    width, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    name = OPEN_CLIP_NAMES.get((width, layers))
+    text_cfg = {}
+    if not name:
+        if projection and cfg.get("projection_dim", width) != width:
+            raise ValueError(
+                f"projection_dim {cfg['projection_dim']} != hidden_size {width}: a custom tower's "
+                f"projection is square here"
+            )
+        text_cfg = {
+            "width": width,
+            "heads": cfg["num_attention_heads"],
+            "layers": layers,
+            "context_length": cfg["max_position_embeddings"],
+            "vocab_size": cfg["vocab_size"],
+            "mlp_ratio": cfg["intermediate_size"] / width,
+        }
+    if not projection:
+        text_cfg["proj_type"] = "none"
+    return dict(
+        _target_="ldm.models.text_encoder.TextEncoder",
+        model_name=name,
+        text_cfg=text_cfg or None,
+        layer="penultimate",
+        final_norm=False,
+        frozen=True,
+        pad_with_eot=pad_with_eot,
+        quick_gelu=cfg.get("hidden_act") == "quick_gelu",
+    )
+
+
 def hf_text_config(encoder, layers: int) -> dict:
     """A transformers `CLIPTextModel` config for our `TextEncoder` cut to `layers` blocks."""
     m = encoder.model
@@ -207,6 +248,17 @@ def hf_text_config(encoder, layers: int) -> dict:
         "eos_token_id": 49407,
         "pad_token_id": 49407 if encoder.pad_with_eot else 0,
         "torch_dtype": "float32",
+    }
+
+
+def hf_projection_text_config(encoder) -> dict:
+    """A transformers `CLIPTextModelWithProjection` config for a whole `TextEncoder` with a
+    projection (SDXL's second tower)."""
+    layers = len(encoder.model.transformer.resblocks)
+    return {
+        **hf_text_config(encoder, layers),
+        "architectures": ["CLIPTextModelWithProjection"],
+        "projection_dim": encoder.model.output_dim,
     }
 
 

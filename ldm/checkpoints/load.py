@@ -55,9 +55,9 @@ def assign(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
-    tower = getattr(module, "model", None)
-    if getattr(tower, "attn_mask", None) is not None and tower.attn_mask.is_meta:
-        tower.attn_mask = tower.build_causal_mask()  # a non-persistent buffer: not in any file
+    for tower in module.modules():  # text towers (one, or SDXL's two)
+        if getattr(tower, "attn_mask", None) is not None and tower.attn_mask.is_meta:
+            tower.attn_mask = tower.build_causal_mask()  # non-persistent: not in any file
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{what}: tensors not set by the file: {left[:8]}")

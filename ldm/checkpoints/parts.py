@@ -21,13 +21,15 @@ from torch import nn
 from ldm.checkpoints.files import CheckpointError
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.text_encoder import TextEncoder
+from ldm.models.text_encoder import DualTextEncoder, TextEncoder
 from ldm.models.unet import UNetModel
 
 ALLOWED = {
     f"{c.__module__}.{c.__qualname__}": c
-    for c in (UNetModel, AutoencoderKL, TextEncoder, NoiseSchedule)
+    for c in (UNetModel, AutoencoderKL, TextEncoder, DualTextEncoder, NoiseSchedule)
 }
+TOWER = f"{TextEncoder.__module__}.{TextEncoder.__qualname__}"  # what `embedders` may hold
+MAX_TOWERS = 4
 PART_CLASSES = {"unet": UNetModel, "vae": AutoencoderKL, "text_encoder": TextEncoder}
 # open_clip `CLIPTextCfg` fields a text tower of ours may set: none of them names a model to
 # fetch or a tokenizer to download (`hf_model_name`, `hf_tokenizer_name` are left out).
@@ -112,6 +114,8 @@ def check(config, what: str) -> dict:
     for key, value in config.items():
         if key == "text_cfg" and value is not None:
             _check_text_cfg(what, value)
+        elif key == "embedders":
+            _check_towers(what, value)
         elif key != "_target_":
             _check_value(what, key, value)
     name = config.get("model_name")
@@ -130,10 +134,25 @@ def _check_text_cfg(what: str, cfg) -> None:
         _check_value(what, key, value)
 
 
+def _check_towers(what: str, towers) -> None:
+    """A `DualTextEncoder`'s `embedders`: a short list of flat `TextEncoder` configs."""
+    if not isinstance(towers, list | tuple) or not 0 < len(towers) <= MAX_TOWERS:
+        raise CheckpointError(f"{what}: embedders must be a list of 1 to {MAX_TOWERS} configs")
+    for i, tower in enumerate(towers):
+        if not isinstance(tower, Mapping) or tower.get("_target_") != TOWER:
+            raise CheckpointError(f"{what}: embedders.{i} must be a {TOWER} config")
+        check(tower, f"{what} embedders.{i}")
+
+
 def build(config: Mapping, what: str = "config") -> nn.Module | NoiseSchedule:
-    """The allowed class of a checked flat config, built on the current default device."""
+    """The allowed class of a checked config, built on the current default device (a
+    `DualTextEncoder`'s towers first, from their own checked configs)."""
     kwargs = check(config, what)
     cls = ALLOWED[kwargs.pop("_target_")]
+    if "embedders" in kwargs:
+        kwargs["embedders"] = [
+            build(t, f"{what} embedders.{i}") for i, t in enumerate(kwargs["embedders"])
+        ]
     try:
         return cls(**kwargs)
     except (ValueError, TypeError, AssertionError, ZeroDivisionError) as e:

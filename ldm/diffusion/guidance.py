@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ldm.diffusion.objective import ModelFn
+from ldm.diffusion.conditioning import Condition, ModelFn, apply, cat
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import NoiseSchedule
 
@@ -36,12 +36,14 @@ def make_denoiser(
     model: ModelFn,
     schedule: NoiseSchedule,
     prediction: str | Prediction,
-    context: torch.Tensor,
-    uncond_context: torch.Tensor | None = None,
+    context: Condition,
+    uncond_context: Condition | None = None,
     cfg_scale: float = 1.0,
     cfg_rescale: float = 0.0,
 ) -> Denoiser:
     """Wrap `model(x, t, context)` into a guided denoiser `denoiser(x_t, t, alpha_bar=None)`.
+    `context` and `uncond_context` are conditions (`ldm.diffusion.conditioning`): a text context,
+    or the dict of an SDXL U-Net's context and vector y.
 
     t may be fractional (the network gets float timesteps); alpha_bar defaults to the schedule's
     value at an integer t.
@@ -58,10 +60,10 @@ def make_denoiser(
         alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x.device)
         if guided:
             ts = torch.full((2 * b,), float(t), device=x.device)
-            out = model(torch.cat([x, x]), ts, torch.cat([context, uncond_context]))
+            out = apply(model, torch.cat([x, x]), ts, cat([context, uncond_context]))
             out = guide(out[:b], out[b:], cfg_scale, cfg_rescale)
         else:
-            out = model(x, torch.full((b,), float(t), device=x.device), context)
+            out = apply(model, x, torch.full((b,), float(t), device=x.device), context)
         return prediction.to_x0_eps(out.float(), x, alpha_bar)
 
     return denoiser

@@ -3,15 +3,12 @@ network's `Prediction` (eps, v or x0; see `prediction.py`)."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
+from ldm.diffusion.conditioning import Condition, ModelFn, apply
 from ldm.diffusion.prediction import Prediction, broadcast
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.diffusion.weighting import get_weighting, snr_from_alpha_bar
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -125,14 +122,15 @@ class DiffusionObjective:
         self,
         model: ModelFn,
         x0: torch.Tensor,
-        context: torch.Tensor,
+        context: Condition,
         t: torch.Tensor | None = None,
         eps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         sample_weight: torch.Tensor | None = None,
         xi: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Training loss for a batch of clean latents x0 (B, C, h, w) and text context (B, L, D).
+        """Training loss for a batch of clean latents x0 (B, C, h, w) and their condition
+        (`ldm.diffusion.conditioning`: the text context (B, L, D), or SDXL's dict with y).
 
         `t`, `eps` (and `xi`, the input perturbation's noise) may be given, e.g. from `draw`;
         otherwise they are drawn.
@@ -157,7 +155,7 @@ class DiffusionObjective:
                 xi = torch.randn(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
             noise_in = eps + self.input_perturbation * xi
         alpha_bar = self.schedule.alpha_bar(t)
-        out = model(q_sample(x0, noise_in, alpha_bar), t, context)
+        out = apply(model, q_sample(x0, noise_in, alpha_bar), t, context)
         target = self.prediction.target(x0, eps, alpha_bar)
         losses = self.loss_weight(t).to(out.device) * per_sample_mse(out, target)  # (B,)
         if sample_weight is not None:
@@ -169,7 +167,7 @@ class DiffusionObjective:
         self,
         model: ModelFn,
         x0: torch.Tensor,
-        context: torch.Tensor,
+        context: Condition,
         t: torch.Tensor,
         eps: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
@@ -183,7 +181,7 @@ class DiffusionObjective:
         """
         alpha_bar = self.schedule.alpha_bar(t)
         x_t = q_sample(x0, eps, alpha_bar)
-        out = model(x_t, t, context).float()
+        out = apply(model, x_t, t, context).float()
         own = per_sample_mse(out, self.prediction.target(x0, eps, alpha_bar))
         x0_hat, eps_hat = self.prediction.to_x0_eps(out, x_t, alpha_bar)
         min_snr5 = self.prediction.min_snr_weight(snr_from_alpha_bar(alpha_bar), 5.0)

@@ -15,6 +15,8 @@ from open_clip.model import _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from ldm.models.unet import micro_conditioning
+
 # A prompt is cut to CHARS_PER_TOKEN * context_length characters before it is tokenized, so a
 # 1 MB caption costs what a long one does (~10 ms, not ~1-3 s), and no realistic prompt's tokens
 # change: a token is at most 32 characters of the tokenizer's cleaned text (the longest entry of
@@ -220,6 +222,16 @@ class TextEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):
             return self.encode_tokens(ids)
 
+    def condition(
+        self, prompts: list[str], time_ids: torch.Tensor | None = None, drop=None
+    ) -> torch.Tensor:
+        """The U-Net's condition for `prompts`: their context; prompts where `drop` (B,) is
+        true read as the empty prompt (SD 1/2's unconditional input). `time_ids` are SDXL's
+        and ignored here."""
+        if drop is not None:
+            prompts = ["" if d else p for p, d in zip(prompts, drop)]
+        return self(list(prompts))
+
 
 class DualTextEncoder(nn.Module):
     """SDXL's text conditioning: two `TextEncoder` towers read the same prompt; their per-token
@@ -260,3 +272,19 @@ class DualTextEncoder(nn.Module):
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         return self.encode(prompts)[0]
+
+    def condition(
+        self, prompts: list[str], time_ids: torch.Tensor, drop=None
+    ) -> dict[str, torch.Tensor]:
+        """The SDXL U-Net's condition: {"context": (B, L, width), "y": (B, pooled + 6 x 256)},
+        y being the pooled vector and the Fourier-embedded `time_ids` (B, 6): original (height,
+        width), crop (top, left), target (height, width), in pixels. Where `drop` (B,) is true,
+        context and pooled vector are zeros (how SDXL was trained unconditionally, and how it
+        samples an empty negative prompt), the micro-conditioning kept."""
+        context, pooled = self.encode(list(prompts))
+        if drop is not None:
+            keep = ~torch.as_tensor(drop, dtype=torch.bool, device=context.device)
+            context = torch.where(keep[:, None, None], context, 0.0)
+            pooled = torch.where(keep[:, None], pooled, 0.0)
+        micro = micro_conditioning(time_ids.to(pooled.device)).to(pooled.dtype)
+        return {"context": context, "y": torch.cat([pooled, micro], dim=1)}
