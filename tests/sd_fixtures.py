@@ -73,7 +73,10 @@ def sd_parts(family: str, seed: int = 0) -> dict[str, torch.nn.Module]:
 # projections, 64-channel heads, two text towers (CLIP conventions, then open_clip's with a
 # projection) read at their penultimate hidden states, the vector conditioning [pooled,
 # six micro-conditioning numbers x 256] and the SDXL VAE's scale.
-SDXL_WIDTH = 32  # each text tower's width: context 64, pooled 32
+# the towers' widths differ, as ViT-L's and bigG's do (context 32 + 48 = 80, pooled 48): a mixed
+# up tower order or width cannot pass unseen
+SDXL_WIDTHS = (32, 48)
+SDXL_CONTEXT, SDXL_POOLED = sum(SDXL_WIDTHS), SDXL_WIDTHS[1]
 SDXL_UNET = dict(
     in_channels=4,
     out_channels=4,
@@ -82,20 +85,28 @@ SDXL_UNET = dict(
     num_res_blocks=1,
     attention_resolutions=[2, 4],
     num_head_channels=64,
-    context_dim=2 * SDXL_WIDTH,
+    context_dim=SDXL_CONTEXT,
     transformer_depth=[0, 1, 2],
     use_linear_in_transformer=True,
-    adm_in_channels=SDXL_WIDTH + 6 * 256,
+    adm_in_channels=SDXL_POOLED + 6 * 256,
     norm_groups=32,
 )
-SDXL_TOWER = dict(width=SDXL_WIDTH, heads=1, layers=3, context_length=16)
+SDXL_TOWER = dict(heads=1, layers=3, context_length=16)
 
 
 def sdxl_towers() -> list[dict]:
     common = dict(layer="penultimate", final_norm=False)
     return [
-        dict(text_cfg=dict(SDXL_TOWER, proj_type="none"), pad_with_eot=True, quick_gelu=True),
-        dict(text_cfg=dict(SDXL_TOWER), pad_with_eot=False, quick_gelu=False),
+        dict(
+            text_cfg=dict(SDXL_TOWER, width=SDXL_WIDTHS[0], proj_type="none"),
+            pad_with_eot=True,
+            quick_gelu=True,
+        ),
+        dict(
+            text_cfg=dict(SDXL_TOWER, width=SDXL_WIDTHS[1]),
+            pad_with_eot=False,
+            quick_gelu=False,
+        ),
     ], common
 
 
@@ -137,11 +148,11 @@ def sdxl_diffusers_folder(folder, seed: int = 0):
         layers_per_block=1,
         attention_head_dim=(1, 2, 2),  # head counts: 64 channels each
         transformer_layers_per_block=(1, 1, 2),
-        cross_attention_dim=2 * SDXL_WIDTH,
+        cross_attention_dim=SDXL_CONTEXT,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=SDXL_WIDTH + 6 * 256,
+        projection_class_embeddings_input_dim=SDXL_POOLED + 6 * 256,
     )
     vae = diffusers.AutoencoderKL(
         block_out_channels=(32, 64),
@@ -153,20 +164,23 @@ def sdxl_diffusers_folder(folder, seed: int = 0):
         sample_size=32,
         scaling_factor=0.13025,
     )
-    text = dict(
-        vocab_size=49408,
-        hidden_size=SDXL_WIDTH,
-        intermediate_size=4 * SDXL_WIDTH,
-        num_hidden_layers=3,
-        num_attention_heads=1,
-        max_position_embeddings=16,
-        projection_dim=SDXL_WIDTH,
-        bos_token_id=49406,
-        eos_token_id=49407,
-    )
-    encoder = CLIPTextModel(CLIPTextConfig(**text, hidden_act="quick_gelu", pad_token_id=49407))
+
+    def text(width: int, **kw) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=3,
+            num_attention_heads=1,
+            max_position_embeddings=16,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            **kw,
+        )
+
+    encoder = CLIPTextModel(text(SDXL_WIDTHS[0], hidden_act="quick_gelu", pad_token_id=49407))
     encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(**text, hidden_act="gelu", pad_token_id=0)
+        text(SDXL_WIDTHS[1], hidden_act="gelu", pad_token_id=0, projection_dim=SDXL_POOLED)
     )
     for i, module in enumerate((unet, vae, encoder, encoder_2)):
         randomize_(module, seed + i, scale=0.02)

@@ -15,7 +15,7 @@ from ldm.checkpoints.export import save_diffusers
 from ldm.diffusion.samplers import SamplerConfig
 from ldm.models.text_encoder import DualTextEncoder
 from ldm.pipeline import Pipeline, initial_noise, seed_generators
-from sd_fixtures import sdxl_diffusers_folder
+from sd_fixtures import SDXL_POOLED, sdxl_diffusers_folder
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -76,9 +76,9 @@ def test_a_diffusers_sdxl_folder_is_read_as_sdxl(folders):
     assert (first.layer, first.final_norm, second.model.text_projection.shape) == (
         "penultimate",
         False,
-        (32, 32),
+        (48, 48),
     )
-    assert model.config["unet"]["adm_in_channels"] == 32 + 6 * 256
+    assert model.config["unet"]["adm_in_channels"] == SDXL_POOLED + 6 * 256
     assert model.vae.scale_factor == pytest.approx(0.13025)
 
 

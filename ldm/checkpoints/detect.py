@@ -1,16 +1,20 @@
-"""The architecture of a Stable Diffusion checkpoint, read from its key names and shapes.
+"""The architecture of a Stable Diffusion (1.x, 2.x, XL) checkpoint, from its key names and shapes.
 
 SD 1.x and 2.x differ in the U-Net's transformer projections (1x1 convs vs linear), its heads
 (8 per layer vs 64 channels each), its context width (768 vs 1024) and the text tower (OpenAI
 CLIP ViT-L/14 in Hugging Face names, last layer, padded with the end token; OpenCLIP ViT-H/14
-in open_clip names, penultimate layer, zero padding). What weights cannot tell (GroupNorm
-groups: 32) takes SD's value; `load_model(overrides=...)` changes it.
+in open_clip names, penultimate layer, zero padding). SDXL shows itself by its vector
+conditioning (`label_emb`) and its two towers (`conditioner.embedders.N`), both read at the
+penultimate layer without the final LayerNorm; its VAE scale is 0.13025 and its images 1024 px.
+What weights cannot tell (GroupNorm groups: 32) takes SD's value; `load_model(overrides=...)`
+changes it.
 
 The prediction type is not in the weights: SD 2's 768-v and 512-base files have identical keys.
 `prediction` decides, first match wins: the explicit argument; the file's metadata
-(`ldm.config`, `modelspec.prediction_type`, `prediction_type`); an inference YAML beside the
-file (`NAME.yaml` with `parameterization: "v"`, as A1111 reads it); an SD 2 file whose name
-says `768` or `-v`; otherwise eps.
+(`ldm.config`, `modelspec.prediction_type`, `prediction_type`); a `v_pred` key (SDXL v models,
+as ComfyUI and A1111 read them); an inference YAML beside the file (`NAME.yaml` with
+`parameterization: "v"`, as A1111 reads it); an SD 2 file whose name says `768` or `-v`;
+otherwise eps.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from ldm.checkpoints.files import CheckpointError
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE
-from ldm.models.autoencoder import SD_SCALE_FACTOR
+from ldm.models.autoencoder import SD_SCALE_FACTOR, SDXL_SCALE_FACTOR
 
 log = logging.getLogger(__name__)
 OPEN_CLIP_NAMES = {
@@ -32,6 +36,7 @@ OPEN_CLIP_NAMES = {
     (1024, 24): "ViT-H-14",
     (1280, 32): "ViT-bigG-14",
 }  # (width, layers) -> open_clip name
+V_PRED_KEY = "v_pred"  # an empty tensor marking an SDXL v-prediction file
 
 
 def unet_config(u: dict[str, torch.Tensor]) -> dict:
@@ -51,9 +56,8 @@ def unet_config(u: dict[str, torch.Tensor]) -> dict:
         i += 1
     proj = u.get("middle_block.1.proj_in.weight")
     if proj is None:
-        raise CheckpointError("no middle-block transformer: not an SD 1.x/2.x U-Net")
-    linear = proj.ndim == 2  # SD 2: Linear projections, SD 1: 1x1 convs
-    depth = len({k.split(".")[3] for k in u if k.startswith("middle_block.1.transformer_blocks.")})
+        raise CheckpointError("no middle-block transformer: not an SD 1.x/2.x/XL U-Net")
+    linear = proj.ndim == 2  # SD 2 and XL: Linear projections, SD 1: 1x1 convs
     config = dict(
         _target_="ldm.models.unet.UNetModel",
         in_channels=conv_in.shape[1],
@@ -65,10 +69,12 @@ def unet_config(u: dict[str, torch.Tensor]) -> dict:
             (2**n for n, lv in enumerate(levels) if lv[0][1]), reverse=True
         ),
         context_dim=u["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-        transformer_depth=depth,
+        transformer_depth=_depths(u, levels),
         use_linear_in_transformer=linear,
         norm_groups=32,
     )
+    if "label_emb.0.0.weight" in u:  # SDXL's vector conditioning
+        config["adm_in_channels"] = u["label_emb.0.0.weight"].shape[1]
     if linear:
         config["num_head_channels"] = 64
     else:
@@ -76,7 +82,24 @@ def unet_config(u: dict[str, torch.Tensor]) -> dict:
     return config
 
 
-def vae_config(v: dict[str, torch.Tensor]) -> dict:
+def _depths(u: dict[str, torch.Tensor], levels: list[list[tuple[int, bool]]]) -> int | list[int]:
+    """Transformer blocks per level (0 where a level has no attention; the middle block has the
+    last level's), as one number when every attention level has the middle block's."""
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) :].split(".")[0] for k in u if k.startswith(prefix)})
+
+    middle = count("middle_block.1.transformer_blocks.")
+    depths, block = [], 1
+    for lv in levels:
+        depths.append(count(f"input_blocks.{block}.1.transformer_blocks.") if lv[0][1] else 0)
+        block += len(lv) + 1  # its res blocks and the downsampler after them
+    if all(d == middle for d, lv in zip(depths, levels) if lv[0][1]):
+        return middle
+    return depths
+
+
+def vae_config(v: dict[str, torch.Tensor], scale_factor: float = SD_SCALE_FACTOR) -> dict:
     """`AutoencoderKL` arguments from an SD VAE state dict (no `first_stage_model.` prefix)."""
     if "encoder.conv_in.weight" not in v:
         raise CheckpointError("no VAE weights (first_stage_model.encoder.conv_in.weight)")
@@ -98,7 +121,7 @@ def vae_config(v: dict[str, torch.Tensor]) -> dict:
         ],
         resolution=resolution,
         norm_groups=32,
-        scale_factor=SD_SCALE_FACTOR,
+        scale_factor=scale_factor,
         shift_factor=0.0,
     )
 
@@ -140,7 +163,11 @@ def text_config(
     )
     if conventions:
         out.update(
-            {k: conventions[k] for k in ("layer", "pad_with_eot", "quick_gelu") if k in conventions}
+            {
+                k: conventions[k]
+                for k in ("layer", "final_norm", "pad_with_eot", "quick_gelu")
+                if k in conventions
+            }
         )
     return out
 
@@ -180,29 +207,62 @@ def sd_config(states: dict[str, dict], path: Path, meta: dict, explicit: str | N
     except (KeyError, IndexError) as e:  # a part without the keys its architecture shows in
         raise CheckpointError(
             f"{path.name}: cannot tell the architecture, key {e} is missing; "
-            f"is it an SD 1.x/2.x checkpoint?"
+            f"is it an SD 1.x/2.x/XL checkpoint?"
         ) from None
-    sd2 = bool(config.get("unet", {}).get("use_linear_in_transformer"))
+    unet = config.get("unet", {})
+    xl = "adm_in_channels" in unet
+    sd2 = bool(unet.get("use_linear_in_transformer")) and not xl
     pred = prediction(path, meta, sd2, explicit)
     config["diffusion"] = {"schedule": dict(SD_SCHEDULE), "prediction": pred.value}
-    config["image_size"] = 768 if sd2 and pred is Prediction.V else 512
+    config["image_size"] = 1024 if xl else 768 if sd2 and pred is Prediction.V else 512
     return config
 
 
+def markers(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """What a file says about itself in keys rather than metadata (SDXL's `v_pred`)."""
+    return {"prediction_type": "v"} if V_PRED_KEY in state else {}
+
+
 def _detect_parts(states: dict[str, dict], config: dict) -> None:
-    if states["unet"]:
-        config["unet"] = unet_config(states["unet"])
+    unet = states["unet"]
+    if unet:
+        config["unet"] = unet_config(unet)
+    xl = "label_emb.0.0.weight" in unet or any(
+        k.startswith("embedders.") for k in states["text_encoder"]
+    )
     if states["vae"]:
-        config["vae"] = vae_config(states["vae"])
-    if states["text_encoder"]:
+        config["vae"] = vae_config(states["vae"], SDXL_SCALE_FACTOR if xl else SD_SCALE_FACTOR)
+    text = states["text_encoder"]
+    if text and not xl:
         # SD 1 towers (CLIP names) have no projection, SD 2's (open_clip names) have one.
-        hf = "model.text_projection" not in states["text_encoder"]
-        config["text_encoder"] = text_config(states["text_encoder"], hf_names=hf)
+        hf = "model.text_projection" not in text
+        config["text_encoder"] = text_config(text, hf_names=hf)
+    elif text:
+        config["text_encoder"] = dict(
+            _target_="ldm.models.text_encoder.DualTextEncoder",
+            embedders=[_sdxl_tower(text, i) for i in sorted({int(k.split(".")[1]) for k in text})],
+        )
+
+
+def _sdxl_tower(text: dict[str, torch.Tensor], i: int) -> dict:
+    """SDXL tower N: ViT-L in CLIP names (CLIP's conventions) or bigG in open_clip names (zero
+    padding), either read at its penultimate hidden states without the final LayerNorm."""
+    tower = {
+        k.removeprefix(f"embedders.{i}."): v
+        for k, v in text.items()
+        if k.startswith(f"embedders.{i}.")
+    }
+    hf = "model.text_projection" not in tower
+    return text_config(
+        tower, hf_names=hf, conventions={"layer": "penultimate", "final_norm": False}
+    )
 
 
 def architecture_name(config: dict) -> str:
     """The modelspec architecture of a model config ("stable-diffusion-v1", ...)."""
     unet, pred = config["unet"], Prediction.parse(config["diffusion"]["prediction"])
+    if unet.get("adm_in_channels") == 2816 and unet.get("context_dim") == 2048:
+        return "stable-diffusion-xl-v1-base"
     if unet.get("use_linear_in_transformer") and unet.get("context_dim") == 1024:
         return "stable-diffusion-v2-768-v" if pred is Prediction.V else "stable-diffusion-v2-512"
     if not unet.get("use_linear_in_transformer") and unet.get("context_dim") == 768:

@@ -15,7 +15,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoints.detect import architecture_name
+from ldm.checkpoints.detect import V_PRED_KEY, architecture_name
 from ldm.checkpoints.diffusers import write_folder
 from ldm.checkpoints.embeddings import save_embedding
 from ldm.checkpoints.files import CONFIG_KEY, CheckpointError
@@ -143,12 +143,19 @@ def save_sd(
     dtype: torch.dtype | None = None,
     write_yaml: bool | None = None,
 ) -> Path:
-    """One SD single file (+ `NAME.yaml`, which tools need to tell a v or x0 model from an eps
-    one, unless `write_yaml` is False)."""
+    """One SD single file (+ `NAME.yaml`, which tools need to tell an SD 1/2 v or x0 model from
+    an eps one, unless `write_yaml` is False). An SDXL v model is marked by a `v_pred` key
+    instead, where SDXL tools look (SDXL files have no LDM inference YAML of this form)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path.name}: SD single files are written as .safetensors")
-    save(path, model.parts(), sd_metadata(model.config), dtype=dtype)
+    xl = "adm_in_channels" in model.config["unet"]
+    if xl and write_yaml:
+        raise CheckpointError("SDXL files are written without an inference YAML")
+    v_marker = {V_PRED_KEY: torch.zeros(0)} if xl and model.prediction is Prediction.V else {}
+    save(path, model.parts(), sd_metadata(model.config), dtype=dtype, markers=v_marker)
+    if xl:
+        return path
     if write_yaml or (write_yaml is None and model.prediction is not Prediction.EPS):
         write_text(
             path.with_suffix(".yaml"), yaml.safe_dump(inference_yaml(model.config), sort_keys=False)

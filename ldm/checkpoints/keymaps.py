@@ -253,7 +253,7 @@ def hf_clip_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         if name == "embeddings.position_ids":
             continue
         if name == "text_projection.weight":
-            out["text_projection"] = value.t()
+            out["text_projection"] = value.t().contiguous()  # one memory layout, one rounding
         elif name in _CLIP_TOP:
             out[_CLIP_TOP[name]] = value
         elif m := _CLIP_LAYER_KEY.match(name):

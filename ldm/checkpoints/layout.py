@@ -4,8 +4,11 @@ A full checkpoint is `model.diffusion_model.*` (U-Net) + `first_stage_model.*` (
 `cond_stage_model.*` (text encoder), so parts are found by prefix alone. A text tower with a
 projection is written in open_clip names (`cond_stage_model.model.*`, as SD 2 files); one
 without (the SD 1 tower) in Hugging Face CLIP names (`cond_stage_model.transformer.text_model.*`,
-as SD 1 files), so that every tool that reads SD files reads ours. LDM training files may add
-the U-Net's EMA as `model_ema.*`.
+as SD 1 files), so that every tool that reads SD files reads ours. SDXL files hold their towers
+under `conditioner.embedders.N.` instead, by the same rule: ViT-L (no projection) as
+`conditioner.embedders.0.transformer.text_model.*`, bigG as `conditioner.embedders.1.model.*`
+with its `text_projection` as open_clip keeps it (x @ P, where diffusers' Linear weight is P.T).
+LDM training files may add the U-Net's EMA as `model_ema.*`.
 """
 
 from __future__ import annotations
@@ -28,21 +31,31 @@ PREFIXES = {
 }
 PARTS = tuple(PREFIXES)
 HF_TEXT_PREFIX = "cond_stage_model.transformer."  # SD 1: transformers CLIPTextModel names
+SDXL_TEXT_PREFIX = "conditioner.embedders."  # SDXL: one prefix per tower, N.
 EMA_PREFIX = "model_ema."
+
+
+def tower_state(tower: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """One text tower's tensors under `prefix`: open_clip names (`model.*`) for a tower with a
+    projection, CLIP names (`transformer.text_model.*`) for one without."""
+    own = tower.state_dict()
+    if getattr(tower.model, "text_projection", 0) is not None:
+        return {prefix + k: v for k, v in own.items()}
+    clip = keymaps.open_clip_to_hf_clip({k.removeprefix("model."): v for k, v in own.items()})
+    return {prefix + "transformer." + k: v for k, v in clip.items()}
 
 
 def sd_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The parts' tensors under their SD single-file names (see the module docstring)."""
     state = {}
     for name, module in parts.items():
-        own = module.state_dict()
-        if name == "text_encoder" and getattr(module.model, "text_projection", 0) is None:
-            tower = {k.removeprefix("model."): v for k, v in own.items()}
-            state.update(
-                {HF_TEXT_PREFIX + k: v for k, v in keymaps.open_clip_to_hf_clip(tower).items()}
-            )
+        if name != "text_encoder":
+            state.update({PREFIXES[name] + k: v for k, v in module.state_dict().items()})
+        elif hasattr(module, "embedders"):  # SDXL's towers
+            for i, tower in enumerate(module.embedders):
+                state.update(tower_state(tower, f"{SDXL_TEXT_PREFIX}{i}."))
         else:
-            state.update({PREFIXES[name] + k: v for k, v in own.items()})
+            state.update(tower_state(module, PREFIXES[name]))
     return state
 
 
@@ -51,32 +64,50 @@ def save(
     parts: dict[str, nn.Module],
     metadata: dict | None = None,
     dtype: torch.dtype | None = None,
+    markers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the parts under their SD names, atomically; `dtype` casts floating-point tensors."""
-    return save_state(path, sd_state(parts), metadata, dtype)
+    """Write the parts under their SD names (and `markers`, tensors whose key tells tools
+    something, e.g. SDXL's `v_pred`), atomically; `dtype` casts floating-point tensors."""
+    return save_state(path, {**sd_state(parts), **(markers or {})}, metadata, dtype)
 
 
 def split(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """The sub-state-dict of one part in our module's names, its prefix removed.
 
-    The text encoder comes in open_clip names (`cond_stage_model.model.*`, the SD 2 tower's
-    `logit_scale` dropped: it scores image-text pairs, no text encoder uses it) or in Hugging
-    Face CLIP names (`cond_stage_model.transformer.[text_model.]*`, SD 1), mapped to open_clip's."""
-    prefix = PREFIXES[name]
-    if name == "text_encoder" and any(k.startswith(HF_TEXT_PREFIX) for k in state):
+    The text encoder comes in open_clip names (`cond_stage_model.model.*`) or in Hugging Face
+    CLIP names (`cond_stage_model.transformer.[text_model.]*`, SD 1), mapped to open_clip's;
+    an SDXL file's towers (`conditioner.embedders.N.*`, each in either naming) become
+    `embedders.N.model.*`, the `DualTextEncoder`'s names."""
+    if name != "text_encoder":
+        prefix = PREFIXES[name]
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    towers = sorted({int(k.split(".")[2]) for k in state if k.startswith(SDXL_TEXT_PREFIX)})
+    if not towers:
+        return split_tower(state, PREFIXES[name])
+    out = {}
+    for i in towers:
+        tower = split_tower(state, f"{SDXL_TEXT_PREFIX}{i}.")
+        out.update({f"embedders.{i}.{k}": v for k, v in tower.items()})
+    return out
+
+
+def split_tower(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One text tower's keys under `prefix` as our `model.*` (open_clip) names; open_clip's
+    `logit_scale` (it scores image-text pairs, no text encoder uses it) is dropped."""
+    hf_prefix = prefix + "transformer."
+    if any(k.startswith(hf_prefix) for k in state):
         if any(k.startswith(prefix + "model.") for k in state):
             raise CheckpointError(
-                "the file holds two text encoders: cond_stage_model.model.* "
-                "(open_clip names) and cond_stage_model.transformer.* (CLIP names)"
+                f"the file holds two text encoders: {prefix}model.* "
+                f"(open_clip names) and {hf_prefix}* (CLIP names)"
             )
-        hf = {k[len(HF_TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(HF_TEXT_PREFIX)}
+        hf = {k[len(hf_prefix) :]: v for k, v in state.items() if k.startswith(hf_prefix)}
         try:
             return {"model." + k: v for k, v in keymaps.hf_clip_to_open_clip(hf).items()}
         except KeyError as e:
             raise CheckpointError(f"text encoder: {e.args[0]}") from None
     part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if name == "text_encoder":
-        part.pop("model.logit_scale", None)
+    part.pop("model.logit_scale", None)
     return part
 
 
@@ -138,6 +169,6 @@ def pretrained(module: nn.Module, path: str, part: str | None = None) -> nn.Modu
     """Config helper: `module` with weights from `path` (a full checkpoint's `part`, or a bare
     file)."""
     state, _ = read(path)
-    if part is not None and any(k.startswith(PREFIXES[part]) for k in state):
-        state = split(state, part)
+    if part is not None:
+        state = split(state, part) or state  # a bare file has no part prefix
     return load_into(module, state, what=f"{part or 'model'} ({Path(path).name})")

@@ -1,4 +1,4 @@
-"""Any Stable Diffusion 1.x / 2.x checkpoint into our modules: `load_model(path_or_folder)`.
+"""Any Stable Diffusion 1.x / 2.x / XL checkpoint into our modules: `load_model(path_or_folder)`.
 
 Reads our own files, original single files (`.safetensors`, or `.ckpt` through
 `torch.load(weights_only=True)` only) with or without EMA weights, diffusers folders, and a
@@ -135,6 +135,7 @@ def load_model(
         (config, states), source = read_folder(Path(path)), "diffusers"
     else:
         state, meta = read(path)
+        meta = {**detect.markers(state), **meta}
         states = part_states(state, use_ema)
         if CONFIG_KEY in meta:
             config, source = parse_config(meta[CONFIG_KEY], Path(path).name), "ldm"

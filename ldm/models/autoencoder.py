@@ -34,6 +34,7 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 # Stable Diffusion's latent scale (Rombach et al., 2022: latents rescaled to about unit variance),
 # the default of every file that does not say otherwise.
 SD_SCALE_FACTOR = 0.18215
+SDXL_SCALE_FACTOR = 0.13025  # SDXL's VAE: same shape, retrained, other latent scale
 
 
 class ResnetBlock(nn.Module):
