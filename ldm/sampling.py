@@ -130,8 +130,24 @@ def sample_jobs(
     for k in tqdm(range(0, len(jobs), cfg.batch_size), desc="sampling", unit="batch"):
         batch = jobs[k : k + cfg.batch_size]
         prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
-        images.append(pipe(prompts, seeds, sampler, [cfg.negative_prompt] * len(batch), *size))
+        negative = [cfg.negative_prompt] * len(batch)
+        images.append(pipe(prompts, seeds, sampler, negative, *size, **micro_conditioning(cfg)))
     return torch.cat(images)
+
+
+def micro_conditioning(cfg: DictConfig) -> dict:
+    """`crop=` and `original_size=` as Pipeline arguments (SDXL's; SD 1/2 ignore them)."""
+
+    def pair(value, name: str) -> tuple[int, int]:
+        if value is None or len(value) != 2:
+            raise ValueError(f"{name}= takes two numbers in pixels, e.g. {name}=[0,0]; got {value}")
+        return int(value[0]), int(value[1])
+
+    size = cfg.get("original_size")
+    return {
+        "crop": pair(cfg.get("crop", [0, 0]), "crop"),
+        "original_size": None if size is None else pair(size, "original_size"),
+    }
 
 
 def image_metadata(
@@ -149,10 +165,17 @@ def image_metadata(
         "steps": sampler.steps,
         "cfg_scale": sampler.cfg_scale,
         "precision": pipe.precision.value,
+        **(micro_metadata(cfg) if hasattr(pipe.unet, "label_emb") else {}),
         "ckpt": Path(cfg.ckpt).name,
         **({"lora": ", ".join(f"{Path(f).name}:{s:g}" for f, s in loras)} if loras else {}),
         **({"embedding": ", ".join(Path(f).name for f in embeddings)} if cfg.embedding else {}),
     }
+
+
+def micro_metadata(cfg: DictConfig) -> dict:
+    micro = micro_conditioning(cfg)
+    size = micro["original_size"]
+    return {"crop": list(micro["crop"]), **({"original_size": list(size)} if size else {})}
 
 
 def sample_from_config(cfg: DictConfig) -> Path:
@@ -161,6 +184,7 @@ def sample_from_config(cfg: DictConfig) -> Path:
     raises CheckpointError, FileNotFoundError or ValueError with a message for the user."""
     prompts = read_prompts(str(cfg.prompt))
     sampler = make_sampler(cfg.sampler)
+    micro_conditioning(cfg)  # a bad crop= is known before the model loads
     loras = lora_list(cfg.lora, cfg.lora_scale)
     pipe, config = load_pipeline(cfg, loras)
     out = output_dir(cfg.out_dir)  # before sampling: a bad out_dir is known in seconds

@@ -232,6 +232,7 @@ def _detect_parts(states: dict[str, dict], config: dict) -> None:
     )
     if states["vae"]:
         config["vae"] = vae_config(states["vae"], SDXL_SCALE_FACTOR if xl else SD_SCALE_FACTOR)
+        config["vae"]["fp16_safe"] = not xl  # SDXL's VAE overflows float16
     text = states["text_encoder"]
     if text and not xl:
         # SD 1 towers (CLIP names) have no projection, SD 2's (open_clip names) have one.

@@ -149,6 +149,8 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, dict]]:
     unet_cfg = _translated(folder / "unet" / "config.json", unet_config_from_diffusers)
     vae_cfg = _translated(folder / "vae" / "config.json", vae_config_from_diffusers)
     text_cfg, text_state = _text_encoder(folder)
+    if text_cfg["_target_"].endswith("DualTextEncoder"):  # SDXL: upcast unless marked fp16-safe
+        vae_cfg["fp16_safe"] = not _json(folder / "vae" / "config.json").get("force_upcast", True)
     scheduler = folder / "scheduler" / "scheduler_config.json"
     sample_size = _json(folder / "unet" / "config.json").get("sample_size") or 64
     if isinstance(sample_size, list):  # diffusers allows [height, width]

@@ -157,6 +157,7 @@ def diffusers_vae_config(config: Mapping) -> dict:
         sample_size=config.get("resolution", 256),
         scaling_factor=config.get("scale_factor", SD_SCALE_FACTOR),
         shift_factor=config.get("shift_factor") or None,
+        force_upcast=not config.get("fp16_safe", True),  # what StableDiffusionXLPipeline reads
     )
 
 

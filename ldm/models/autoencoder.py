@@ -12,6 +12,8 @@ space the diffusion model sees) and ``decode`` undoes that before decoding.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.layers import Upsample  # the same nearest x2 + conv in both SD models
+
+_log = logging.getLogger(__name__)
 
 # SD clamps the log-variance so exp() can neither overflow nor collapse to 0.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -288,6 +292,10 @@ class AutoencoderKL(nn.Module):
     ``shift_factor`` map raw latents z to the diffusion space ``(z - shift) * scale``; they
     are plain attributes (not buffers) so they never appear in the state dict, like SD,
     and can be set after training from measured latent statistics.
+
+    ``fp16_safe=False`` marks weights whose activations overflow float16 (SDXL's VAE: its
+    images come out NaN, i.e. black, in fp16): such a VAE encodes and decodes in float32
+    whenever it meets float16 (fp16 weights, or a float16 autocast), and bf16 stays as it is.
     """
 
     def __init__(
@@ -305,6 +313,7 @@ class AutoencoderKL(nn.Module):
         norm_groups: int = 32,
         scale_factor: float = SD_SCALE_FACTOR,
         shift_factor: float = 0.0,
+        fp16_safe: bool = True,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -323,6 +332,7 @@ class AutoencoderKL(nn.Module):
         )
         self.scale_factor = float(scale_factor)
         self.shift_factor = float(shift_factor)
+        self.fp16_safe = bool(fp16_safe)
         shared = dict(
             ch=ch,
             ch_mult=ch_mult,
@@ -342,16 +352,39 @@ class AutoencoderKL(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor kwargs rebuilding this model (current scale/shift)."""
-        return {**self._arch, "scale_factor": self.scale_factor, "shift_factor": self.shift_factor}
+        return {
+            **self._arch,
+            "scale_factor": self.scale_factor,
+            "shift_factor": self.shift_factor,
+            "fp16_safe": self.fp16_safe,
+        }
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self._arch["ch_mult"]) - 1)
 
+    def _float32_if_unsafe(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Where this VAE is not fp16-safe and meets float16, its weights become float32 (once:
+        a frozen part) and the call runs without autocast; anything else runs as it is."""
+        if self.fp16_safe:
+            return contextlib.nullcontext()
+        device = x.device.type
+        autocast_fp16 = (
+            torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        )
+        if self.quant_conv.weight.dtype == torch.float16:
+            _log.info("VAE weights upcast to float32: this VAE overflows float16 (fp16_safe=false)")
+            self.float()
+        elif not autocast_fp16:
+            return contextlib.nullcontext()
+        return torch.autocast(device, enabled=False)
+
     def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
         """Image (B, C, H, W) in [-1, 1] -> q(z|x) over (B, embed_dim, H/f, W/f), computed in the
         weights' dtype (float32 inputs meet bf16 weights in a bf16-true run)."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))))
+        with self._float32_if_unsafe(x):
+            h = self.encoder(x.to(self.quant_conv.weight.dtype))
+            return DiagonalGaussian(self.quant_conv(h))
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.shift_factor) * self.scale_factor
@@ -369,7 +402,8 @@ class AutoencoderKL(nn.Module):
 
     def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents (B, embed_dim, h, w) -> image (B, out_channels, h*f, w*f)."""
-        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+        with self._float32_if_unsafe(z):
+            return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, embed_dim, h, w) -> image (B, out_channels, h*f, w*f)."""

@@ -227,3 +227,33 @@ def test_save_fp16_halves_file_and_loads_into_fp32(tmp_path):
     weight = model.encoder.conv_in.weight
     assert loaded.encoder.conv_in.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.encoder.conv_in.weight, weight.half().float(), rtol=0, atol=0)
+
+
+def _overflowing_vae(fp16_safe: bool) -> AutoencoderKL:
+    """A small VAE whose decoder activations pass float16's 65504 before its first GroupNorm
+    (as SDXL's VAE does deeper in): float16 gives inf, then NaN; float32 normalises them away."""
+    torch.manual_seed(0)
+    vae = tiny_autoencoder(fp16_safe=fp16_safe).eval()
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+    return vae
+
+
+def test_a_vae_not_fp16_safe_decodes_in_float32_where_float16_overflows():
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = _overflowing_vae(True).decode(z)  # float32 throughout: finite
+        assert torch.isfinite(reference).all()
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not torch.isfinite(_overflowing_vae(True).decode(z)).all()  # the black image
+            unsafe = _overflowing_vae(False)
+            torch.testing.assert_close(unsafe.decode(z), reference, rtol=0, atol=0)
+            assert not torch.isfinite(_overflowing_vae(True).half().decode(z.half())).all()
+            half = _overflowing_vae(False).half()  # fp16 weights, as an fp16 file loads on a GPU
+            out = half.decode(z.half())
+        assert half.decoder.conv_in.weight.dtype == torch.float32 and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        # bf16 is left as it is: its range is float32's
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(unsafe.decode(z)).all()
+    assert unsafe.config["fp16_safe"] is False
