@@ -39,7 +39,7 @@ from ldm.data.webdataset import (
     build_index,
 )
 from ldm.fingerprint import exact
-from ldm.models.text_encoder import TextEncoder
+from ldm.models.text_encoder import DualTextEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
 META_FILE, EMPTY_FILE = "_latents.json", "_empty_context.npy"
@@ -51,7 +51,9 @@ class CacheError(DataError):
 
 
 def text_encoder_settings(text_encoder: nn.Module) -> dict:
-    """What besides the weights changes a text encoder's output."""
+    """What besides the weights changes a text encoder's output (each tower's, for SDXL's)."""
+    if isinstance(text_encoder, DualTextEncoder):
+        return {"towers": [text_encoder_settings(e) for e in text_encoder.embedders]}
     settings = {
         k: getattr(text_encoder, k, None) for k in ("layer", "pad_with_eot", "context_length")
     }
@@ -73,9 +75,12 @@ def _load_npy(data: bytes) -> torch.Tensor:
 def cache_metadata(
     vae, text_encoder, image_size: int, flips: bool, dtype: str, sources: dict | None = None
 ) -> dict:
-    """What a cache was made with; compared with the training configuration before use."""
+    """What a cache was made with; compared with the training configuration before use.
+    `time_ids`: each sample's SDXL micro-conditioning is cached (caches of older versions lack
+    it); `pooled`: the text encoder's pooled vector is (SDXL's dual encoder)."""
     return {
         "format": FORMAT,
+        "time_ids": True,
         "image_size": image_size,
         "crop": "center",
         "flips": flips,
@@ -83,6 +88,7 @@ def cache_metadata(
         "vae": {"config": getattr(vae, "config", None), "sha256": exact(vae.state_dict())},
         "text_encoder": text_encoder
         and {
+            "pooled": isinstance(text_encoder, DualTextEncoder),
             "settings": text_encoder_settings(text_encoder),
             "sha256": exact(text_encoder.state_dict(), text_encoder_settings(text_encoder)),
         },
@@ -95,6 +101,7 @@ def identity(meta: dict) -> dict:
     text = meta.get("text_encoder")
     return {
         **{k: meta.get(k) for k in keys},
+        "time_ids": bool(meta.get("time_ids")),
         "vae": meta["vae"]["sha256"],
         "text": text and text["sha256"],
     }
@@ -189,12 +196,21 @@ def check_models(meta: dict, vae: nn.Module, text_encoder: nn.Module) -> None:
         )
 
 
+def cached_extras(meta: dict) -> tuple[str, ...]:
+    """What a cache holds per sample beside the posterior and the context: SDXL's pooled
+    vector and micro-conditioning, where it was made with them."""
+    pooled = bool((meta.get("text_encoder") or {}).get("pooled"))
+    return ("pooled",) * pooled + ("time_ids",) * bool(meta.get("time_ids"))
+
+
 class CachedLatentStream(ImageTextStream):
     """The shard reader of `ldm.data.webdataset` (streaming, exact resumption, validation dealt
     evenly over ranks) over cached samples: batches {"latent_mean", "latent_std": (B, C, h, w),
     "caption", "key", "counts"} and, from a cache with text, {"context": (B, L, D),
-    "empty_context": (1, L, D)}. With `flip`, each sample's mirrored posterior is taken half of
-    the time (a coin of the seed, epoch and key: a resumed run tosses the same)."""
+    "empty_context": (1, L, D)}, with `extras` (`cached_extras`) {"pooled": (B, P)} and
+    {"time_ids": (B, 6)}. With `flip`, each sample's mirrored posterior (and micro-conditioning)
+    is taken half of the time (a coin of the seed, epoch and key: a resumed run tosses the
+    same)."""
 
     def __init__(
         self,
@@ -202,14 +218,17 @@ class CachedLatentStream(ImageTextStream):
         empty_context: torch.Tensor | None,
         batch_size: int,
         options: DataOptions,
+        extras: tuple[str, ...] = (),
         **kw,
     ) -> None:
         super().__init__(sources, [1.0 / len(sources)] * len(sources), batch_size, options, **kw)
         self.empty_context, self.flip = empty_context, options.flip
-        self.members = ("mean", "std") + (("context",) if empty_context is not None else ())
+        text = ("context",) if empty_context is not None else ()
+        self.members = ("mean", "std") + text + tuple(extras)
 
     def rejection(self, sample: dict) -> str | None:
-        wanted = [f"{m}.npy" for m in self.members] + (["mean_flip.npy"] if self.flip else [])
+        flipped = ["mean_flip.npy"] + (["time_ids_flip.npy"] if "time_ids" in self.members else [])
+        wanted = [f"{m}.npy" for m in self.members] + (flipped if self.flip else [])
         return "incomplete_cache" if any(w not in sample for w in wanted) else None
 
     def check(self, sample: dict) -> dict | None:
@@ -224,13 +243,12 @@ class CachedLatentStream(ImageTextStream):
         key = sample["__key__"]
         coin = random.Random(f"{self.seed}/{self.epoch}/{key}").random()
         suffix = "_flip" if self.flip and self.mode == "stream" and coin < 0.5 else ""
+        mirrored = ("mean", "std", "time_ids")  # the text is the same for the mirror image
         try:
             out = {
-                "latent_mean": _load_npy(sample[f"mean{suffix}.npy"]),
-                "latent_std": _load_npy(sample[f"std{suffix}.npy"]),
+                NAMES.get(m, m): _load_npy(sample[f"{m}{suffix if m in mirrored else ''}.npy"])
+                for m in self.members
             }
-            if self.empty_context is not None:
-                out["context"] = _load_npy(sample["context.npy"])
         except (KeyError, ValueError) as e:
             self.count("incomplete_cache")
             log.warning("skipping %s: incomplete cached sample (%s)", key, e)
@@ -241,14 +259,15 @@ class CachedLatentStream(ImageTextStream):
 
     def collate(self, samples: list[dict]) -> dict:
         counts, self.counts = self.counts, new_counts()
-        names = ("latent_mean", "latent_std") + (
-            ("context",) if self.empty_context is not None else ()
-        )
-        batch = {k: torch.stack([s[k] for s in samples]) for k in names}
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k in BATCHED}
         if self.empty_context is not None:
             batch["empty_context"] = self.empty_context  # (1, L, D): caption dropout's stand-in
         keys = [s["key"] for s in samples]
         return {**batch, "caption": [s["caption"] for s in samples], "key": keys, "counts": counts}
+
+
+NAMES = {"mean": "latent_mean", "std": "latent_std"}  # a cached member's name in a batch
+BATCHED = ("latent_mean", "latent_std", "context", "pooled", "time_ids")
 
 
 def make_latent_dataset(
@@ -258,6 +277,7 @@ def make_latent_dataset(
     train: bool,
     options: DataOptions,
     batches_per_epoch: int | None = None,
+    extras: tuple[str, ...] = (),
 ) -> CachedLatentStream:
     """Batches of cached samples: streamed for training (`batches_per_epoch` a worker), each
     sample once, dealt evenly over ranks, otherwise. Of the options, flip, shuffle_buffer, seed
@@ -268,6 +288,7 @@ def make_latent_dataset(
         empty_context,
         batch_size,
         replace(options, mode="stream" if train else "once"),
+        extras,
         batches_per_worker=batches_per_epoch,
     )
     if not train:

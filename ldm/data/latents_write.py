@@ -28,8 +28,9 @@ from ldm.data.latents import (
 )
 from ldm.data.options import DataOptions
 from ldm.data.shards import IMAGE_EXTS, expand_shards, read_shard
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, mirrored_left, original_size, time_ids
 from ldm.fileio import ShardWriter, replace_folder, shard_name, write_text
+from ldm.models.text_encoder import DualTextEncoder
 from ldm.precision import autocast as precision_autocast
 from ldm.precision import device_type
 from ldm.precision import resolve as resolve_precision
@@ -46,12 +47,14 @@ def encode_batch(
     flips: bool,
 ) -> dict[str, torch.Tensor]:
     """Images (B, 3, H, W) in [-1, 1] + captions -> posterior moments (B, C, h, w) and, with a
-    text encoder, its context (B, L, D)."""
+    text encoder, its context (B, L, D) (and an SDXL dual encoder's pooled vector (B, P))."""
     # channels_last: oneDNN's convolutions at full image resolution run ~1.5x faster in it on CPUs
     images = images.contiguous(memory_format=torch.channels_last)
     post = vae.posterior(images)
     out = {"mean": post.mean, "std": post.std}
-    if text_encoder is not None:
+    if isinstance(text_encoder, DualTextEncoder):
+        out["context"], out["pooled"] = text_encoder.encode(captions)
+    elif text_encoder is not None:
         out["context"] = text_encoder(captions)
     if flips:
         post = vae.posterior(images.flip(-1))
@@ -65,10 +68,12 @@ def _read_source(
     skipped: list[str],
     keep: Callable[[dict], bool] | None = None,
 ):
-    """(key, image tensor, caption, json bytes) of each readable sample of one source shard
-    that `keep` (a predicate on its JSON metadata) accepts; the others are listed in `skipped`
-    with their reason. Read and checked as training reads images (`read_shard`, `open_image`),
-    so a hostile sample costs the cache no more than it would cost a training run."""
+    """(key, image tensor, caption, json bytes, micro-conditioning) of each readable sample of
+    one source shard that `keep` (a predicate on its JSON metadata) accepts; the others are
+    listed in `skipped` with their reason. Read and checked as training reads images
+    (`read_shard`, `open_image`), so a hostile sample costs the cache no more than it would
+    cost a training run. The micro-conditioning is SDXL's `time_ids` of the cached crop and of
+    its mirror image (whose crop's left edge differs when the overhang is odd)."""
     for sample in read_shard(url, skipped.append):
         key, meta = sample["__key__"], parse_metadata(sample.get("json"))
         if meta is None or (keep is not None and not keep(meta)):
@@ -77,20 +82,29 @@ def _read_source(
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         try:
             with open_image(sample[ext]) as im:
-                image = transform(im)
+                original = original_size(meta, im)
+                image, (top, left), width = transform.apply(im)
         except Exception as e:  # KeyError (no image), too many pixels, or any decoder error
             skipped.append(f"{key} ({getattr(e, 'reason', 'bad_image')})")
             continue
         caption = sample.get("txt", b"").decode("utf-8", "replace").strip()
-        yield key, image, caption, sample.get("json", b"{}")
+        target = tuple(image.shape[1:])
+        mirrored = (top, mirrored_left(left, target[1], width))
+        ids = {
+            "time_ids": time_ids(original, (top, left), target),
+            "time_ids_flip": time_ids(original, mirrored, target),
+        }
+        yield key, image, caption, sample.get("json", b"{}"), ids
 
 
 def _flush(writer, vae, text_encoder, pending: list, flips: bool, dtype: str, device) -> None:
     images = torch.stack([p[1] for p in pending]).to(device)
     encoded = encode_batch(vae, text_encoder, images, [p[2] for p in pending], flips)
     encoded = {k: v.float().cpu() for k, v in encoded.items()}  # one transfer, not one per sample
-    for i, (key, _, caption, meta) in enumerate(pending):
+    for i, (key, _, caption, meta, ids) in enumerate(pending):
         members = {f"{name}.npy": npy_bytes(t[i], dtype) for name, t in encoded.items()}
+        for name in ("time_ids", "time_ids_flip") if flips else ("time_ids",):
+            members[f"{name}.npy"] = npy_bytes(ids[name], "float32")  # sizes past 2048: not fp16
         writer.write(key, {**members, "txt": caption.encode(), "json": meta})
     pending.clear()
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ldm.data.latents import (
     CacheError,
+    cached_extras,
     check_data_settings,
     check_models,
     make_latent_dataset,
@@ -206,8 +207,9 @@ class LatentDataModule(L.LightningDataModule):
     def train_dataloader(self) -> EpochLoader:
         meta, empty = self.cache()
         per_worker = max(1, self.batches_per_epoch // max(1, self.num_workers))
+        urls, extras = expand_shards(self.train_shards), cached_extras(meta)
         ds = make_latent_dataset(
-            expand_shards(self.train_shards), empty, self.batch_size, True, self.options, per_worker
+            urls, empty, self.batch_size, True, self.options, per_worker, extras
         )
         done = (lambda: batches_trained(self.trainer)) if self.trainer is not None else None
         return EpochLoader(ds, self.num_workers, done)

@@ -35,6 +35,15 @@ class ImageTransform:
         self.size, self.random_crop, self.flip, self.draft = size, random_crop, flip, draft
 
     def __call__(self, image: Image.Image, target: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.apply(image, target)[0]
+
+    def apply(
+        self, image: Image.Image, target: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """(the tensor, the crop's (top, left) in the resized image's pixels, that image's
+        width): with the original and the target size, the crop is SDXL's micro-conditioning
+        of the sample. A flipped sample's left is the crop's left in the flipped resized image
+        (`mirrored_left`), which is the crop the flipped pixels actually show."""
         tw, th = target or (self.size, self.size)
         w, h = image.size
         scale = max(tw / w, th / h)  # cover the target, then crop the overhang
@@ -59,5 +68,29 @@ class ImageTransform:
         image = image.crop((left, top, left + tw, top + th))
         if self.flip and random.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            left = mirrored_left(left, tw, w)
         arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-        return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0), (top, left), w
+
+
+def mirrored_left(left: int, crop_width: int, width: int) -> int:
+    """The left edge of a crop once the image it was cut from is mirrored."""
+    return width - left - crop_width
+
+
+def time_ids(
+    original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]
+) -> torch.Tensor:
+    """SDXL's six micro-conditioning numbers (original height, width, crop top, left, target
+    height, width) of one sample; every size given as (height, width)."""
+    return torch.tensor([*original, *crop, *target], dtype=torch.float32)
+
+
+def original_size(meta: dict | None, image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image before any resize: img2dataset's `original_height` /
+    `original_width` where the shard's metadata has them (its images may be resized already),
+    else the image's own size (read before any reduced-scale decoding)."""
+    h, w = (meta or {}).get("original_height"), (meta or {}).get("original_width")
+    if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+        return h, w
+    return image.size[1], image.size[0]

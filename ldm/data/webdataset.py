@@ -2,7 +2,10 @@
 
 A sample is `KEY.<image ext>` + a caption (`KEY.txt`, or a field of `KEY.json`) + optional
 `KEY.json` metadata, which the filters of `ldm.data.filters` read. Each batch is
-{"image": (B, 3, H, W) in [-1, 1], "caption": [str], "key": [str], "counts": {name: int}};
+{"image": (B, 3, H, W) in [-1, 1], "caption": [str], "key": [str], "time_ids": (B, 6),
+"counts": {name: int}}; `time_ids` are each sample's SDXL micro-conditioning, the truth of it:
+original (height, width) from img2dataset's `original_height/width` or the image, the crop's
+(top, left) as `ImageTransform.apply` made it (flips included), the target (height, width);
 `counts` holds the samples kept and rejected (per reason) since the reader's previous batch:
 readers are worker processes, so the counts travel with the data, and the `DataCounts` callback
 (`ldm.training.callbacks`) logs them.
@@ -56,6 +59,7 @@ from ldm.data.shards import (
     resampled,
     worker_batches,
 )
+from ldm.data.transforms import original_size, time_ids
 
 __all__ = ["ImageTextStream", "make_dataset", "EpochLoader"]
 log = logging.getLogger(__name__)
@@ -215,7 +219,8 @@ class ImageTextStream(IterableDataset):
         key, ext = sample["__key__"], sample["__ext__"]
         try:
             with open_image(sample[ext], self.options.image_limits) as im:
-                image = self.transform(im, sample["bucket"])
+                original = original_size(read_meta(sample), im)  # before a reduced-scale decode
+                image, crop, _ = self.transform.apply(im, sample["bucket"])
         except Exception as e:  # a corrupt or hostile image must not end a long run
             reason = e.reason if isinstance(e, ImageRejected) else "bad_image"
             self.count(reason)
@@ -227,6 +232,7 @@ class ImageTextStream(IterableDataset):
             "caption": sample["__caption__"],
             "key": key,
             "loss_weight": sample.get("__loss_weight__"),
+            "time_ids": time_ids(original, crop, tuple(image.shape[1:])),
         }
 
     def collate(self, samples: list[dict]) -> dict:
@@ -235,6 +241,7 @@ class ImageTextStream(IterableDataset):
             "image": torch.stack([s["image"] for s in samples]),
             "caption": [s["caption"] for s in samples],
             "key": [s["key"] for s in samples],
+            "time_ids": torch.stack([s["time_ids"] for s in samples]),  # (B, 6): SDXL's
             "counts": counts,
         }
         if self.loss_weights is not None:  # (B,): the loss weight of each sample's source

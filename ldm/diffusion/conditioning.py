@@ -35,3 +35,10 @@ def context_of(cond: Condition) -> torch.Tensor:
 
 def batch_size(cond: Condition) -> int:
     return context_of(cond).shape[0]
+
+
+def rows(cond: Condition, index) -> Condition:
+    """Some rows of a condition (`index`: a slice or indices along the batch)."""
+    if isinstance(cond, dict):
+        return {k: v[index] for k, v in cond.items()}
+    return cond[index]

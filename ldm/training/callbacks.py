@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import WandbLogger
 
 from ldm.data.filters import add_counts, new_counts
+from ldm.diffusion import conditioning
+from ldm.diffusion.conditioning import Condition
 from ldm.diffusion.samplers import SamplerConfig
 from ldm.pipeline import image_grid
 
@@ -111,14 +113,14 @@ def device_peak_tflops(device: torch.device, half: bool) -> float | None:
     return None
 
 
-def unet_train_flops(unet: torch.nn.Module, latents: torch.Tensor, context: torch.Tensor) -> float:
+def unet_train_flops(unet: torch.nn.Module, latents: torch.Tensor, cond: Condition) -> float:
     """FLOPs of one training image through the U-Net: torch's count of a forward, times 3
     (the backward costs about twice the forward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     t = torch.zeros(1, dtype=torch.long, device=latents.device)
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:  # its hooks need grad
-        unet(latents[:1], t, context[:1])
+        conditioning.apply(unet, latents[:1], t, conditioning.rows(cond, slice(0, 1)))
     return 3.0 * counter.get_total_flops()
 
 
@@ -158,13 +160,11 @@ class Throughput(L.Callback):
             self._t0, self._end = None, None
 
     def count_flops(self, pl_module, batch) -> float:
-        mean, _ = pl_module.posterior({k: v[:1] for k, v in batch.items() if torch.is_tensor(v)})
-        context = (
-            batch["context"][:1].float()
-            if "context" in batch
-            else pl_module.text_encoder(batch["caption"][:1])
-        )
-        return unet_train_flops(pl_module.unet, mean.float(), context)
+        first = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v) or k == "caption"}
+        mean, _ = pl_module.posterior(first)
+        with torch.no_grad():
+            cond = pl_module.condition(first, keep=torch.ones(1, dtype=torch.bool))
+        return unet_train_flops(pl_module.unet, mean.float(), cond)
 
     def measure(self, trainer, pl_module, seconds: float) -> dict[str, float]:
         rate = self._n / seconds

@@ -12,10 +12,12 @@ from torch import nn
 
 from ldm.checkpoints.files import CheckpointError
 from ldm.config import ConfigError
+from ldm.diffusion.conditioning import Condition
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.fingerprint import summary
 from ldm.models.lora import LoRANetwork
-from ldm.models.text_encoder import TextEncoder
+from ldm.models.text_encoder import DualTextEncoder, TextEncoder
+from ldm.models.unet import micro_conditioning
 from ldm.pipeline import Pipeline
 from ldm.precision import Precision
 from ldm.training.ema import EMA
@@ -44,7 +46,9 @@ class LatentDiffusion(L.LightningModule):
 
     Batches are dicts {"image": (B, 3, H, W) in [-1, 1], "caption": list[str]}, or cached VAE
     posteriors {"latent_mean", "latent_std": (B, C, h, w), "caption"} with, from a cache made
-    with the (frozen) text encoder, {"context": (B, L, D), "empty_context": (1, L, D)}.
+    with the (frozen) text encoder, {"context": (B, L, D), "empty_context": (1, L, D)}; an
+    SDXL-structured model (a `DualTextEncoder`) also reads each sample's micro-conditioning
+    {"time_ids": (B, 6)} and, cached, the pooled vector {"pooled": (B, P)}.
 
     What trains is one choice, `trains` (ldm.training.trains: the full U-Net, LoRA / LoCon
     adapters, textual inversion); the other settings are small dataclasses
@@ -185,23 +189,41 @@ class LatentDiffusion(L.LightningModule):
         batch: dict,
         keep: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """(B, L, D) text context after caption dropout (`keep`: which captions survive, drawn
-        here if not given): cached embeddings where the batch has them (the empty prompt's
-        swapped in), else the text encoder on the kept captions."""
+    ) -> Condition:
+        """The U-Net's condition after caption dropout (`keep`: which captions survive, drawn
+        here if not given): cached embeddings where the batch has them, else the text encoder
+        on the kept captions. A dropped caption is the empty prompt's context for SD 1/2 and
+        zeros for an SDXL-structured model (both towers' hidden states and the pooled vector,
+        the sample's micro-conditioning kept), as each was trained and samples unconditionally."""
         if keep is None:
             keep = self.captions.keep(len(batch["caption"]))
         if "context" in batch:
-            if self.text_encoder.trains:
-                raise ValueError(
-                    "cached text embeddings cannot train the text encoder; freeze it "
-                    "(text_encoder.frozen=true) or cache latents only"
-                )
-            context = batch["context"]
-            keep = keep.to(context.device)[:, None, None]
-            return torch.where(keep, context, batch["empty_context"].to(context)).float()
-        captions = self.captions.augment(batch["caption"], generator)
+            return self.cached_condition(batch, keep)
+        return self.encode(self.captions.augment(batch["caption"], generator), keep, batch)
+
+    def encode(self, captions: list[str], keep: torch.Tensor, batch: dict) -> Condition:
+        """The text encoder's condition of `captions`, those not kept dropped."""
+        if isinstance(self.text_encoder, DualTextEncoder):
+            return self.text_encoder.condition(captions, batch_time_ids(batch), drop=~keep)
         return self.text_encoder([c if k else "" for c, k in zip(captions, keep.tolist())])
+
+    def cached_condition(self, batch: dict, keep: torch.Tensor) -> Condition:
+        if self.text_encoder.trains:
+            raise ValueError(
+                "cached text embeddings cannot train the text encoder; freeze it "
+                "(text_encoder.frozen=true) or cache latents only"
+            )
+        context = batch["context"]
+        keep = keep.to(context.device)
+        if "pooled" not in batch:
+            dropped = batch["empty_context"].to(context)
+            return torch.where(keep[:, None, None], context, dropped).float()
+        pooled = torch.where(keep[:, None], batch["pooled"], 0.0).float()
+        micro = micro_conditioning(batch_time_ids(batch).to(pooled.device))
+        return {
+            "context": torch.where(keep[:, None, None], context, 0.0).float(),
+            "y": torch.cat([pooled, micro], dim=1),
+        }
 
     def position(self) -> tuple[int, int, int]:
         """(number of this training batch in the run, rank, world size). Under a trainer the
@@ -308,7 +330,7 @@ class LatentDiffusion(L.LightningModule):
         T = self.objective.schedule.num_steps
         t = (torch.arange(n * world, device=latents.device) * T // (n * world)).clamp(max=T - 1)
         t = my_share(t, rank, n)
-        context = self.text_encoder(batch["caption"])
+        context = self.encode(batch["caption"], torch.ones(n, dtype=torch.bool), batch)
         with self.sampling_unet() as unet:
             losses = self.objective.evaluate(unet, latents, context, t=t, eps=eps)
         for name, value in losses.items():
@@ -377,6 +399,17 @@ class LatentDiffusion(L.LightningModule):
         opt = self.optimizer_factory(self.parameter_groups())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule.factor())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def batch_time_ids(batch: dict) -> torch.Tensor:
+    """The batch's (B, 6) SDXL micro-conditioning, which the data records per sample."""
+    if "time_ids" not in batch:
+        raise ValueError(
+            "an SDXL-structured model (DualTextEncoder) needs each sample's time_ids (original "
+            "size, crop, target size) in the batch; the shard and latent-cache readers record "
+            "them: rebuild a latent cache written before they did"
+        )
+    return batch["time_ids"].float()
 
 
 def check_same_model(checkpoint: dict, own: dict[str, torch.Tensor], prediction: str) -> None:
