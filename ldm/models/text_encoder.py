@@ -96,14 +96,20 @@ class TextEncoder(nn.Module):
         self.layer, self.frozen, self.pad_with_eot = layer, frozen, pad_with_eot
         self.final_norm = final_norm
         self.quick_gelu = gelu  # part of the architecture: exporters write it into configs
+        self.set_frozen(frozen, train_token_embedding)
+        self._words: dict[str, torch.Tensor] = {}  # new word (lower case) -> (n, width) vectors
+
+    def set_frozen(self, frozen: bool, train_token_embedding: bool = True) -> None:
+        self.frozen = frozen
+        self.requires_grad_(not frozen)
         if frozen:
-            self.requires_grad_(False).eval()
+            self.eval()
         elif not train_token_embedding:
             self.model.token_embedding.requires_grad_(False)
         if isinstance(self.model.text_projection, nn.Module | nn.Parameter):
-            # Pooled-output projection: unused for per-token context, so never trained.
+            # The pooled output's projection: unused by the per-token context, and kept at its
+            # pretrained value where it makes SDXL's pooled vector (as the neighbours keep it).
             self.model.text_projection.requires_grad_(False)
-        self._words: dict[str, torch.Tensor] = {}  # new word (lower case) -> (n, width) vectors
 
     @property
     def width(self) -> int:
@@ -238,9 +244,15 @@ class DualTextEncoder(nn.Module):
     outputs are concatenated (CLIP ViT-L 768 + OpenCLIP bigG 1280 = 2048) and the last tower's
     pooled vector is the U-Net's vector conditioning, with the micro-conditioning
     (`ldm.models.unet.micro_conditioning`). Parameter names `embedders.N.model.*`, as an SDXL
-    single file's `conditioner.embedders.N`."""
+    single file's `conditioner.embedders.N`. `frozen` / `train_token_embedding`, where given,
+    set every tower's (`text_encoder.frozen=false` trains both, as it trains SD's one)."""
 
-    def __init__(self, embedders: list[TextEncoder]) -> None:
+    def __init__(
+        self,
+        embedders: list[TextEncoder],
+        frozen: bool | None = None,
+        train_token_embedding: bool = True,
+    ) -> None:
         super().__init__()
         lengths = {e.context_length for e in embedders}
         if len(embedders) < 2 or len(lengths) != 1:
@@ -250,6 +262,9 @@ class DualTextEncoder(nn.Module):
             )
         self.embedders = nn.ModuleList(embedders)
         self.context_length = lengths.pop()
+        if frozen is not None:
+            for e in embedders:
+                e.set_frozen(frozen, train_token_embedding)
 
     @property
     def width(self) -> int:
