@@ -1,11 +1,15 @@
 """Memory, step time and file size of LoRA, LoCon and a full fine-tune of the same model.
 
     python bench/finetune_cost.py [--unet sd15] [--image-size 256] [--batch-size 2] [--steps 5]
-        [--precision auto] [--checkpointing] [--out bench/results/finetune_cost]
+        [--precision auto] [--checkpointing] [--variants lora,locon,full]
+        [--out bench/results/finetune_cost]
+    python bench/finetune_cost.py --unet sdxl --image-size 1024 --batch-size 1 --checkpointing \
+        --variants lora --warmup 0 --steps 1      # SDXL's U-Net LoRA step at 1024 px
 
 Each variant runs in its own process (so that peak memory is its own): the U-Net config
-`configs/unet/<--unet>.yaml` with random weights (no download; SD 1.5's text width), frozen
-parts as fine-tuning holds them, a training step (forward, backward, AdamW step) on one batch of
+`configs/unet/<--unet>.yaml` with random weights (no download; SD 1.5's text width, SDXL's
+own with its vector conditioning), frozen parts as fine-tuning holds them, a training step
+(forward, backward, AdamW step) on one batch of
 latents and context held in memory, repeated `--steps` times after a warm-up. Reported per
 variant: trainable parameters, median step seconds, peak resident memory (CPU) or peak
 allocated memory (GPU), and the size of the file the variant writes (the adapters in the kohya
@@ -36,7 +40,8 @@ VARIANTS = ("lora", "locon", "full")
 
 def unet_config(name: str) -> dict:
     cfg = OmegaConf.load(ROOT / "configs" / "unet" / f"{name}.yaml")
-    cfg.context_dim = 768 if name == "sd15" else 1024 if name == "sd21" else 64
+    if name != "sdxl":  # SDXL's config has its own width (2048: two towers)
+        cfg.context_dim = 768 if name == "sd15" else 1024 if name == "sd21" else 64
     return OmegaConf.to_container(cfg)
 
 
@@ -73,11 +78,13 @@ def one_variant(args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch_size, 4, h, h, device=device)
     context = torch.randn(args.batch_size, 77, cfg["context_dim"], device=device)
     t = torch.randint(0, 1000, (args.batch_size,), device=device)
+    adm = cfg.get("adm_in_channels")  # SDXL: the pooled vector and micro-conditioning
+    y = torch.randn(args.batch_size, adm, device=device) if adm else None
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
         with precision.autocast(chosen, device):
-            loss = (unet(x, t, context).float() - x).pow(2).mean()
+            loss = (unet(x, t, context, y=y).float() - x).pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -119,6 +126,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which, comma-separated")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/finetune_cost")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child's
     args = ap.parse_args()
@@ -126,7 +134,7 @@ def main() -> int:
         print(json.dumps(one_variant(args)))
         return 0
     rows = []
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         child = [a for a in sys.argv[1:]] + ["--variant", variant]
         out = subprocess.run(
             [sys.executable, __file__, *child], capture_output=True, text=True, check=True

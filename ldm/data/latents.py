@@ -68,18 +68,35 @@ def npy_bytes(a: torch.Tensor, dtype: str) -> bytes:
     return buf.getvalue()
 
 
+def _npy_shape(data: bytes) -> tuple[int, ...]:
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)  # a ValueError for anything but a .npy
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+    read = read or np.lib.format.read_array_header_2_0
+    shape, _, _ = read(buf)
+    return tuple(shape)
+
+
 def _load_npy(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
 
 
 def cache_metadata(
-    vae, text_encoder, image_size: int, flips: bool, dtype: str, sources: dict | None = None
+    vae,
+    text_encoder,
+    image_size: int,
+    flips: bool,
+    dtype: str,
+    sources: dict | None = None,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> dict:
     """What a cache was made with; compared with the training configuration before use.
     `time_ids`: each sample's SDXL micro-conditioning is cached (caches of older versions lack
-    it); `pooled`: the text encoder's pooled vector is (SDXL's dual encoder)."""
+    it); `pooled`: the text encoder's pooled vector is (SDXL's dual encoder); `buckets`: the
+    aspect-ratio buckets images were cut to (null: every image a centre-cropped square)."""
     return {
         "format": FORMAT,
+        "buckets": buckets and [list(b) for b in buckets],
         "time_ids": True,
         "image_size": image_size,
         "crop": "center",
@@ -97,7 +114,7 @@ def cache_metadata(
 
 
 def identity(meta: dict) -> dict:
-    keys = ("format", "image_size", "crop", "flips", "dtype")
+    keys = ("format", "image_size", "crop", "flips", "dtype", "buckets")
     text = meta.get("text_encoder")
     return {
         **{k: meta.get(k) for k in keys},
@@ -143,6 +160,14 @@ def check_data_settings(meta: dict, options: DataOptions) -> None:
         raise CacheError(
             "flip=true but the cache holds no mirrored latents; set data.flip=false "
             "or rebuild the cache with flips (data/latents/prepare.py --flips)"
+        )
+    cached = [tuple(b) for b in meta.get("buckets") or []] or None
+    if options.buckets != cached:
+        made = "with aspect-ratio buckets" if cached else "without aspect-ratio buckets"
+        raise CacheError(
+            f"the cache was made {made}, the config asks for "
+            f"bucketing={options.bucketing} (bucket_step={options.bucket_step}, "
+            f"bucket_max_ratio={options.bucket_max_ratio}); match it or rebuild the cache"
         )
     if options.image_size != meta["image_size"]:
         raise CacheError(
@@ -237,6 +262,13 @@ class CachedLatentStream(ImageTextStream):
             self.count(reason)
             log.warning("skipping %s: %s", sample.get("__key__"), reason)
             return None
+        if self.buckets:  # batches of one latent shape, read from the .npy header alone
+            try:
+                sample["bucket"] = _npy_shape(sample["mean.npy"])
+            except ValueError as e:
+                self.count("incomplete_cache")
+                log.warning("skipping %s: unreadable cached latent (%s)", sample["__key__"], e)
+                return None
         return sample
 
     def decode(self, sample: dict) -> dict | None:

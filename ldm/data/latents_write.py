@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ldm.data.buckets import nearest_bucket
 from ldm.data.filters import parse_metadata
 from ldm.data.images import open_image
 from ldm.data.latents import (
@@ -67,13 +68,15 @@ def _read_source(
     transform: ImageTransform,
     skipped: list[str],
     keep: Callable[[dict], bool] | None = None,
+    buckets: list[tuple[int, int]] | None = None,
 ):
     """(key, image tensor, caption, json bytes, micro-conditioning) of each readable sample of
     one source shard that `keep` (a predicate on its JSON metadata) accepts; the others are
     listed in `skipped` with their reason. Read and checked as training reads images
     (`read_shard`, `open_image`), so a hostile sample costs the cache no more than it would
     cost a training run. The micro-conditioning is SDXL's `time_ids` of the cached crop and of
-    its mirror image (whose crop's left edge differs when the overhang is odd)."""
+    its mirror image (whose crop's left edge differs when the overhang is odd). With `buckets`
+    each image is cut to the bucket nearest its aspect ratio, as the image reader cuts it."""
     for sample in read_shard(url, skipped.append):
         key, meta = sample["__key__"], parse_metadata(sample.get("json"))
         if meta is None or (keep is not None and not keep(meta)):
@@ -83,7 +86,8 @@ def _read_source(
         try:
             with open_image(sample[ext]) as im:
                 original = original_size(meta, im)
-                image, (top, left), width = transform.apply(im)
+                bucket = nearest_bucket(*im.size, buckets) if buckets else None
+                image, (top, left), width = transform.apply(im, bucket)
         except Exception as e:  # KeyError (no image), too many pixels, or any decoder error
             skipped.append(f"{key} ({getattr(e, 'reason', 'bad_image')})")
             continue
@@ -121,18 +125,22 @@ def write_latent_shard(
     dtype: str,
     device,
     keep: Callable[[dict], bool] | None = None,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> tuple[int, list[str]]:
     """Encode one source shard into shard `index` of `out` (renamed into place when complete;
-    an empty one for a source without a usable sample)."""
-    skipped, pending, n = [], [], 0
+    an empty one for a source without a usable sample). Images are encoded in batches of one
+    shape (one per bucket, with `buckets`)."""
+    skipped, pending, n = [], {}, 0
     with ShardWriter(out, first=index, keep_empty=True) as writer:
-        for item in _read_source(url, transform, skipped, keep):
-            pending.append(item)
+        for item in _read_source(url, transform, skipped, keep, buckets):
+            same_shape = pending.setdefault(tuple(item[1].shape), [])
+            same_shape.append(item)
             n += 1
-            if len(pending) == batch_size:
-                _flush(writer, vae, text_encoder, pending, flips, dtype, device)
-        if pending:
-            _flush(writer, vae, text_encoder, pending, flips, dtype, device)
+            if len(same_shape) == batch_size:
+                _flush(writer, vae, text_encoder, same_shape, flips, dtype, device)
+        for same_shape in pending.values():
+            if same_shape:
+                _flush(writer, vae, text_encoder, same_shape, flips, dtype, device)
     return n, skipped
 
 
@@ -151,10 +159,12 @@ def write_latent_shards(
     keep: Callable[[dict], bool] | None = None,
     precision: str = "auto",
     replace: bool = False,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> dict:
     """Encode source shards `urls` into `out_dir/NNNNN.tar` (one per source, same order);
     samples whose JSON metadata `keep` rejects, and unreadable ones, are skipped and counted.
-    Without a text encoder the cache holds latents only.
+    Without a text encoder the cache holds latents only. With `buckets` ((width, height) pairs,
+    `ldm.data.buckets`), each image is cached at the bucket nearest its aspect ratio.
 
     A new cache is built beside `out_dir` (`building_dir`) and moved into place once complete,
     so `out_dir` only ever holds a whole cache: the old one stays readable until the new one
@@ -168,7 +178,7 @@ def write_latent_shards(
     final = Path(out_dir)
     vae = vae.to(device).eval()
     text_encoder = text_encoder and text_encoder.to(device).eval()
-    meta = cache_metadata(vae, text_encoder, image_size, flips, dtype, sources)
+    meta = cache_metadata(vae, text_encoder, image_size, flips, dtype, sources, buckets)
     out = build_folder(final, meta, replace)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / META_FILE, {**meta, "complete": False})
@@ -189,6 +199,7 @@ def write_latent_shards(
             dtype=dtype,
             device=device,
             keep=keep,
+            buckets=buckets,
         )
         counts = encode_sources(urls, out, encode, progress)
     _write_json(out / META_FILE, {**meta, "complete": True, "counts": counts})
@@ -284,7 +295,9 @@ def build_cache(
     meta = out / META_FILE
     if meta.is_file():
         wanted = identity(
-            cache_metadata(vae, text_encoder, options.image_size, options.flip, dtype)
+            cache_metadata(
+                vae, text_encoder, options.image_size, options.flip, dtype, None, options.buckets
+            )
         )
         old = json.loads(meta.read_text())
         if old.get("complete") and identity(old) == wanted:
@@ -310,6 +323,7 @@ def build_cache(
         device=device_type("auto"),
         precision=precision,
         replace=True,
+        buckets=options.buckets,
     )
     for part in (vae, text_encoder):  # back where the model keeps them
         if part is not None:
