@@ -9,7 +9,10 @@ An existing OUT is never replaced without `--overwrite`. LoRA files are read (an
 `merge` loads BASE (anything `ldm.checkpoints.load_model` reads: an SD single file, a diffusers
 folder, a file of ours), adds each LoRA's weight deltas at its scale (one scale for all, or one
 per LoRA; default 1) and writes an SD single file. `convert` rewrites a LoRA file between the
-kohya layout (A1111, ComfyUI) and the diffusers / PEFT layout, tensors unchanged.
+kohya layout (A1111, ComfyUI) and the diffusers / PEFT layout, tensors unchanged (an SDXL
+LoRA keeps kohya's SDXL names, lora_te1_ / lora_te2_; one whose U-Net adapters have SD-layout
+names, as kohya's SDXL networks write them, stays in the kohya layout: diffusers' names for them
+need the model).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 from ldm.checkpoints import CheckpointError, load_model
 from ldm.checkpoints.export import save_sd
 from ldm.checkpoints.files import check_output
-from ldm.checkpoints.lora import pair_scales, read_lora, read_loras, save_lora
+from ldm.checkpoints.lora import is_sdxl_lora, pair_scales, read_lora, read_loras, save_lora
 from ldm.checkpoints.lora_networks import merge_loras
 from ldm.config import exit_on, fail
 
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output(args.dst, args.overwrite)
         adapters, meta = read_lora(args.src)
         keep = {k: v for k, v in meta.items() if k != "lora_adapter_metadata"}
-        save_lora(args.dst, adapters, args.to, keep)
+        save_lora(args.dst, adapters, args.to, keep, sdxl=is_sdxl_lora(adapters, meta))
         print(f"wrote {args.dst} ({args.to} layout, {len(adapters)} adapters)")
         return 0
     *loras, out = args.files

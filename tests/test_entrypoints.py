@@ -446,7 +446,8 @@ def test_textual_inversion_writes_a_word_sample_py_reads(trained, tmp_path):
 def test_the_sdxl_structured_shapes_recipe_trains_exports_and_samples(tmp_path):
     """experiment=shapes_sdxl for a few steps (the default's tiny run, keeping the recipe's
     two-tower text encoder and micro-conditioned U-Net): its file is an SDXL single file that
-    sample.py reads back, and the micro-conditioning's crop changes the image."""
+    sample.py reads back, and the micro-conditioning's crop changes the image; a LoRA trained
+    on it (U-Net and both towers) is a kohya SDXL file that sample.py applies."""
     from safetensors import safe_open
 
     args = [
@@ -486,3 +487,47 @@ def test_the_sdxl_structured_shapes_recipe_trains_exports_and_samples(tmp_path):
             for ids in ([64.0, 64, 0, 0, 64, 64], [64.0, 64, 16, 8, 64, 64])
         ]
     assert (preds[0] - preds[1]).abs().max() > 1e-4 * preds[0].abs().max()
+
+    # a LoRA on it, U-Net and both towers: kohya's SDXL file, which sample.py applies
+    from ldm.checkpoints import files
+
+    lora_args = [o for o in args if not o.startswith("hydra.")]
+    result = run(
+        "train.py",
+        *lora_args,
+        f"init={weights}",
+        "model/trains=lora",
+        "+lora_preset@model.trains.text_encoder=text",
+        "export=lora.safetensors",
+        f"hydra.run.dir={tmp_path / 'lora'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, meta = files.read(tmp_path / "lora/lora.safetensors")
+    stems = {k.split(".")[0] for k in state}
+    assert {s.split("_")[1] for s in stems} == {"unet", "te1", "te2"}
+    assert all(
+        s.startswith(
+            (
+                "lora_unet_input_blocks_",
+                "lora_unet_middle_block_",
+                "lora_unet_output_blocks_",
+                "lora_te",
+            )
+        )
+        for s in stems
+    )
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    ups = [v for k, v in state.items() if k.startswith("lora_te2_") and "lora_up" in k]
+    assert any(v.any() for v in ups)  # the second tower's adapters trained off their zero start
+    out = tmp_path / "with_lora"
+    result = run(
+        "sample.py",
+        f"ckpt={weights}",
+        *common,
+        f"lora={tmp_path / 'lora/lora.safetensors'}",
+        f"out_dir={out}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out / "000000.png").text["lora"].startswith("lora.safetensors")

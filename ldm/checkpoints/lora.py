@@ -1,20 +1,27 @@
 """LoRA files: the kohya layout (A1111, ComfyUI and diffusers read it) and the diffusers / PEFT
 layout, each read and written, with their key names; a newcomer adding a layout adds it here.
 
-Every adapter has a canonical name: its component (`unet` or `text_encoder`) and the module path
-diffusers' `UNet2DConditionModel` or transformers' `CLIPTextModel` give that layer, e.g.
+Every adapter has a canonical name: its component (`unet`, `text_encoder`, and SDXL's second
+tower `text_encoder_2`) and the module path diffusers' `UNet2DConditionModel` or transformers'
+`CLIPTextModel` give that layer, e.g.
 `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or
 `text_encoder.text_model.encoder.layers.3.self_attn.q_proj` (which layer of our models has which
-canonical name is `ldm.checkpoints.lora_networks`'). A file is read into adapters by canonical
-name, {name: {"down", "up", "alpha"}}, and written from them; a key that fits neither layout, or
-an adapter without its pair, is an error naming it.
+canonical name is `ldm.checkpoints.lora_networks`'). A U-Net adapter may also be named by the
+original SD module path (`unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q`): kohya trains
+SDXL on an SD-layout U-Net and names its adapters so, and turning those names into diffusers'
+needs the model's U-Net config, which a file alone does not give. A file is read into adapters
+by canonical name, {name: {"down", "up", "alpha"}}, and written from them; a key that fits
+neither layout, or an adapter without its pair, is an error naming it.
 
-kohya: `lora_unet_<diffusers path>.lora_down.weight` / `.lora_up.weight` / `.alpha` (dots of the
+kohya: `lora_unet_<U-Net path>.lora_down.weight` / `.lora_up.weight` / `.alpha` (dots of the
 path as underscores), the text encoder as `lora_te_text_model_encoder_layers_N_...`, `ss_*`
-training metadata. This is the layout written by default. Underscores inside diffusers' own
-words (`down_blocks`, `to_q`, `self_attn`, ...) are told apart by a table (`_WORDS`), so a kohya
-name can be turned back without the model. diffusers / PEFT: `unet.<diffusers path>.lora_A.weight`
-/ `.lora_B.weight`, the text encoder as `text_encoder.text_model.encoder.layers.N...`, and the
+training metadata. SDXL's files (`sdxl=True` when writing) name the towers `lora_te1_` and
+`lora_te2_` and the U-Net by its SD paths, as kohya's SDXL networks do; `lora_te1_` is read as
+the (first) text encoder for any model. This is the layout written by default. Underscores
+inside module names (`down_blocks`, `to_q`, `self_attn`, `input_blocks`, `emb_layers`, ...) are
+told apart by a table (`_WORDS`), so a kohya name can be turned back without the model.
+diffusers / PEFT: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`, the text encoders as
+`text_encoder[_2].text_model.encoder.layers.N...` (read with or without `text_model.`), and the
 alphas in diffusers' `lora_adapter_metadata` (PEFT LoraConfig per component: `r`, `lora_alpha`,
 `rank_pattern`, `alpha_pattern`, `target_modules`), since diffusers refuses tensor keys without
 `lora` in them. Every tensor and alpha survives kohya <-> PEFT unchanged.
@@ -49,9 +56,19 @@ MAX_RANK = 65536  # far above any published LoRA; PEFT metadata claiming more is
 # --------------------------------------------------------------------------------------------
 # kohya names <-> canonical names
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-READ_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-# diffusers / transformers module names that hold an underscore themselves (longest first)
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' names of the parts
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_SDXL_PREFIX = {**KOHYA_PREFIX, "text_encoder": "lora_te1_"}  # kohya's SDXL networks
+READ_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+# the first module of an SD-layout U-Net path; diffusers' paths begin with other words
+SD_UNET_ROOTS = ("time_embed", "label_emb", "input_blocks", "middle_block", "output_blocks", "out")
+# module names that hold an underscore themselves (longest first): diffusers', transformers',
+# and the SD U-Net's (kohya's SDXL names)
 _WORDS = sorted(
     [
         "down_blocks",
@@ -78,32 +95,64 @@ _WORDS = sorted(
         "layer_norm1",
         "layer_norm2",
         "time_embedding",
+        "add_embedding",
         "linear_1",
         "linear_2",
         "conv_norm_out",
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "in_layers",
+        "out_layers",
+        "emb_layers",
+        "skip_connection",
+        "time_embed",
+        "label_emb",
     ],
     key=len,
     reverse=True,
 )
 
 
-def kohya_name(canonical: str) -> str:
-    """`unet.down_blocks.0...to_q` -> `lora_unet_down_blocks_0_..._to_q`."""
+def kohya_name(canonical: str, sdxl: bool = False) -> str:
+    """`unet.down_blocks.0...to_q` -> `lora_unet_down_blocks_0_..._to_q`; with `sdxl`, the
+    first tower is `lora_te1_` (kohya's SDXL names) rather than `lora_te_`."""
     component, path = canonical.split(".", 1)
-    return KOHYA_PREFIX[component] + path.replace(".", "_")
+    return (KOHYA_SDXL_PREFIX if sdxl else KOHYA_PREFIX)[component] + path.replace(".", "_")
 
 
 def canonical_name(kohya: str) -> str:
-    """The inverse of `kohya_name`; ValueError for a name of no known component. Also read:
-    `lora_te1_` (SDXL's first text encoder, and diffusers' PEFT -> kohya conversion) and text
-    names without `text_model_` (transformers 5 module paths)."""
+    """The inverse of `kohya_name`; ValueError for a name of no known component. Text names
+    without `text_model_` (transformers 5 module paths) are read too."""
     for prefix, component in READ_PREFIXES.items():
         if kohya.startswith(prefix):
-            path = _dotted(kohya[len(prefix) :])
-            if component == "text_encoder" and not path.startswith("text_model."):
-                path = "text_model." + path
-            return f"{component}.{path}"
-    raise ValueError(f"{kohya!r} is neither a lora_unet_* nor a lora_te_* name")
+            return _with_text_model(f"{component}.{_dotted(kohya[len(prefix) :])}")
+    raise ValueError(f"{kohya!r} is neither a lora_unet_* nor a lora_te_* / lora_te[12]_* name")
+
+
+def _with_text_model(name: str) -> str:
+    """A text adapter's name with its `text_model.` level, which transformers 5's CLIPTextModel
+    (and so diffusers' files and conversions made with it) leaves out."""
+    component, path = name.split(".", 1)
+    if component != "unet" and not path.startswith("text_model."):
+        return f"{component}.text_model.{path}"
+    return name
+
+
+def is_sd_unet_name(name: str) -> bool:
+    """Whether a canonical name is a U-Net adapter named by its SD module path."""
+    component, path = name.split(".", 1)
+    return component == "unet" and path.split(".", 1)[0] in SD_UNET_ROOTS
+
+
+def is_sdxl_lora(adapters: Adapters, meta: Mapping[str, str]) -> bool:
+    """Whether a read file is an SDXL model's LoRA: a second tower, SD-layout U-Net names (only
+    kohya's SDXL networks write those), or kohya's / the model spec's metadata saying so."""
+    return (
+        any(n.startswith("text_encoder_2.") or is_sd_unet_name(n) for n in adapters)
+        or str(meta.get("ss_base_model_version", "")).startswith("sdxl")
+        or str(meta.get("modelspec.architecture", "")).startswith("stable-diffusion-xl")
+    )
 
 
 def _dotted(flat: str) -> str:
@@ -145,7 +194,10 @@ def adapters_from_state(
     adapters: Adapters = {}
     for key, value in state.items():
         name, part = _split_key(key)
-        adapters.setdefault(name, {})[part] = value
+        parts = adapters.setdefault(name, {})
+        if part in parts:  # e.g. lora_te_X and lora_te1_X: two names of one layer
+            raise ValueError(f"{key}: a second {part} tensor for adapter {name}")
+        parts[part] = value
     peft_alphas = _peft_alphas(adapters, meta or {})
     for name, parts in adapters.items():
         if "down" not in parts or "up" not in parts:
@@ -198,19 +250,19 @@ def _split_key(key: str) -> tuple[str, str]:
                 stem = key[: -len(suffix) - 1]
                 if kohya and stem.startswith(tuple(READ_PREFIXES)):
                     return canonical_name(stem), part
-                if not kohya and stem.startswith(("unet.", "text_encoder.")):
-                    return stem, part
+                if not kohya and stem.split(".", 1)[0] in COMPONENTS and "." in stem:
+                    return _with_text_model(stem), part
     raise ValueError(
-        f"key {key!r} is neither kohya's lora_unet_*/lora_te_* "
-        f"(.lora_down/.lora_up/.alpha) nor diffusers' unet.*/text_encoder.* "
+        f"key {key!r} is neither kohya's lora_unet_*/lora_te_*/lora_te[12]_* "
+        f"(.lora_down/.lora_up/.alpha) nor diffusers' unet.*/text_encoder[_2].* "
         f"(.lora_A/.lora_B)"
     )
 
 
-def kohya_state(adapters: Adapters) -> dict[str, torch.Tensor]:
+def kohya_state(adapters: Adapters, sdxl: bool = False) -> dict[str, torch.Tensor]:
     out = {}
     for name, parts in adapters.items():
-        stem = kohya_name(name)
+        stem = kohya_name(name, sdxl)
         out[f"{stem}.lora_down.weight"] = parts["down"]
         out[f"{stem}.lora_up.weight"] = parts["up"]
         out[f"{stem}.alpha"] = parts["alpha"]
@@ -218,6 +270,15 @@ def kohya_state(adapters: Adapters) -> dict[str, torch.Tensor]:
 
 
 def peft_state(adapters: Adapters) -> dict[str, torch.Tensor]:
+    sd_named = [n for n in adapters if is_sd_unet_name(n)]
+    if sd_named:
+        # diffusers finds a PEFT adapter by its diffusers module path; which one an SD path is
+        # depends on the U-Net's config (blocks per level, levels with attention)
+        raise ValueError(
+            f"{len(sd_named)} adapter(s) name the U-Net by its SD module paths (kohya's SDXL "
+            f"names, e.g. {sd_named[0]}); the PEFT layout needs diffusers' paths, which only "
+            f"the model's U-Net config gives: keep this file in the kohya layout"
+        )
     out = {}
     for name, parts in adapters.items():
         out[f"{name}.lora_A.weight"] = parts["down"]
@@ -343,15 +404,17 @@ def save_lora(
     layout: str = "kohya",
     metadata: dict | None = None,
     dtype: torch.dtype | None = None,
+    sdxl: bool = False,
 ) -> Path:
-    """Write adapters in the kohya or the PEFT layout (safetensors, atomically)."""
+    """Write adapters in the kohya or the PEFT layout (safetensors, atomically); `sdxl`: an
+    SDXL model's, whose kohya names say `lora_te1_` for the first tower."""
     if layout not in ("kohya", "peft"):
         raise ValueError(f"unknown LoRA layout {layout!r}; choose kohya or peft")
     metadata = dict(metadata or {})
     if layout == "peft":
         metadata["lora_adapter_metadata"] = json.dumps(peft_metadata(adapters), sort_keys=True)
         return save_state(path, peft_state(adapters), metadata, dtype)
-    return save_state(path, kohya_state(adapters), metadata, dtype)
+    return save_state(path, kohya_state(adapters, sdxl), metadata, dtype)
 
 
 def read_loras(loras: list[tuple[str, float]]) -> list[tuple[str, Adapters, float]]:

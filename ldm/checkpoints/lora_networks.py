@@ -1,11 +1,15 @@
 """LoRA files and our models: the canonical name (`ldm.checkpoints.lora`) of each layer of our
-U-Net and text tower, a read file's adapters built into LoRA networks for a loaded model and
+U-Net and text towers, a read file's adapters built into LoRA networks for a loaded model and
 merged into it, and a LoRA run's networks written as a file with kohya's metadata.
 
-Our U-Net's module paths (SD names) become diffusers' through `keymaps`, our text tower's
-(open_clip names) transformers' `CLIPTextModel` paths; an open_clip attention module stands for
-its four projections, `<name>.{q,k,v,out}_proj`. Putting the tensors into adapter modules, and
-checking that they fit, is `ldm.models.lora.networks_from`.
+Our U-Net's module paths (SD names) become diffusers' through `keymaps`; an adapter named by the
+SD path itself (kohya's SDXL files) finds its layer too. Our text towers' paths (open_clip names)
+become transformers' `CLIPTextModel` paths: SD 1/2's one tower is `text_encoder`, an SDXL
+model's `DualTextEncoder` towers `embedders.0` / `embedders.1` are `text_encoder` /
+`text_encoder_2` (kohya's `lora_te1_` / `lora_te2_`). An open_clip attention module stands for
+its four projections, `<name>.{q,k,v,out}_proj`, q/k/v being thirds of its fused `in_proj`
+weight (`ldm.models.lora`). Putting the tensors into adapter modules, and checking that they
+fit, is `ldm.models.lora.networks_from`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,17 @@ from ldm.checkpoints.lora import Adapters, save_lora
 from ldm.diffusion.prediction import Prediction
 from ldm.models.lora import LoRAModule, LoRANetwork, Place, adapter_tensors, networks_from
 
-_TEXT_BLOCK = re.compile(r"^model\.transformer\.resblocks\.(\d+)\.(attn|mlp\.c_fc|mlp\.c_proj)$")
+_TEXT_BLOCK = re.compile(
+    r"^(?:embedders\.(\d+)\.)?model\.transformer\.resblocks\.(\d+)\.(attn|mlp\.c_fc|mlp\.c_proj)$"
+)
+TOWERS = ("text_encoder", "text_encoder_2")  # the components of a DualTextEncoder's towers
 _TEXT_HF = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 ATTENTION_PARTS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
+
+
+def is_sdxl(unet_config: Mapping) -> bool:
+    """Whether a U-Net config is SDXL-structured (a vector conditioning), as elsewhere."""
+    return unet_config.get("adm_in_channels") is not None
 
 
 def unet_names(paths: list[str], unet_config: Mapping) -> dict[str, str]:
@@ -37,20 +49,36 @@ def unet_names(paths: list[str], unet_config: Mapping) -> dict[str, str]:
     return {p: "unet." + k.removesuffix(".weight") for p, k in zip(paths, renamed)}
 
 
+def sd_unet_names(paths: list[str]) -> dict[str, str]:
+    """Our U-Net module paths -> canonical names in SD layout, as kohya names SDXL's U-Net."""
+    return {p: f"unet.{p}" for p in paths}
+
+
+def unet_file_names(paths: list[str], unet_config: Mapping, layout: str) -> dict[str, str]:
+    """Our U-Net module paths -> the canonical names a file of `layout` gives them: SD paths in
+    an SDXL model's kohya file (kohya's SDXL networks name their SD-layout U-Net so), diffusers
+    paths otherwise (kohya's SD 1/2 networks adapt diffusers' U-Net; PEFT names its modules)."""
+    if layout == "kohya" and is_sdxl(unet_config):
+        return sd_unet_names(paths)
+    return unet_names(paths, unet_config)
+
+
 def text_names(paths: list[str]) -> dict[str, str]:
-    """Our text-tower paths (open_clip names under `model.`) -> canonical names; an attention
-    module stands for its four projections, named `<canonical>.{q,k,v,out}_proj` by callers."""
+    """Our text-tower paths (open_clip names under `model.`, or `embedders.N.model.` for a
+    DualTextEncoder's towers) -> canonical names; an attention module stands for its four
+    projections, named `<canonical>.{q,k,v,out}_proj` by callers."""
     out = {}
     for p in paths:
         m = _TEXT_BLOCK.match(p)
-        if m is None:
+        if m is None or int(m.group(1) or 0) >= len(TOWERS):
             raise ValueError(
                 f"no CLIPTextModel name for the text-encoder layer {p!r}: LoRA files "
-                f"hold the attention and MLP layers of the transformer blocks only"
+                f"hold the attention and MLP layers of the transformer blocks of one or two "
+                f"towers only"
             )
-        layer, module = m.groups()
+        tower, layer, module = m.groups()
         name = "self_attn" if module == "attn" else _TEXT_HF[module]
-        out[p] = f"text_encoder.text_model.encoder.layers.{layer}.{name}"
+        out[p] = f"{TOWERS[int(tower or 0)]}.text_model.encoder.layers.{layer}.{name}"
     return out
 
 
@@ -74,8 +102,10 @@ def layer_names(
     table = {}
     if unet is not None:
         paths = [p for p, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        for p, name in unet_names(paths, unet_config).items():
-            table[name] = ("unet", p, unet.get_submodule(p), None)
+        # either name finds the layer: the two layouts share no first word (SD_UNET_ROOTS)
+        for names in (unet_names(paths, unet_config), sd_unet_names(paths)):
+            for p, name in names.items():
+                table[name] = ("unet", p, unet.get_submodule(p), None)
     if text_encoder is not None:
         paths = [
             p
@@ -103,6 +133,14 @@ def build_networks(
     adapters' weights for these modules. An adapter that fits no layer, or whose shapes do not
     fit its layer, is an error naming it: nothing is dropped."""
     places = layer_names(unet, text_encoder, unet_config)
+    second = sorted(n for n in adapters if n.startswith("text_encoder_2."))
+    if second and not any(n.startswith("text_encoder_2.") for n in places):
+        # said apart from "fits no layer": the likely cause is the base model, not the file
+        raise CheckpointError(
+            f"{what}: {len(second)} adapter(s) are for SDXL's second text encoder "
+            f"(lora_te2_* / text_encoder_2.*, e.g. {second[0]}), but this model has no second "
+            f"text encoder: an SDXL LoRA on an SD 1/2 model?"
+        )
     try:
         return networks_from(adapters, places)
     except ValueError as e:
@@ -117,14 +155,20 @@ KOHYA_VERSIONS = {
     "stable-diffusion-v1": "sd_v1",
     "stable-diffusion-v2-512": "sd_v2",
     "stable-diffusion-v2-768-v": "sd_v2_v",
+    "stable-diffusion-xl-v1-base": "sdxl_base_v1-0",
     "ldm-custom": "ldm_custom",
 }
 
 
 def base_version(unet_config: Mapping, prediction: str) -> tuple[str, str]:
-    """(kohya's ss_base_model_version, the model spec's architecture) of a base model."""
+    """(kohya's ss_base_model_version, the model spec's architecture) of a base model.
+
+    An SDXL-structured model of another size is still kohya's `sdxl_base_v1-0`: that key picks
+    the family whose names the file uses (lora_te1_ / lora_te2_, the SD-layout U-Net), which
+    is what tools read it for; the model spec keeps the exact architecture."""
     name = architecture_name({"unet": unet_config, "diffusion": {"prediction": prediction}})
-    return KOHYA_VERSIONS[name], f"{name}/lora"
+    version = "sdxl_base_v1-0" if is_sdxl(unet_config) else KOHYA_VERSIONS[name]
+    return version, f"{name}/lora"
 
 
 def lora_metadata(
@@ -168,13 +212,19 @@ def save_networks(
     layout: str = "kohya",
     extra_metadata: Mapping[str, object] | None = None,
 ) -> Path:
-    """A LoRA run's networks as one file (kohya layout by default) with kohya's metadata."""
-    names = {"unet": lambda paths: unet_names(paths, unet_config), "text_encoder": text_names}
+    """A LoRA run's networks as one file (kohya layout by default) with kohya's metadata. An
+    SDXL model's kohya file names the U-Net by its SD paths and the towers lora_te1_ /
+    lora_te2_, as kohya's SDXL networks do (diffusers' load_lora_weights reads those too); a
+    PEFT file always names diffusers' modules."""
     adapters: Adapters = {}
     for component, net in networks.items():
-        adapters.update(network_adapters(net, names[component](net.paths)))
+        if component == "unet":
+            names = unet_file_names(net.paths, unet_config, layout)
+        else:
+            names = text_names(net.paths)
+        adapters.update(network_adapters(net, names))
     meta = lora_metadata(networks, unet_config, prediction, extra_metadata)
-    return save_lora(path, adapters, layout, meta)
+    return save_lora(path, adapters, layout, meta, sdxl=is_sdxl(unet_config))
 
 
 def merge_loras(model, loras: list[tuple[str, Adapters, float]]) -> None:

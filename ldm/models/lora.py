@@ -139,6 +139,10 @@ class _AttentionLoRA(nn.Module):
         which the substituted-weight path only matches to rounding (other kernels)."""
         return not any(m.lora_up.weight.any() for m in (self.q, self.k, self.v, self.out))
 
+    @property
+    def trains(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
     def deltas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(delta of in_proj_weight (3d, d), delta of out_proj.weight (d, d))."""
         qkv = torch.cat([self.q.weight_delta(), self.k.weight_delta(), self.v.weight_delta()])
@@ -151,7 +155,11 @@ def _lora_attention_forward(attn: nn.MultiheadAttention, lora: _AttentionLoRA):
     inside = []
 
     def forward(*args, **kwargs):
-        if inside or lora.is_zero():  # the class's own forward (weights swapped, or as they are)
+        # the class's own forward: inside the call below (weights swapped), or for fresh
+        # adapters where nothing needs their gradient (a fresh adapter that trains must be in
+        # the graph: its up weights' gradient is what moves it off zero)
+        fresh = lora.is_zero() and not (torch.is_grad_enabled() and lora.trains)
+        if inside or fresh:
             return type(attn).forward(attn, *args, **kwargs)
         d_in, d_out = lora.deltas()
         weights = {
@@ -330,16 +338,25 @@ def adapt_text_encoder(
     encoder: nn.Module, rank: int = 4, alpha: float = 1.0, dropout: float = 0.0
 ) -> LoRANetwork:
     """Fresh adapters on every attention (q, k, v, out) and MLP layer of the text tower's blocks
-    that its output uses (a penultimate-layer tower's last block is left alone), as kohya's
-    `lora_te_*` adapters of a CLIP text model."""
-    blocks = encoder.model.transformer.resblocks
-    used = len(blocks) - (1 if getattr(encoder, "layer", "last") == "penultimate" else 0)
-    pattern = rf"^model\.transformer\.resblocks\.({'|'.join(map(str, range(used)))})\."
-    layers = select_layers(
-        encoder,
-        [pattern + r"(attn|mlp\.c_fc|mlp\.c_proj)$"],
-        kinds=(nn.Linear, nn.MultiheadAttention),
-    )
+    that its output uses, as kohya's `lora_te_*` adapters of a CLIP text model; on both towers
+    of an SDXL `DualTextEncoder` (paths under `embedders.N.`: kohya's `lora_te1_*` and
+    `lora_te2_*`). A penultimate-layer tower's last block is left alone, as nothing reads it,
+    except in the tower whose pooled vector conditions the U-Net (a DualTextEncoder's last)."""
+    towers = getattr(encoder, "embedders", None)
+    if towers is None:
+        parts = [("", encoder, False)]
+    else:
+        parts = [(f"embedders.{i}.", t, i == len(towers) - 1) for i, t in enumerate(towers)]
+    patterns = []
+    for prefix, tower, pooled in parts:
+        blocks = len(tower.model.transformer.resblocks)
+        penultimate = getattr(tower, "layer", "last") == "penultimate" and not pooled
+        used = "|".join(map(str, range(blocks - (1 if penultimate else 0))))
+        patterns.append(
+            rf"^{re.escape(prefix)}model\.transformer\.resblocks\.({used})\."
+            r"(attn|mlp\.c_fc|mlp\.c_proj)$"
+        )
+    layers = select_layers(encoder, patterns, kinds=(nn.Linear, nn.MultiheadAttention))
     return LoRANetwork.create(layers, rank, alpha, dropout=dropout)
 
 
@@ -395,6 +412,8 @@ def _module_for(layer: nn.Module, named: dict[str, Tensors], places: Mapping[str
             else:
                 _load(sub, tensors)
         return module
+    if len(named) > 1:  # e.g. one layer named by its SD and by its diffusers path
+        raise ValueError(f"{' and '.join(sorted(named))} are adapters of one layer")
     ((name, tensors),) = named.items()
     rank = tensors["down"].shape[0]
     module = LoRAModule.of(layer, rank, float(tensors["alpha"]))

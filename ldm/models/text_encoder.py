@@ -98,6 +98,7 @@ class TextEncoder(nn.Module):
         self.quick_gelu = gelu  # part of the architecture: exporters write it into configs
         self.set_frozen(frozen, train_token_embedding)
         self._words: dict[str, torch.Tensor] = {}  # new word (lower case) -> (n, width) vectors
+        self._adapters: list[nn.Module] = []  # LoRA networks hooked into its layers (held outside)
 
     def set_frozen(self, frozen: bool, train_token_embedding: bool = True) -> None:
         self.frozen = frozen
@@ -217,11 +218,17 @@ class TextEncoder(nn.Module):
         new = extra[(ids - vocab).clamp(min=0, max=extra.shape[0] - 1)]
         return torch.where((ids >= vocab)[..., None], new, known)
 
+    def add_adapters(self, network: nn.Module) -> None:
+        """Count `network` (LoRA adapters attached to this tower's layers, held by the training
+        module) in `trains`: a frozen tower then runs with gradients, for its adapters' sake."""
+        self._adapters.append(network)
+
     @property
     def trains(self) -> bool:
-        """Whether its output can change in training: the tower's weights or a new word's
-        vectors (held outside the state dict) require grad."""
-        return any(p.requires_grad for p in [*self.parameters(), *self._words.values()])
+        """Whether its output can change in training: the tower's weights, a new word's vectors
+        or its adapters (both held outside its state dict) require grad."""
+        held = [p for a in self._adapters for p in a.parameters()]
+        return any(p.requires_grad for p in [*self.parameters(), *self._words.values(), *held])
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenize(prompts).to(self.model.positional_embedding.device)
@@ -269,6 +276,10 @@ class DualTextEncoder(nn.Module):
     @property
     def width(self) -> int:
         return sum(e.width for e in self.embedders)
+
+    def add_adapters(self, network: nn.Module) -> None:
+        for e in self.embedders:  # one network adapts both towers (adapt_text_encoder)
+            e.add_adapters(network)
 
     @property
     def trains(self) -> bool:

@@ -71,9 +71,10 @@ class LoRA:
     ) -> tuple[LoRANetwork | None, LoRANetwork | None]:
         # built in this order (U-Net first): their initialisation draws from the global RNG
         on_unet = self.unet(unet).attach() if self.unet is not None else None
-        on_text = (
-            self.text_encoder(text_encoder).attach() if self.text_encoder is not None else None
-        )
+        on_text = None
+        if self.text_encoder is not None:
+            on_text = self.text_encoder(text_encoder).attach()
+            text_encoder.add_adapters(on_text)  # the frozen tower now runs with gradients
         return on_unet, on_text
 
 

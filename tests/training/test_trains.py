@@ -59,6 +59,46 @@ def test_a_text_encoder_lora_gets_its_own_learning_rate():
     assert {id(p) for p in text_group["params"]} == {id(p) for p in m.text_lora.parameters()}
 
 
+@pytest.mark.parametrize(
+    "parts", [("text_encoder=tiny",), ("unet=shapes_sdxl", "text_encoder=shapes_sdxl")]
+)
+def test_a_text_encoder_lora_gets_gradients_on_a_frozen_tower(parts):
+    """Fresh adapters (up weights zero) on the frozen tower(s) of SD's and SDXL's text encoders
+    get a gradient from the loss on every adapted layer, attention included."""
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose(
+            "train",
+            overrides=[
+                "unet=tiny",
+                "vae=tiny",
+                *parts,
+                "model/trains=lora",
+                "+lora_preset@model.trains.text_encoder=text",
+                "model.captions.dropout=0",
+            ],
+        )
+    torch.manual_seed(0)
+    m = instantiate(cfg.model)
+    for p in m.unet.parameters():  # a fresh U-Net's zero layers (SD's init) ignore the text
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+    n = 2
+    batch = {
+        "image": torch.rand(n, 3, 32, 32) * 2 - 1,
+        "caption": ["a red circle", "a blue square"],
+        "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * n),
+    }
+    m.training_step(batch, 0).backward()
+    ups = {n: p.grad for n, p in m.text_lora.named_parameters() if n.endswith("lora_up.weight")}
+    assert ups and all(g is not None and g.abs().sum() > 0 for g in ups.values()), [
+        k for k, g in ups.items() if g is None or not g.abs().sum() > 0
+    ]
+    towers = {k.split("__")[1] for k in ups if k.startswith("adapters.embedders")}
+    assert towers == (set() if len(parts) == 1 else {"0", "1"})
+
+
 def test_textual_inversion_trains_the_new_word_only():
     m = build("model/trains=textual_inversion", "model.trains.word='<pastel>'")
     assert isinstance(m.trains, TextualInversion) and m.new_word == "<pastel>"
