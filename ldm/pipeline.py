@@ -16,6 +16,7 @@ from ldm.checkpoints import CheckpointError, load_model
 from ldm.checkpoints.embeddings import check_words, read_embedding
 from ldm.checkpoints.lora import read_loras
 from ldm.checkpoints.lora_networks import merge_loras
+from ldm.diffusion import conditioning
 from ldm.diffusion.guidance import make_denoiser
 from ldm.diffusion.samplers import SamplerConfig, sample
 from ldm.diffusion.schedule import NoiseSchedule
@@ -153,10 +154,12 @@ class Pipeline:
         time_ids = time_ids.float().expand(len(prompts), -1)
         with self.autocast():
             enc = self.text_encoder
-            context = enc.condition(list(prompts), time_ids)
+            context = conditioning.to(enc.condition(list(prompts), time_ids), self.device)
             uncond = None
             if sampler.cfg_scale != 1.0:  # an empty negative prompt is SDXL's zeros
-                uncond = enc.condition(list(negative), time_ids, drop=[n == "" for n in negative])
+                drop = [n == "" for n in negative]
+                uncond = enc.condition(list(negative), time_ids, drop=drop)
+                uncond = conditioning.to(uncond, self.device)
             denoiser = make_denoiser(
                 self.unet,
                 self.schedule,

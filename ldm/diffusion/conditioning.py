@@ -42,3 +42,10 @@ def rows(cond: Condition, index) -> Condition:
     if isinstance(cond, dict):
         return {k: v[index] for k, v in cond.items()}
     return cond[index]
+
+
+def to(cond: Condition, device: torch.device) -> Condition:
+    """A condition on `device` (a text encoder may be kept on another one)."""
+    if isinstance(cond, dict):
+        return {k: v.to(device) for k, v in cond.items()}
+    return cond.to(device)

@@ -15,6 +15,7 @@ from open_clip.model import _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from ldm.models.placement import Pinnable
 from ldm.models.unet import micro_conditioning
 
 # A prompt is cut to CHARS_PER_TOKEN * context_length characters before it is tokenized, so a
@@ -49,7 +50,7 @@ def _tower_config(model_name: str | None, text_cfg: dict | None) -> tuple[int, d
     return embed_dim or cfg.get("width", 512), cfg, quick_gelu
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Pinnable):
     """Prompts -> token embeddings (B, L, D) from the last or penultimate transformer layer.
 
     Args:
@@ -246,7 +247,7 @@ class TextEncoder(nn.Module):
         return self(list(prompts))
 
 
-class DualTextEncoder(nn.Module):
+class DualTextEncoder(Pinnable):
     """SDXL's text conditioning: two `TextEncoder` towers read the same prompt; their per-token
     outputs are concatenated (CLIP ViT-L 768 + OpenCLIP bigG 1280 = 2048) and the last tower's
     pooled vector is the U-Net's vector conditioning, with the micro-conditioning

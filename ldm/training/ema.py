@@ -8,8 +8,10 @@ import copy
 import torch
 from torch import nn
 
+from ldm.models.placement import Pinnable
 
-class EMA(nn.Module):
+
+class EMA(Pinnable):
     """A frozen copy of `model` whose weights track an exponential moving average.
 
     The effective decay is min(decay, (1 + n) / (10 + n)) after n updates, so the average is
@@ -25,21 +27,11 @@ class EMA(nn.Module):
         self.decay, self.device = decay, torch.device(device) if device else None
         self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        if self.device is not None:
-            self.to(self.device)
+        self.pin(self.device)
 
     @property
     def offloaded(self) -> bool:
         return self.device is not None
-
-    def _apply(self, fn, recurse=True):
-        if not self.offloaded:
-            return super()._apply(fn, recurse)
-
-        def dtype_only(t: torch.Tensor) -> torch.Tensor:  # what fn does to t's dtype, not device
-            return t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).dtype)
-
-        return super()._apply(dtype_only, recurse)  # a module's .to(device) reaches here
 
     def train(self, mode: bool = True) -> "EMA":
         return super().train(False)  # the average is never in training mode

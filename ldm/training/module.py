@@ -12,6 +12,7 @@ from torch import nn
 
 from ldm.checkpoints.files import CheckpointError
 from ldm.config import ConfigError
+from ldm.diffusion import conditioning
 from ldm.diffusion.conditioning import Condition
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.fingerprint import summary
@@ -54,7 +55,10 @@ class LatentDiffusion(L.LightningModule):
     adapters, textual inversion); the other settings are small dataclasses
     (ldm.training.options): the `lr_schedule`, the `ema` (kept when the choice
     keeps one), `captions` (dropout, tag augmentation), `speed` (channels_last, compile,
-    attention kernel). The U-Net's `use_checkpoint` trades compute for memory.
+    attention kernel). The U-Net's `use_checkpoint` trades compute for memory, and
+    `text_encoder_device` ("cpu") keeps a frozen text encoder there whatever device the module
+    moves to (with cached embeddings only the sample grids' prompts need it); its conditions are
+    handed to the U-Net's device.
 
     Randomness: every draw of a training batch (posterior sample, timestep, noise, caption
     dropout) comes from `step_generator(seed, batch number)`, made for the global batch and
@@ -84,6 +88,7 @@ class LatentDiffusion(L.LightningModule):
         speed: Speed | None = None,
         seed: int = 0,
         max_nonfinite_in_a_row: int = 20,
+        text_encoder_device: str | None = None,
     ) -> None:
         super().__init__()
         self.trains, self.lr_schedule = trains or Full(), lr_schedule or LRSchedule()
@@ -113,8 +118,20 @@ class LatentDiffusion(L.LightningModule):
                 "no EMA: %s trains no full U-Net (model.ema unused)", type(self.trains).__name__
             )
         self.ema = EMA(unet, ema.decay, ema.device) if keep else None
-        if self.ema is not None and self.ema.offloaded:  # DDP would broadcast it from its device
-            self._ddp_params_and_buffers_to_ignore = [f"ema.{k}" for k in self.ema.state_dict()]
+        ignore = []  # parts kept on another device: DDP would broadcast them from its own
+        if self.ema is not None and self.ema.offloaded:
+            ignore += [f"ema.{k}" for k in self.ema.state_dict()]
+        if text_encoder_device is not None:
+            if text_encoder.trains:
+                raise ConfigError(
+                    f"model.text_encoder_device={text_encoder_device} keeps the text encoder "
+                    f"apart from the U-Net, for a frozen one (cached embeddings, prompts of the "
+                    f"sample grids); this one trains: set model.text_encoder_device=null"
+                )
+            text_encoder.pin(text_encoder_device)
+            ignore += [f"text_encoder.{k}" for k in text_encoder.state_dict()]
+        if ignore:
+            self._ddp_params_and_buffers_to_ignore = ignore
         self.optimizer_factory = optimizer
 
     @contextlib.contextmanager
@@ -199,7 +216,8 @@ class LatentDiffusion(L.LightningModule):
             keep = self.captions.keep(len(batch["caption"]))
         if "context" in batch:
             return self.cached_condition(batch, keep)
-        return self.encode(self.captions.augment(batch["caption"], generator), keep, batch)
+        cond = self.encode(self.captions.augment(batch["caption"], generator), keep, batch)
+        return conditioning.to(cond, self.device)  # the text encoder may be kept elsewhere
 
     def encode(self, captions: list[str], keep: torch.Tensor, batch: dict) -> Condition:
         """The text encoder's condition of `captions`, those not kept dropped."""
