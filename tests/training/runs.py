@@ -21,7 +21,7 @@ def overrides(tmp: Path, ranks: int = 1, steps: int = 16) -> list[str]:
     """The tests' tiny run (conftest.tiny_overrides) on a smaller rendered set: exact epochs of
     48 samples (3 global batches of 16 an epoch, so resumes land inside and at the end of
     epochs), 2 loader workers a rank, validation and sample callbacks on, a checkpoint every 2
-    steps; with `ranks` > 1, that many DDP processes on the CPU."""
+    steps, float32; with `ranks` > 1, that many DDP processes on the CPU."""
     return [
         *tiny_overrides(tmp / "shards"),
         "data.prepare.n_train=48",
@@ -36,6 +36,9 @@ def overrides(tmp: Path, ranks: int = 1, steps: int = 16) -> list[str]:
         "callbacks.sample_grid.every_n_steps=8",
         "+callbacks.batch_keys._target_=ldm.training.callbacks.BatchKeys",
         "resume=auto",
+        # float32 on every CPU kind (auto is bf16-mixed where the CPU has bf16): the runs are
+        # compared to float32 rounding; the precisions' own steps are tests/training/test_amp.py
+        "trainer.precision=32-true",
         *(["trainer=cpu", f"trainer.devices={ranks}", "strategy=ddp"] if ranks > 1 else []),
     ]
 

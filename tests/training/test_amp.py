@@ -148,7 +148,11 @@ def test_each_precision_steps_like_an_unfused_explicitly_clipped_reference(preci
     torch.testing.assert_close(torch.tensor(seen), torch.tensor(ref_norms), rtol=2e-2, atol=0)
     assert all(n > CLIP for n in seen)  # each step's gradients did need clipping
     stepped = trainer.optimizers[0].norms
-    assert len(stepped) == STEPS and all(n <= CLIP * (1 + 1e-3) for n in stepped)
+    # bf16-true's gradients are bf16: the norm, the clip coefficient, each clipped gradient and
+    # the norm measured here are each rounded to it (eps / 2 apiece, 4 roundings), which
+    # native bf16 arithmetic (AVX-512 BF16, AMX, GPUs) and the emulated kind round differently
+    slack = 2 * torch.finfo(torch.bfloat16).eps if precision == "bf16-true" else 1e-3
+    assert len(stepped) == STEPS and all(n <= CLIP * (1 + slack) for n in stepped), stepped
     start = list(module(fused=False).unet.parameters())
     error = update_error(ours.unet, ref.unet, start)
     assert error < UPDATE_TOLERANCE.get(precision, FLOAT32)
