@@ -3,7 +3,7 @@
 set -x
 . .venv/bin/activate
 export WANDB_MODE=offline
-for exp in shapes_sdxl shapes; do
+for exp in ${EXPS:-shapes_sdxl shapes}; do   # EXPS=shapes_sdxl: one of them
   d=${OUT:-bench/runs/shapes_sdxl}/$exp
   rm -rf $d; mkdir -p $d
   start=$(date +%s)
