@@ -24,14 +24,19 @@ class EMA(Pinnable):
 
     def __init__(self, model: nn.Module, decay: float = 0.999, device: str | None = None) -> None:
         super().__init__()
-        self.decay, self.device = decay, torch.device(device) if device else None
+        self.decay = decay
         self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self.pin(self.device)
+        self.pin(device or None)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the average is kept apart from the model (None: with it)."""
+        return self.pinned
 
     @property
     def offloaded(self) -> bool:
-        return self.device is not None
+        return self.pinned is not None
 
     def train(self, mode: bool = True) -> "EMA":
         return super().train(False)  # the average is never in training mode
