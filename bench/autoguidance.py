@@ -25,24 +25,22 @@ from ldm.shapes.judge import score
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def context(model, texts: list[str]) -> torch.Tensor:
-    out = model.text_encoder(texts)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def images(main, weak, prompts: list[str], w: float, cfg: float, batch: int = 32) -> torch.Tensor:
     def model(x, t, c):  # D_weak + w (D_main - D_weak), in the network's own output space
         out = main.unet(x, t, c)
-        return out if w == 1 else weak.unet(x, t, c) + w * (out - weak.unet(x, t, c))
+        if w == 1:
+            return out
+        guide = weak.unet(x, t, c)
+        return guide + w * (out - guide)
 
     side = 64 // main.vae.downsample_factor  # the shapes set's 64 px
     out = []
     for i in range(0, len(prompts), batch):
         rows = prompts[i : i + batch]
         denoiser = make_denoiser(
-            model, main.schedule, main.prediction, context(main, rows),
-            context(main, [""] * len(rows)), cfg_scale=cfg,
+            model, main.schedule, main.prediction, main.text_encoder(rows),
+            main.text_encoder([""] * len(rows)), cfg_scale=cfg,
         )  # fmt: skip
         noise = initial_noise(
             seed_generators(list(range(i, i + len(rows)))), (4, side, side), "cpu"

@@ -37,18 +37,14 @@ def validation_images(n: int) -> tuple[torch.Tensor, list[str]]:
 
 @torch.no_grad()
 def denoise_from(model, x: torch.Tensor, prompts: list[str], t0: int, cfg: float) -> dict:
-    def context(texts):
-        out = model.text_encoder(texts)
-        return out[0] if isinstance(out, tuple) else out
-
     z0 = model.vae.encode(x, sample=False)
     ab = model.schedule.alphas_cumprod.float()
     generator = torch.Generator().manual_seed(t0)
     eps = torch.randn(z0.shape, generator=generator)
     zt = ab[t0].sqrt() * z0 + (1 - ab[t0]).sqrt() * eps  # q(x_t | x_0)
     denoiser = make_denoiser(
-        model.unet, model.schedule, model.prediction, context(prompts),
-        context([""] * len(prompts)), cfg_scale=cfg,
+        model.unet, model.schedule, model.prediction, model.text_encoder(prompts),
+        model.text_encoder([""] * len(prompts)), cfg_scale=cfg,
     )  # fmt: skip
     timesteps = [int(round(t)) for t in np.linspace(t0, 0, 20, endpoint=False)]
     z = sample_ddim(denoiser, zt, timesteps, ab, final_alpha_cumprod=ab[0])

@@ -15,16 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ldm.models.autoencoder import AutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "first_stage_model."
-F4 = dict(
-    ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, embed_dim=4, resolution=64,
-    norm_groups=32,
-)  # fmt: skip
 DROPPED = ("encoder.down.3.", "encoder.down.2.downsample.", "decoder.up.3.")
 
 
@@ -38,11 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in load_file(args.src).items()
         if not any(d in k for d in DROPPED)
     }
-    vae = AutoencoderKL(**F4)
+    # The architecture of configs/vae/shapes_f4.yaml, with a neutral latent scale and shift: the
+    # trained file records the measured ones (vae_metadata).
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/vae/shapes_f4.yaml").module)
+    config.update(scale_factor=1.0, shift_factor=0.0)
+    vae = AutoencoderKL(**{k: v for k, v in config.items() if k != "_target_"})
     vae.load_state_dict(state)  # strict: every 4x weight comes from the 8x file
-    # Neutral latent scale and shift: the trained file records the measured ones (vae_metadata).
-    scale = {"scale_factor": 1.0, "shift_factor": 0.0}
-    config = {"_target_": "ldm.models.autoencoder.AutoencoderKL", **F4, **scale}
     tensors = {PREFIX + k: v.contiguous() for k, v in vae.state_dict().items()}
     save_file(tensors, args.out, metadata={"ldm.vae": json.dumps(config)})
     print(f"wrote {args.out}")
