@@ -1,23 +1,29 @@
 """Which precision to compute in, chosen for the hardware, the same way by every entry point.
 
-`resolve("auto", accelerator)` picks bf16 autocast where the hardware computes in bfloat16 (GPUs
-that support it; CPUs with AVX-512 BF16 or AMX) and float32 elsewhere. On a CPU without bf16
-instructions (AVX2 only: most AMD Zen 2/3 machines, many laptops) PyTorch emulates bfloat16:
-a matmul ran ~300x and a 3x3 convolution ~20x slower than in float32 on such a machine, so bf16
-there is a trap, not a saving. train.py (the Lightning trainer), sample.py, the training
-callbacks (through the trainer's precision plugin), the latent cache and the benchmarks all
-resolve their precision here.
+`resolve("auto", accelerator)` picks bf16 autocast where the hardware computes faster in bfloat16
+than in float32 (GPUs that support it; CPUs with AMX tiles, Intel Xeon since Sapphire Rapids) and
+float32 elsewhere. Three kinds of CPU:
+
+- AVX2 only (most AMD Zen 2/3 machines, many laptops): PyTorch emulates bfloat16; a matmul ran
+  ~300x and a 3x3 convolution ~20x slower than in float32, so bf16 there is a trap.
+- AVX-512 BF16 without AMX (AMD Zen 4/5): bf16 is native but not faster. The shapes default's
+  training step ran at 137 images/s in bf16 autocast against 154 in float32 on a 2-core Zen 4
+  (`bench/step_time.py --precision ...`), so `auto` keeps float32 there.
+- AMX: bf16 matmuls and convolutions run on the tile units (not measured side by side here).
+
+train.py (the Lightning trainer), sample.py, the training callbacks (through the trainer's
+precision plugin), the latent cache and the benchmarks all resolve their precision here.
 
 Sampling (`resolve(..., sampling=True)`: sample.py, DreamBooth's class images) is the exception
 on a CPU: "auto" samples in float32 there, as diffusers does, so one command gives one picture
 on every kind of CPU (bf16 rounds differently from float32 by a few 8-bit steps); bf16 on
 request (`precision=bf16`). A GPU with bf16 samples in bf16.
 
-`LDM_CPU_BF16=1` (or `0`) makes "auto" choose as on a CPU with (or without) bf16 instructions,
-whatever this one has: how CI runs the bf16 kind's code paths on an AVX2 machine (slowly, bf16
-being emulated there), and the AVX2 kind's on a bf16 machine. Holding oneDNN to AVX2
-(`ONEDNN_MAX_CPU_ISA=AVX2`, with `ATEN_CPU_CAPABILITY=avx2` for ATen's own kernels) also
-counts as no bf16.
+`LDM_CPU_BF16=1` (or `0`) makes "auto" choose as on an AMX CPU (or on any other), whatever this
+one has: how CI runs the bf16 path on a CPU where `auto` is float32 (slowly where bf16 is
+emulated), and the float32 path on an AMX machine. Holding oneDNN below AMX
+(`ONEDNN_MAX_CPU_ISA=AVX2`, with `ATEN_CPU_CAPABILITY=avx2` for ATen's own kernels) counts as
+no AMX, and below AVX-512 as no bf16 instructions at all.
 """
 
 from __future__ import annotations
@@ -56,24 +62,40 @@ class Precision:
         return torch.float32
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (PyTorch's oneDNN check: AVX-512 or AMX).
-
-    oneDNN held to AVX2 or below (`ONEDNN_MAX_CPU_ISA=AVX2`, how a fast CPU imitates a slow one)
-    counts as no: its bf16 kernels are then the emulated ones whatever the CPU has. `LDM_CPU_BF16`
-    ("1" or "0"), where set, answers instead.
-    """
+def _cpu_switch() -> bool | None:
+    """`LDM_CPU_BF16` as a bool, or None where it is not set."""
     forced = os.environ.get(CPU_BF16_SWITCH, "").strip()
-    if forced:
-        if forced not in ("0", "1"):
-            raise ValueError(
-                f"{CPU_BF16_SWITCH}={forced!r}: use 1 (bf16 CPU), 0 (AVX2 CPU) or unset"
-            )
-        return forced == "1"
+    if not forced:
+        return None
+    if forced not in ("0", "1"):
+        raise ValueError(
+            f"{CPU_BF16_SWITCH}={forced!r}: use 1 (an AMX CPU), 0 (any other) or unset"
+        )
+    return forced == "1"
+
+
+def _onednn_allows(*prefixes: str) -> bool:
+    """Whether `ONEDNN_MAX_CPU_ISA` (how a fast CPU imitates a slow one) leaves these ISAs on."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if isa and not isa.startswith(("AVX512", "AVX10", "ALL", "DEFAULT")):
-        return False
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return not isa or isa.startswith((*prefixes, "AVX10", "ALL", "DEFAULT"))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (PyTorch's oneDNN check: AVX-512 BF16 or
+    AMX); without, bf16 is emulated. `LDM_CPU_BF16=1` answers yes."""
+    if _cpu_switch():
+        return True
+    return _onednn_allows("AVX512") and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 is this CPU's fast path, so `auto` trains in it: AMX tiles (module doc).
+    `LDM_CPU_BF16` ("1" or "0"), where set, answers instead."""
+    forced = _cpu_switch()
+    if forced is not None:
+        return forced
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private in torch 2.x
+    return _onednn_allows("AVX512_CORE_AMX") and bool(amx())
 
 
 def device_type(accelerator: str | torch.device | None) -> str:
@@ -116,8 +138,14 @@ def resolve(
             "auto: sampling on a CPU runs in float32, the same picture on every kind of CPU "
             "(precision=bf16 on request)",
         )
+    if cpu_bf16_is_faster():
+        return Precision("bf16-mixed", "auto: this CPU computes bf16 on AMX tiles")
     if cpu_has_bf16():
-        return Precision("bf16-mixed", "auto: this CPU has bf16 instructions (AVX-512 BF16 / AMX)")
+        return Precision(
+            "32-true",
+            "auto: this CPU has bf16 instructions but no AMX, where bf16 is no faster than "
+            "float32 (precision=bf16-mixed on request)",
+        )
     return Precision(
         "32-true",
         "auto: this CPU has no bf16 instructions, where bf16 would be "

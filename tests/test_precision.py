@@ -17,21 +17,46 @@ register_resolvers()
 
 @pytest.fixture
 def cpu_bf16(monkeypatch):
-    """Set whether the CPU 'has' bf16 instructions: cpu_bf16(True) / cpu_bf16(False)."""
+    """Set the CPU's kind: cpu_bf16(True) an AMX CPU (bf16 native and faster), cpu_bf16(False)
+    an AVX2 one (bf16 emulated), cpu_bf16(True, faster=False) AVX-512 BF16 without AMX."""
 
-    def set_(has: bool) -> None:
+    def set_(has: bool, faster: bool | None = None) -> None:
         monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has)
+        monkeypatch.setattr(
+            precision, "cpu_bf16_is_faster", lambda: has if faster is None else faster
+        )
 
     return set_
 
 
-@pytest.mark.parametrize("has, expected", [(False, "32-true"), (True, "bf16-mixed")])
-def test_auto_on_the_cpu_follows_its_bf16_instructions(cpu_bf16, has, expected):
-    cpu_bf16(has)
+@pytest.mark.parametrize(
+    "has, faster, expected, why",
+    [
+        (False, False, "32-true", "no bf16 instructions"),
+        (True, False, "32-true", "no AMX"),
+        (True, True, "bf16-mixed", "AMX"),
+    ],
+)
+def test_auto_on_the_cpu_trains_in_bf16_only_where_it_is_faster(
+    cpu_bf16, has, faster, expected, why
+):
+    cpu_bf16(has, faster)
     for requested in ("auto", None):
         chosen = precision.resolve(requested, "cpu")
-        assert chosen.value == expected and chosen.reason.startswith("auto:")
-    assert precision.resolve("auto", "cpu").dtype == (torch.bfloat16 if has else torch.float32)
+        assert (
+            chosen.value == expected and chosen.reason.startswith("auto:") and why in chosen.reason
+        )
+    bf16 = expected == "bf16-mixed"
+    assert precision.resolve("auto", "cpu").dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
+def test_this_cpus_kind_is_read_from_the_hardware(monkeypatch):
+    """AMX implies bf16 instructions; the answers match PyTorch's own checks on this CPU."""
+    monkeypatch.delenv("LDM_CPU_BF16", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert precision.cpu_has_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert precision.cpu_bf16_is_faster() == torch.cpu._is_amx_tile_supported()
+    assert precision.cpu_has_bf16() or not precision.cpu_bf16_is_faster()
 
 
 @pytest.mark.parametrize("has", [False, True])
@@ -56,8 +81,9 @@ def test_the_cpu_kind_switch_makes_auto_choose_as_on_that_kind(monkeypatch, swit
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert precision.resolve("auto", "cpu").value == expected
     monkeypatch.setenv("LDM_CPU_BF16", "yes")
-    with pytest.raises(ValueError, match="LDM_CPU_BF16='yes'"):
-        precision.cpu_has_bf16()
+    for check in (precision.cpu_has_bf16, precision.cpu_bf16_is_faster):
+        with pytest.raises(ValueError, match="LDM_CPU_BF16='yes'"):
+            check()
 
 
 def test_lightning_aliases_resolve_to_full_names():
@@ -92,7 +118,10 @@ def test_onednn_held_to_avx2_counts_as_no_bf16(monkeypatch):
     """How a fast CPU imitates a slow one (ANCHORS.md): the auto choice follows the cap."""
     monkeypatch.delenv("LDM_CPU_BF16", raising=False)  # the switch, where set, answers instead
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not precision.cpu_has_bf16()
+    assert not precision.cpu_has_bf16() and not precision.cpu_bf16_is_faster()
+    assert precision.resolve("auto", "cpu").value == "32-true"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # an AMX CPU held to Zen 4's set
+    assert not precision.cpu_bf16_is_faster()
     assert precision.resolve("auto", "cpu").value == "32-true"
 
 
