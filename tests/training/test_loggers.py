@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from ldm.training import loggers
@@ -60,6 +62,11 @@ def test_a_resumed_run_does_not_log_again_the_steps_it_trains_again(tmp_path, mo
         first.log_metrics({"train/loss": float(step)}, step=step)
     first.log_metrics({"val/loss": 5.5}, step=5)  # a second row at the same step is kept
     first.experiment.finish()
+    # W&B names an offline run's folder after its start second and id: a resume within the same
+    # second as the first start would share its folder (a crashed run restarts later than that).
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)
     again = loggers.wandb_logger(
         project="t", save_dir=str(tmp_path), mode="offline", id="r1", resume="must"
     )
