@@ -15,41 +15,45 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ldm.checkpoints.load import load_model
-from ldm.diffusion.guidance import make_denoiser
-from ldm.diffusion.samplers import sample
-from ldm.pipeline import initial_noise, read_prompts, seed_generators, to_uint8
+from ldm.diffusion.samplers import SamplerConfig
+from ldm.pipeline import Pipeline, read_prompts
 from ldm.shapes.judge import score
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@torch.no_grad()
-def images(main, weak, prompts: list[str], w: float, cfg: float, batch: int = 32) -> torch.Tensor:
-    def model(x, t, c):  # D_weak + w (D_main - D_weak), in the network's own output space
-        out = main.unet(x, t, c)
-        if w == 1:
-            return out
-        guide = weak.unet(x, t, c)
-        return guide + w * (out - guide)
+class Autoguided(nn.Module):
+    """D_weak + w (D_main - D_weak), in the network's own output space."""
 
-    side = 64 // main.vae.downsample_factor  # the shapes set's 64 px
-    out = []
-    for i in range(0, len(prompts), batch):
-        rows = prompts[i : i + batch]
-        denoiser = make_denoiser(
-            model, main.schedule, main.prediction, main.text_encoder(rows),
-            main.text_encoder([""] * len(rows)), cfg_scale=cfg,
-        )  # fmt: skip
-        noise = initial_noise(
-            seed_generators(list(range(i, i + len(rows)))), (4, side, side), "cpu"
-        )
-        z = sample(
-            "dpmpp_2m", denoiser, noise, main.schedule.alphas_cumprod, 20, sigmas="exponential"
-        )
-        out.append(to_uint8(main.vae.decode(z)))
-    return torch.cat(out)  # (B, H, W, 3)
+    def __init__(self, main: nn.Module, weak: nn.Module, w: float):
+        super().__init__()
+        self.main, self.weak, self.w = main, weak, w
+
+    def forward(self, x, t, c):
+        out = self.main(x, t, c)
+        if self.w == 1:
+            return out
+        guide = self.weak(x, t, c)
+        return guide + self.w * (out - guide)
+
+
+def images(main, weak, prompts: list[str], w: float, cfg: float, batch: int = 32) -> torch.Tensor:
+    """sample.py's images (its default sampler, seeds 0, 1, ...) of the autoguided U-Net."""
+    pipe = Pipeline(
+        Autoguided(main.unet, weak.unet, w), main.vae, main.text_encoder, main.schedule,
+        main.prediction,
+    )  # fmt: skip
+    sampler = SamplerConfig(sigmas="exponential", cfg_scale=cfg)  # configs/sampler/dpmpp_2m.yaml
+    seeds = list(range(len(prompts)))
+    return torch.cat(
+        [
+            pipe(prompts[i : i + batch], seeds[i : i + batch], sampler)
+            for i in range(0, len(prompts), batch)
+        ]
+    )  # (B, H, W, 3)
 
 
 def main(argv: list[str] | None = None) -> None:
