@@ -1,7 +1,8 @@
 """Fine-tune the default shapes model on the pastel style and measure what it learned and kept.
 
     python bench/style_finetune.py BASE.safetensors --recipe shapes_lora [--recipe shapes_locon ...]
-        [--out bench/results/style_finetune] [--n 4] [-- EXTRA TRAIN.PY OVERRIDES]
+        [--out bench/results/style_finetune] [--n 4] [--seed 0] [--style-seed 0]
+        [-- EXTRA TRAIN.PY OVERRIDES]
 
 As a user would: the style set (200 pastel images, `ldm.shapes.pastel`) is rendered into a folder
 and made into shards by `data/folder/prepare.py`; each recipe trains with
@@ -11,7 +12,8 @@ prompts (captions the style set does not hold) x `--n` seeds twice, with and wit
 weights), and `ldm.shapes.pastel_judge` judges them. Written to OUT: results.json, results.md
 (one row per model: training minutes, steps, file size, and on each prompt set the hue and
 shape adherence and the pastel / plain fractions), and comparison_{pastel,plain}.png: a row
-per model, the same prompts and seeds.
+per model, the same prompts and seeds. `--style-seed` draws another style set (and so other
+held-out prompts), `--seed` other sampling seeds: a recipe is judged on draws it was not tuned on.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def held_out_prompts(style_captions: list[str]) -> list[str]:
     return [c for c in caption_space() if c not in seen]
 
 
-def sample_and_score(model_args: list[str], prompts: list[str], out: Path, n: int) -> dict:
+def sample_and_score(
+    model_args: list[str], prompts: list[str], out: Path, n: int, seed: int = 0
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
     run(
@@ -50,7 +54,7 @@ def sample_and_score(model_args: list[str], prompts: list[str], out: Path, n: in
         *model_args,
         f"prompt={out / 'prompts.txt'}",
         f"n={n}",
-        "seed=0",
+        f"seed={seed}",
         f"out_dir={out / 'images'}",
         "batch_size=64",
     )
@@ -86,14 +90,24 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/style_finetune")
     ap.add_argument("--n", type=int, default=4, help="seeds per prompt")
     ap.add_argument("--style-images", type=int, default=200)
+    ap.add_argument("--style-seed", type=int, default=0, help="draws the style set")
+    ap.add_argument("--seed", type=int, default=0, help="sample.py's first seed")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
     work = ROOT / "bench/runs/style"
-    captions = write_style_folder(work / "pastel", n=args.style_images, seed=0)
+    shutil.rmtree(work / "pastel", ignore_errors=True)
+    captions = write_style_folder(work / "pastel", n=args.style_images, seed=args.style_seed)
     shutil.rmtree(work / "shards", ignore_errors=True)  # the folder is remade the same each run
     run("data/folder/prepare.py", str(work / "pastel"), str(work / "shards"), "--quiet")
     prompts = held_out_prompts(captions)
-    results = {"held_out_prompts": len(prompts), "seeds": args.n, "models": {}}
+    results = {
+        "held_out_prompts": len(prompts),
+        "seeds": args.n,
+        "first_seed": args.seed,
+        "style_seed": args.style_seed,
+        "base": str(args.base),
+        "models": {},
+    }
     for name in ["base", *args.recipe]:
         written, minutes, steps, seconds = None, 0.0, 0, 0.0
         if name != "base":
@@ -108,7 +122,7 @@ def main() -> int:
             "file_mb": written.stat().st_size / 2**20 if written else None,
         }
         for label, ps in (("pastel", [styled(p) for p in prompts]), ("plain", prompts)):
-            row[label] = sample_and_score(margs, ps, args.out / name / label, args.n)
+            row[label] = sample_and_score(margs, ps, args.out / name / label, args.n, args.seed)
         results["models"][name] = row
         print(name, json.dumps(row, indent=1), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -142,23 +156,26 @@ def comparison(out: Path, models: list[str], label: str, n: int, prompts: int = 
 def table(results: dict) -> str:
     base = results["models"]["base"]
     lines = [
-        "| model | minutes | steps | file MB | pastel prompts: both pastel | hue (bg / shape) "
-        "| plain prompts: both plain | hue (bg / shape) | shape type (pastel / plain) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | minutes | steps | file MB | pastel prompts: both pastel | ... and both hues "
+        "right | hue (bg / shape) | plain prompts: both plain | ... and both hues right "
+        "| hue (bg / shape) | shape type (pastel / plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["models"].items():
         p, q = r["pastel"], r["plain"]
         size = f"{r['file_mb']:.2f}" if r["file_mb"] else "-"
         lines.append(
             f"| {name} | {r['train_minutes']:.1f} | {r['steps']} | {size} | {p['pastel']:.2f} | "
-            f"{p['background']:.2f} / {p['shape_colour']:.2f} | {q['plain']:.2f} | "
+            f"{p['style_and_colours']:.2f} | {p['background']:.2f} / {p['shape_colour']:.2f} | "
+            f"{q['plain']:.2f} | {q['style_and_colours']:.2f} | "
             f"{q['background']:.2f} / {q['shape_colour']:.2f} | "
             f"{p['shape']:.2f} / {q['shape']:.2f} |"
         )
     lines.append(
         f"\nBase on plain prompts: background {base['plain']['background']:.2f}, "
-        f"shape colour {base['plain']['shape_colour']:.2f}; "
-        f"{results['held_out_prompts']} held-out prompts x {results['seeds']} seeds."
+        f"shape colour {base['plain']['shape_colour']:.2f}, both {base['plain']['colours']:.2f}; "
+        f"{results['held_out_prompts']} held-out prompts (style set seed "
+        f"{results['style_seed']}) x {results['seeds']} seeds from {results['first_seed']}."
     )
     return "\n".join(lines) + "\n"
 

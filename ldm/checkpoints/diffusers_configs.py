@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from ldm.checkpoints.detect import OPEN_CLIP_NAMES
 from ldm.diffusion.prediction import Prediction
-from ldm.diffusion.schedule import SD_SCHEDULE
+from ldm.diffusion.schedule import SD_SCHEDULE, NoiseSchedule
 from ldm.models.autoencoder import SD_SCALE_FACTOR
 
 DIFFUSERS_VERSION = "0.30.0"  # the format written; later versions read it
@@ -267,7 +267,11 @@ def hf_projection_text_config(encoder) -> dict:
 
 
 def diffusion_from_scheduler(sched: Mapping) -> dict:
-    """Our `diffusion` config ({schedule, prediction}) from a `scheduler_config.json`."""
+    """Our `diffusion` config ({schedule, prediction}) from a `scheduler_config.json`.
+
+    Explicit `trained_betas` are read only as the SNR-shifted schedule we write (with its
+    `snr_shift`), checked against it; any other table is refused rather than replaced by the
+    named schedule's, which would sample the model at noise levels it was not trained on."""
     schedule = dict(
         SD_SCHEDULE,
         kind=sched.get("beta_schedule", SD_SCHEDULE["kind"]),
@@ -275,14 +279,38 @@ def diffusion_from_scheduler(sched: Mapping) -> dict:
         beta_start=sched.get("beta_start", SD_SCHEDULE["beta_start"]),
         beta_end=sched.get("beta_end", SD_SCHEDULE["beta_end"]),
         zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)),
+        snr_shift=float(sched.get("snr_shift", 1.0)),
     )
+    if sched.get("trained_betas") is not None:
+        _check_trained_betas(sched["trained_betas"], schedule)
     prediction = Prediction.parse(sched.get("prediction_type", "epsilon"))
     return {"schedule": schedule, "prediction": prediction.value}
 
 
+def _check_trained_betas(betas, schedule: Mapping) -> None:
+    ours = NoiseSchedule(**{k: v for k, v in schedule.items() if k != "_target_"}).betas
+    if len(betas) != len(ours) or max(abs(float(a) - float(b)) for a, b in zip(betas, ours)) > 1e-6:
+        raise ValueError(
+            "its trained_betas are not the schedule its other entries name (with snr_shift "
+            f"{schedule['snr_shift']}); only SNR-shifted scaled_linear/linear/cosine "
+            "schedules can be read"
+        )
+
+
 def scheduler_config(diffusion: Mapping) -> dict:
-    """A diffusers `DDIMScheduler` config for our `diffusion` config ({schedule, prediction})."""
+    """A diffusers `DDIMScheduler` config for our `diffusion` config ({schedule, prediction}).
+
+    An SNR-shifted schedule has no diffusers name: its betas are written as `trained_betas`
+    (which diffusers' schedulers use as they are; re-rescaling them to zero terminal SNR changes
+    nothing), with `snr_shift` beside them for us to read back."""
     sched = {**SD_SCHEDULE, **diffusion["schedule"]}
+    shifted = {}
+    if float(sched["snr_shift"]) != 1.0:
+        args = {k: v for k, v in sched.items() if k != "_target_"}
+        shifted = {
+            "trained_betas": NoiseSchedule(**args).betas.tolist(),
+            "snr_shift": float(sched["snr_shift"]),
+        }
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -296,4 +324,5 @@ def scheduler_config(diffusion: Mapping) -> dict:
         "set_alpha_to_one": False,
         "steps_offset": 1,
         "timestep_spacing": "trailing" if sched["zero_terminal_snr"] else "leading",
+        **shifted,
     }

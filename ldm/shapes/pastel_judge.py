@@ -75,8 +75,11 @@ def _reads_as(tone, pastel: bool) -> bool:
 def score_style(images: Iterable[np.ndarray | Image.Image], prompts: Sequence[str]) -> dict:
     """Accuracies over the images (each against its own prompt, with or without the style):
     `background`, `shape_colour`, `shape` (hues and shape, pastel or not), `pastel` / `plain`
-    (both colours read as pastel / as plain), `style` (both read as the prompt asks), `n`."""
-    totals = dict.fromkeys(("background", "shape_colour", "shape", "pastel", "plain", "style"), 0)
+    (both colours read as pastel / as plain), `style` (both read as the prompt asks),
+    `colours` (both hues right), `style_and_colours` (both together: the image the prompt
+    asked for, but for its shape), `n`."""
+    names = ("background", "shape_colour", "shape", "pastel", "plain", "style", "colours")
+    totals = dict.fromkeys((*names, "style_and_colours"), 0)
     n = 0
     for image, prompt in zip(images, prompts, strict=True):
         shape_colour, shape, background, asked = parse_styled(prompt)
@@ -90,6 +93,8 @@ def score_style(images: Iterable[np.ndarray | Image.Image], prompts: Sequence[st
             "plain": all(_reads_as(t, False) for t in tones),
         }
         hits["style"] = hits["pastel"] if asked else hits["plain"]
+        hits["colours"] = hits["background"] and hits["shape_colour"]
+        hits["style_and_colours"] = hits["style"] and hits["colours"]
         for name, hit in hits.items():
             totals[name] += int(hit)
         n += 1

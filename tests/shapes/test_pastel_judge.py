@@ -50,11 +50,14 @@ def test_plain_and_pastel_renders_are_judged_right(sigma):
     plain, plain_prompts, pastel, pastel_prompts = rendered(300, sigma)
     a, b = score_style(plain, plain_prompts), score_style(pastel, pastel_prompts)
     for result in (a, b):
-        assert min(result[k] for k in ("background", "shape_colour", "shape", "style")) >= 0.99
+        keys = ("background", "shape_colour", "shape", "style", "colours", "style_and_colours")
+        assert min(result[k] for k in keys) >= 0.99
     assert a["plain"] >= 0.99 and a["pastel"] == 0.0  # a plain image is never both-pastel
     assert b["pastel"] >= 0.99 and b["plain"] == 0.0
     # The style is judged against what the prompt asks: pastel images fail plain prompts.
-    assert score_style(pastel, plain_prompts)["style"] == 0.0
+    wrong_style = score_style(pastel, plain_prompts)
+    assert wrong_style["style"] == 0.0 and wrong_style["style_and_colours"] == 0.0
+    assert wrong_style["colours"] >= 0.99  # the hues are read whatever the tone
 
 
 def test_white_reads_as_either_tone():
