@@ -47,6 +47,7 @@ def held_out_prompts(style_captions: list[str]) -> list[str]:
 def sample_and_score(
     model_args: list[str], prompts: list[str], out: Path, n: int, seed: int = 0
 ) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # sample.py adds to a folder: start it empty
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
     run(
@@ -64,6 +65,7 @@ def sample_and_score(
 
 def train(recipe: str, base: Path, run_dir: Path, extra: list[str]) -> tuple[Path, float, int]:
     """(the file the run wrote, training minutes, steps)."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # the bench's scratch: each call trains afresh
     run("train.py", f"experiment={recipe}", f"init={base}", f"hydra.run.dir={run_dir}", *extra)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     written = [p for p in run_dir.glob("*.safetensors")]
@@ -92,8 +94,12 @@ def main() -> int:
     ap.add_argument("--style-images", type=int, default=200)
     ap.add_argument("--style-seed", type=int, default=0, help="draws the style set")
     ap.add_argument("--seed", type=int, default=0, help="sample.py's first seed")
+    ap.add_argument("--redraw", action="store_true", help="only redraw OUT's comparison grids")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
+    if args.redraw:
+        redraw(args.out)
+        return 0
     work = ROOT / "bench/runs/style"
     shutil.rmtree(work / "pastel", ignore_errors=True)
     captions = write_style_folder(work / "pastel", n=args.style_images, seed=args.style_seed)
@@ -133,6 +139,13 @@ def main() -> int:
     return 0
 
 
+def redraw(out: Path) -> None:
+    """The comparison grids of a finished OUT again (`--redraw`), from its results.json."""
+    results = json.loads((out / "results.json").read_text())
+    for label in ("pastel", "plain"):
+        comparison(out, list(results["models"]), label, results["seeds"])
+
+
 def comparison(out: Path, models: list[str], label: str, n: int, prompts: int = 12) -> None:
     """OUT/comparison_LABEL.png: a row per model, `prompts` prompts spread over the held-out
     set (their first seed), the same in every row."""
@@ -144,11 +157,12 @@ def comparison(out: Path, models: list[str], label: str, n: int, prompts: int = 
 
     total = len((out / models[0] / label / "prompts.txt").read_text().splitlines())
     picked = np.linspace(0, total - 1, prompts).round().astype(int)
-    rows = [
-        np.asarray(Image.open(out / m / label / "images" / f"{i * n:06d}.png").convert("RGB"))
+    # sample.py names images by their seed's index, from the first seed on: sort, not guess.
+    files = {
+        m: sorted(p for p in (out / m / label / "images").glob("*.png") if p.stem.isdigit())
         for m in models
-        for i in picked
-    ]
+    }
+    rows = [np.asarray(Image.open(files[m][i * n]).convert("RGB")) for m in models for i in picked]
     grid = image_grid(torch.from_numpy(np.stack(rows)), ncols=prompts)
     grid.save(out / f"comparison_{label}.png")
 
