@@ -79,9 +79,8 @@ def text_shares(model) -> dict:
     context = model.text_encoder(prompts)
     context = context["context"] if isinstance(context, dict) else context
     out = {}
-    for pos in range(
-        1, 9
-    ):  # after the start token: a, colour, shape, on, a, colour, background, end
+    # Positions 2-8: shape colour, shape, on, a, background colour, background, end of text.
+    for pos in range(2, 9):
         h = context[:, pos].float()
         total = ((h - h.mean(0)) ** 2).sum(1).mean()
         shares = {}
