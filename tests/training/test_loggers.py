@@ -53,9 +53,23 @@ def test_a_resumed_run_must_exist_online_and_is_allowed_offline(tmp_path, monkey
     assert offline._wandb_init["resume"] == "allow" and offline._wandb_init["id"] == "abc123"
 
 
-def test_a_resumed_run_does_not_log_again_the_steps_it_trains_again(tmp_path, monkeypatch):
+def written_rows(root, pattern: str, last_step: int, timeout: float = 30.0) -> list[dict]:
+    """The history rows of the offline run files matching `pattern`, once the row of
+    `last_step` is on disk: W&B's service process writes them after `finish()` returns, which
+    on a loaded machine (CI's test workers) can take a moment."""
     from wandb_records import history
 
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for f in sorted(root.glob(pattern)) for r in history(f)]
+        if any(r.get("trainer/global_step") == last_step for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            return rows  # the assertions that follow say what is missing
+        time.sleep(0.2)
+
+
+def test_a_resumed_run_does_not_log_again_the_steps_it_trains_again(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     first = loggers.wandb_logger(project="t", save_dir=str(tmp_path), mode="offline", id="r1")
     for step in range(6):  # then killed; its checkpoint was at step 3
@@ -73,7 +87,7 @@ def test_a_resumed_run_does_not_log_again_the_steps_it_trains_again(tmp_path, mo
     for step in range(4, 9):
         again.log_metrics({"train/loss": 10.0 + step}, step=step)
     again.experiment.finish()
-    rows = [r for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")) for r in history(f)]
+    rows = written_rows(tmp_path, "wandb/offline-run-*/run-*.wandb", last_step=8)
     losses = [(r["trainer/global_step"], r["train/loss"]) for r in rows if "train/loss" in r]
     assert losses == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)] + [
         (6, 16.0),
@@ -84,7 +98,7 @@ def test_a_resumed_run_does_not_log_again_the_steps_it_trains_again(tmp_path, mo
     other = loggers.wandb_logger(project="t", save_dir=str(tmp_path), mode="offline", id="r2")
     other.log_metrics({"train/loss": 1.0}, step=0)  # another run in the same folder: its own
     other.experiment.finish()
-    rows = history(next(tmp_path.glob("wandb/offline-run-*-r2/run-*.wandb")))
+    rows = written_rows(tmp_path, "wandb/offline-run-*-r2/run-*.wandb", last_step=0)
     assert [r["train/loss"] for r in rows if "train/loss" in r] == [1.0]
 
 
