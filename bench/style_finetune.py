@@ -111,7 +111,7 @@ def main() -> int:
         "seeds": args.n,
         "first_seed": args.seed,
         "style_seed": args.style_seed,
-        "base": str(args.base),
+        "base": _shown(args.base),
         "models": {},
     }
     for name in ["base", *args.recipe]:
@@ -137,6 +137,12 @@ def main() -> int:
     for label in ("pastel", "plain"):
         comparison(args.out, list(results["models"]), label, args.n)
     return 0
+
+
+def _shown(path: Path) -> str:
+    """A path as results may record it: relative to the repository, else its file name only."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
 def redraw(out: Path) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+
 from ldm.checkpoints.detect import OPEN_CLIP_NAMES
 from ldm.diffusion.prediction import Prediction
 from ldm.diffusion.schedule import SD_SCHEDULE, NoiseSchedule
@@ -287,8 +289,13 @@ def diffusion_from_scheduler(sched: Mapping) -> dict:
     return {"schedule": schedule, "prediction": prediction.value}
 
 
+def _betas(schedule: Mapping) -> torch.Tensor:
+    """The betas of a schedule config (`NoiseSchedule`'s arguments, `_target_` aside)."""
+    return NoiseSchedule(**{k: v for k, v in schedule.items() if k != "_target_"}).betas
+
+
 def _check_trained_betas(betas, schedule: Mapping) -> None:
-    ours = NoiseSchedule(**{k: v for k, v in schedule.items() if k != "_target_"}).betas
+    ours = _betas(schedule)
     if len(betas) != len(ours) or max(abs(float(a) - float(b)) for a, b in zip(betas, ours)) > 1e-6:
         raise ValueError(
             "its trained_betas are not the schedule its other entries name (with snr_shift "
@@ -306,9 +313,8 @@ def scheduler_config(diffusion: Mapping) -> dict:
     sched = {**SD_SCHEDULE, **diffusion["schedule"]}
     shifted = {}
     if float(sched["snr_shift"]) != 1.0:
-        args = {k: v for k, v in sched.items() if k != "_target_"}
         shifted = {
-            "trained_betas": NoiseSchedule(**args).betas.tolist(),
+            "trained_betas": _betas(sched).tolist(),
             "snr_shift": float(sched["snr_shift"]),
         }
     return {
